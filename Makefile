@@ -1,0 +1,38 @@
+# The README's two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+UV ?= uv
+ENV ?= debian:12
+
+.PHONY: bootstrap demo test check lint typecheck dist-check bench clean
+
+bootstrap:
+	@./scripts/bootstrap.sh
+
+demo: bootstrap
+	$(UV) run pyro run $(ENV) -- cat /etc/os-release
+
+test: bootstrap
+	$(UV) run pytest
+
+lint: bootstrap
+	$(UV) run ruff check src tests bench
+	$(UV) run ruff format --check src tests bench
+
+typecheck: bootstrap
+	$(UV) run mypy
+
+check: lint typecheck test
+
+dist-check: bootstrap
+	rm -rf dist && $(UV) build -q
+	rm -rf .dist-venv && $(UV) venv -q .dist-venv
+	VIRTUAL_ENV=.dist-venv $(UV) pip install -q dist/*.whl
+	.dist-venv/bin/pyro --version
+	.dist-venv/bin/pyro doctor --json > /dev/null
+	rm -rf .dist-venv
+
+bench: bootstrap
+	$(UV) run python bench/bench.py
+
+clean:
+	rm -rf dist .dist-venv .pytest_cache .mypy_cache .ruff_cache

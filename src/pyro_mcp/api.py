@@ -1,0 +1,171 @@
+"""The Python SDK: ``from pyro_mcp import Pyro``.
+
+    pyro = Pyro()
+    result = pyro.run_in_vm("debian:12", "uname -a")
+    print(result.stdout, result.exit_code)
+
+Every method validates its arguments and raises a :class:`pyro_mcp.PyroError`
+subclass with a message and hint; a failing command is a normal result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pyro_mcp import limits
+from pyro_mcp.manager import VMManager
+from pyro_mcp.models import ExecResult, NetworkInfo, ReapResult, VMInfo
+from pyro_mcp.progress import ProgressFn, no_progress
+
+
+class Pyro:
+    """Entry point of the SDK. Cheap to create; reaps leftovers of dead processes."""
+
+    def __init__(
+        self,
+        *,
+        backend: str | None = None,
+        state_dir: str | Path | None = None,
+        progress: ProgressFn = no_progress,
+        reap: bool = True,
+    ) -> None:
+        self._manager = VMManager(
+            state_root=Path(state_dir) if state_dir is not None else None, backend=backend
+        )
+        self._progress = progress
+        if reap:
+            with contextlib.suppress(Exception):
+                self._manager.reap_expired()
+
+    @property
+    def manager(self) -> VMManager:
+        return self._manager
+
+    # -- environments -------------------------------------------------------
+    def list_environments(self) -> list[dict[str, Any]]:
+        """The catalog, with what is installed locally."""
+        from dataclasses import asdict
+
+        return [asdict(info) for info in self._manager.store.list()]
+
+    def pull_environment(self, environment: str, *, force: bool = False) -> dict[str, Any]:
+        env = self._manager.store.pull(environment, progress=self._progress, force=force)
+        return {"name": env.name, "version": env.version, "path": str(env.path)}
+
+    # -- one-shot -----------------------------------------------------------
+    def run_in_vm(
+        self,
+        environment: str,
+        command: str | Sequence[str],
+        *,
+        vcpu_count: int = limits.DEFAULT_VCPU_COUNT,
+        mem_mib: int = limits.DEFAULT_MEM_MIB,
+        timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
+        ttl_seconds: int = limits.DEFAULT_TTL_SECONDS,
+        network: bool = False,
+        cwd: str = "/root",
+        env: Mapping[str, str] | None = None,
+        stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
+    ) -> ExecResult:
+        """Run one command in a fresh VM that is always deleted afterwards.
+
+        ``command`` is a shell string (run by ``sh -lc``) or an exact argv list.
+        """
+        return self._manager.run(
+            environment,
+            command,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            timeout_seconds=timeout_seconds,
+            ttl_seconds=ttl_seconds,
+            network=network,
+            cwd=cwd,
+            env=env,
+            stdout_cap=stdout_cap,
+            stderr_cap=stderr_cap,
+            progress=self._progress,
+        )
+
+    # -- lifecycle ----------------------------------------------------------
+    def create_vm(
+        self,
+        environment: str,
+        *,
+        vcpu_count: int = limits.DEFAULT_VCPU_COUNT,
+        mem_mib: int = limits.DEFAULT_MEM_MIB,
+        ttl_seconds: int = limits.DEFAULT_TTL_SECONDS,
+        network: bool = False,
+    ) -> VMInfo:
+        """Define a VM without booting it (inspect it, then ``start_vm`` + ``exec_vm``)."""
+        return self._manager.create(
+            environment,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            ttl_seconds=ttl_seconds,
+            network=network,
+        )
+
+    def start_vm(self, vm_id: str) -> VMInfo:
+        return self._manager.start(vm_id, progress=self._progress)
+
+    def exec_vm(
+        self,
+        vm_id: str,
+        command: str | Sequence[str],
+        *,
+        timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
+        cwd: str = "/root",
+        env: Mapping[str, str] | None = None,
+        stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
+    ) -> ExecResult:
+        """Run one command in a started VM, then delete the VM (its documented lifecycle).
+
+        For repeated commands in one place, use tasks.
+        """
+        cmd = limits.check_command(command)
+        info = self._manager.status(vm_id)
+        try:
+            outcome = self._manager.exec(
+                vm_id,
+                cmd,
+                cwd=cwd,
+                env=env,
+                timeout_seconds=timeout_seconds,
+                stdout_cap=stdout_cap,
+                stderr_cap=stderr_cap,
+                progress=self._progress,
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                self._manager.delete(vm_id, reason="exec finished")
+        return self._manager.result(info, cmd, outcome, deleted=True, reason="exec finished")
+
+    def stop_vm(self, vm_id: str) -> VMInfo:
+        return self._manager.stop(vm_id)
+
+    def delete_vm(self, vm_id: str) -> dict[str, Any]:
+        self._manager.delete(vm_id)
+        return {"vm_id": vm_id, "deleted": True}
+
+    def status_vm(self, vm_id: str) -> VMInfo:
+        return self._manager.status(vm_id)
+
+    def list_vms(self) -> list[VMInfo]:
+        return self._manager.list()
+
+    def network_info_vm(self, vm_id: str) -> NetworkInfo:
+        info = self._manager.status(vm_id)
+        return NetworkInfo(
+            vm_id=vm_id,
+            network_enabled=info.network,
+            interfaces=["lo"],
+            detail="guest networking is off: the guest has loopback only",
+        )
+
+    def reap_expired(self) -> ReapResult:
+        return self._manager.reap_expired()

@@ -1,0 +1,347 @@
+"""The ``pyro`` command line.
+
+Exit codes of ``pyro run``: the guest command's own exit code; 124 when the
+command timed out; 125 for pyro's own errors (bad input, boot failure, ...).
+Only the guest command's output goes to stdout; progress and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from pyro_mcp import limits
+from pyro_mcp._version import __version__
+from pyro_mcp.errors import PyroError
+from pyro_mcp.progress import ProgressEvent
+
+EXIT_TIMEOUT = 124
+EXIT_PYRO_ERROR = 125
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class StderrProgress:
+    """Progress on stderr: a rich bar on a terminal, plain lines otherwise."""
+
+    def __init__(self) -> None:
+        self._progress: Any = None
+        self._task: Any = None
+        self._last = ""
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if not sys.stderr.isatty():
+            line = f"pyro: {event.message}"
+            if line != self._last:
+                self._last = line
+                print(line, file=sys.stderr, flush=True)
+            return
+        if self._progress is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.fields[stage]}[/bold] {task.description}"),
+                BarColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(event.message, total=None, stage=event.stage)
+        self._progress.update(
+            self._task,
+            description=event.message,
+            stage=event.stage,
+            completed=event.completed or 0,
+            total=event.total,
+        )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _fail(exc: PyroError, as_json: bool) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps({"error": exc.to_dict()}, indent=2))
+    else:
+        click.echo(f"pyro: error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"pyro: hint: {exc.hint}", err=True)
+        tail = exc.details.get("console_tail")
+        if tail:
+            click.echo("pyro: guest console (last lines):", err=True)
+            click.echo(str(tail), err=True)
+    sys.exit(EXIT_PYRO_ERROR)
+
+
+def _emit(data: Any) -> None:
+    if hasattr(data, "model_dump"):
+        data = data.model_dump()
+    elif isinstance(data, list):
+        data = [d.model_dump() if hasattr(d, "model_dump") else d for d in data]
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _pyro(progress: StderrProgress | None = None) -> Any:
+    from pyro_mcp.api import Pyro
+
+    backend = click.get_current_context().find_root().params.get("backend")
+    if progress is None:
+        return Pyro(backend=backend)
+    return Pyro(backend=backend, progress=progress)
+
+
+def json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pyro")
+@click.option(
+    "--backend",
+    envvar="PYRO_BACKEND",
+    default=None,
+    help="VM backend: auto (default) or qemu. Also PYRO_BACKEND.",
+)
+def cli(backend: str | None) -> None:
+    """Run commands in disposable local microVMs."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("environment")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--vcpu-count", type=int, default=limits.DEFAULT_VCPU_COUNT, show_default=True)
+@click.option("--mem-mib", type=int, default=limits.DEFAULT_MEM_MIB, show_default=True)
+@click.option(
+    "--timeout-seconds", type=int, default=limits.DEFAULT_TIMEOUT_SECONDS, show_default=True
+)
+@click.option("--ttl-seconds", type=int, default=limits.DEFAULT_TTL_SECONDS, show_default=True)
+@click.option("--network", is_flag=True, help="Give the guest a network (not available yet).")
+@json_option
+def run(
+    environment: str,
+    command: tuple[str, ...],
+    vcpu_count: int,
+    mem_mib: int,
+    timeout_seconds: int,
+    ttl_seconds: int,
+    network: bool,
+    as_json: bool,
+) -> None:
+    """Run COMMAND in a fresh ENVIRONMENT VM, then delete the VM.
+
+    Put the command after `--`; its words are passed as the exact argv:
+
+        pyro run debian:12 -- sh -lc 'echo a && echo b'
+    """
+    progress = StderrProgress()
+    try:
+        result = _pyro(progress).run_in_vm(
+            environment,
+            list(command),
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            timeout_seconds=timeout_seconds,
+            ttl_seconds=ttl_seconds,
+            network=network,
+        )
+    except PyroError as exc:
+        progress.close()
+        _fail(exc, as_json)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo("pyro: interrupted; the VM was deleted", err=True)
+        sys.exit(130)
+    progress.close()
+    if as_json:
+        _emit(result)
+    else:
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
+        if result.stdout_truncated or result.stderr_truncated:
+            click.echo("pyro: output was truncated at its cap", err=True)
+        if result.timed_out:
+            click.echo(f"pyro: command timed out after {timeout_seconds} s", err=True)
+    sys.exit(EXIT_TIMEOUT if result.timed_out else result.exit_code)
+
+
+@cli.command()
+@json_option
+def doctor(as_json: bool) -> None:
+    """Check what this host can run, with advice for each problem."""
+    from pyro_mcp.doctor import report
+
+    data = report()
+    if as_json:
+        _emit(data)
+        return
+    marks = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
+    for check in data["checks"]:
+        click.echo(f"[{marks[check['status']]}] {check['name']}: {check['detail']}")
+        if check.get("advice"):
+            click.echo(f"       -> {check['advice']}")
+    backend = data["backend"]
+    if backend.get("name"):
+        click.echo(f"backend: {backend['name']} ({backend['acceleration']})")
+    else:
+        click.echo(f"backend: none usable: {backend.get('error')}")
+
+
+# -- environments ------------------------------------------------------------
+@cli.group()
+def env() -> None:
+    """Guest environments: list, pull, inspect, prune."""
+
+
+@env.command("list")
+@json_option
+def env_list(as_json: bool) -> None:
+    """List the catalog and what is installed."""
+    try:
+        envs = _pyro().list_environments()
+    except PyroError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _emit(envs)
+        return
+    for e in envs:
+        state = "installed" if e["installed"] else "not installed"
+        click.echo(f"{e['name']:<18} {e['version']:<8} {state:<14} {e['description']}")
+
+
+@env.command("pull")
+@click.argument("environment")
+@click.option("--force", is_flag=True, help="Rebuild even if installed.")
+@json_option
+def env_pull(environment: str, force: bool, as_json: bool) -> None:
+    """Build (or verify) ENVIRONMENT and its warm-start snapshot."""
+    progress = StderrProgress()
+    try:
+        data = _pyro(progress).pull_environment(environment, force=force)
+    except PyroError as exc:
+        progress.close()
+        _fail(exc, as_json)
+    progress.close()
+    if as_json:
+        _emit(data)
+    else:
+        click.echo(f"{data['name']} {data['version']} ready at {data['path']}")
+
+
+@env.command("inspect")
+@click.argument("environment")
+@click.option("--verify", is_flag=True, help="Re-hash every artifact.")
+@json_option
+def env_inspect(environment: str, verify: bool, as_json: bool) -> None:
+    """Show ENVIRONMENT's artifacts and their state."""
+    from dataclasses import asdict
+
+    try:
+        info = asdict(_pyro().manager.store.inspect(environment, verify=verify))
+    except PyroError as exc:
+        _fail(exc, as_json)
+    from pyro_mcp.snapshots import list_snapshots
+
+    info["snapshots"] = list_snapshots()
+    if as_json:
+        _emit(info)
+        return
+    for key, value in info.items():
+        click.echo(f"{key}: {value}")
+    if info.get("problems"):
+        sys.exit(1)
+
+
+@env.command("prune")
+@json_option
+def env_prune(as_json: bool) -> None:
+    """Remove unused environment versions, leftovers and stale snapshots."""
+    from pyro_mcp.snapshots import prune_snapshots
+
+    try:
+        removed = list(_pyro().manager.store.prune()) + prune_snapshots()
+    except PyroError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _emit({"removed": removed})
+        return
+    for item in removed:
+        click.echo(f"removed {item}")
+    if not removed:
+        click.echo("nothing to prune")
+
+
+# -- VMs ---------------------------------------------------------------------
+@cli.group()
+def vm() -> None:
+    """Inspect and clean up VMs (for one-shot commands use `pyro run`)."""
+
+
+@vm.command("list")
+@json_option
+def vm_list(as_json: bool) -> None:
+    try:
+        vms = _pyro().list_vms()
+    except PyroError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _emit(vms)
+        return
+    for v in vms:
+        click.echo(f"{v.vm_id}  {v.environment:<16} {v.status:<8} {v.boot or '-'}")
+
+
+@vm.command("status")
+@click.argument("vm_id")
+@json_option
+def vm_status(vm_id: str, as_json: bool) -> None:
+    try:
+        info = _pyro().status_vm(vm_id)
+    except PyroError as exc:
+        _fail(exc, as_json)
+    _emit(info)
+
+
+@vm.command("delete")
+@click.argument("vm_id")
+@json_option
+def vm_delete(vm_id: str, as_json: bool) -> None:
+    try:
+        data = _pyro().delete_vm(vm_id)
+    except PyroError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _emit(data)
+    else:
+        click.echo(f"deleted {vm_id}")
+
+
+@vm.command("reap")
+@json_option
+def vm_reap(as_json: bool) -> None:
+    """Delete VMs past their TTL and those of dead `pyro` processes."""
+    try:
+        data = _pyro().reap_expired()
+    except PyroError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _emit(data)
+    else:
+        for vm_id in data.reaped:
+            click.echo(f"reaped {vm_id} ({data.reasons.get(vm_id)})")
+
+
+def main() -> None:
+    cli(prog_name="pyro")
+
+
+if __name__ == "__main__":
+    main()

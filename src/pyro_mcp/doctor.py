@@ -1,0 +1,190 @@
+"""``pyro doctor``: what this host can do, with a line of advice per problem.
+
+Every check is isolated: one failing check never stops the others, and the
+doctor itself never raises, with or without KVM, QEMU or a cache.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Status = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    advice: str | None = None
+
+
+def _python() -> Check:
+    ok = sys.version_info >= (3, 11)
+    return Check(
+        "python",
+        "ok" if ok else "fail",
+        platform.python_version(),
+        None if ok else "use Python 3.11 or newer",
+    )
+
+
+def _qemu() -> Check:
+    from pyro_mcp.vmm.qemu import QemuBackend
+
+    probe = QemuBackend().probe()
+    if probe.binary is None:
+        return Check("qemu", "fail", probe.reason, "; ".join(probe.advice) or None)
+    status: Status = "ok" if probe.available else "fail"
+    return Check(
+        "qemu",
+        status,
+        f"{probe.binary}: {probe.version or 'unknown version'}",
+        "; ".join(probe.advice) or None,
+    )
+
+
+def _kvm() -> Check:
+    from pyro_mcp.vmm.detect import kvm_status
+
+    kvm = kvm_status()
+    if kvm.usable:
+        return Check("acceleration", "ok", f"kvm: {kvm.reason}")
+    return Check(
+        "acceleration",
+        "warn",
+        f"tcg (software emulation): {kvm.reason}",
+        "guests work but CPU-heavy work runs ~20x slower than with hardware KVM",
+    )
+
+
+def _firecracker() -> Check:
+    path = shutil.which("firecracker")
+    if path:
+        return Check("firecracker", "ok", f"found at {path} (backend not built yet)")
+    return Check("firecracker", "ok", "not found (optional; the qemu backend is used)")
+
+
+def _agent_toolchain() -> Check:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return Check(
+            "agent-compiler",
+            "fail",
+            "no C compiler to build the guest agent",
+            "apt-get install gcc libc6-dev",
+        )
+    return Check("agent-compiler", "ok", cc)
+
+
+def _rootfs_tools() -> Check:
+    tool = shutil.which("mmdebstrap") or shutil.which("debootstrap")
+    if tool is None:
+        return Check(
+            "rootfs-builder",
+            "warn",
+            "neither mmdebstrap nor debootstrap found",
+            "apt-get install mmdebstrap (needed to build environments)",
+        )
+    root = os.geteuid() == 0
+    return Check(
+        "rootfs-builder",
+        "ok" if root else "warn",
+        f"{tool}; root={root}",
+        None if root else "building environments needs root: sudo pyro env pull debian:12",
+    )
+
+
+def _dirs() -> Check:
+    from pyro_mcp import paths
+
+    cache, state = paths.cache_dir(), paths.state_dir()
+    problems = []
+    for d in (cache, state):
+        probe = d
+        while not probe.exists():
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            problems.append(f"{d} is not writable")
+    detail = f"cache={cache} state={state}"
+    if problems:
+        return Check(
+            "directories",
+            "fail",
+            detail + "; " + "; ".join(problems),
+            "set PYRO_CACHE_DIR / PYRO_STATE_DIR to writable folders",
+        )
+    return Check("directories", "ok", detail)
+
+
+def _environments() -> Check:
+    from pyro_mcp.environments.store import EnvironmentStore
+
+    infos = EnvironmentStore().list()
+    installed = [f"{i.name} {i.version}" for i in infos if i.installed]
+    if not installed:
+        return Check(
+            "environments",
+            "warn",
+            "none installed",
+            "pyro env pull debian:12 (or just run a command: it builds on first use)",
+        )
+    return Check("environments", "ok", ", ".join(installed))
+
+
+def _snapshots() -> Check:
+    from pyro_mcp.snapshots import list_snapshots, snapshots_enabled
+
+    if not snapshots_enabled():
+        return Check("warm-start", "warn", "snapshots disabled (PYRO_SNAPSHOTS=0)")
+    snaps = list_snapshots()
+    if not snaps:
+        return Check("warm-start", "ok", "no snapshot yet (taken on first run)")
+    return Check("warm-start", "ok", f"{len(snaps)} snapshot(s) ready")
+
+
+CHECKS: tuple[Callable[[], Check], ...] = (
+    _python,
+    _qemu,
+    _kvm,
+    _firecracker,
+    _agent_toolchain,
+    _rootfs_tools,
+    _dirs,
+    _environments,
+    _snapshots,
+)
+
+
+def run_checks() -> list[Check]:
+    out = []
+    for check in CHECKS:
+        name = check.__name__.lstrip("_")
+        try:
+            out.append(check())
+        except Exception as exc:  # a doctor must never crash
+            out.append(Check(name, "fail", f"check failed: {exc!r}"))
+    return out
+
+
+def report() -> dict[str, Any]:
+    checks = run_checks()
+    backend = None
+    try:
+        from pyro_mcp.manager import VMManager
+
+        name, accel = VMManager().resolve_backend()
+        backend = {"name": name, "acceleration": accel}
+    except Exception as exc:
+        backend = {"name": None, "error": str(exc)}
+    return {
+        "ok": all(c.status != "fail" for c in checks),
+        "backend": backend,
+        "checks": [asdict(c) for c in checks],
+    }

@@ -1,0 +1,123 @@
+"""Defaults and bounds for every user-supplied size, count and duration.
+
+Defined once here; the SDK, CLI and the tool contract all read them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from pyro_mcp.errors import InvalidInputError
+
+DEFAULT_VCPU_COUNT = 1
+MAX_VCPU_COUNT = 8
+DEFAULT_MEM_MIB = 512
+MIN_MEM_MIB = 128
+MAX_MEM_MIB = 16384
+DEFAULT_TIMEOUT_SECONDS = 30
+MAX_TIMEOUT_SECONDS = 3600
+DEFAULT_TTL_SECONDS = 600
+MIN_TTL_SECONDS = 10
+MAX_TTL_SECONDS = 7 * 24 * 3600
+DEFAULT_OUTPUT_CAP = 1 << 20
+MAX_OUTPUT_CAP = 16 << 20
+MAX_COMMAND_BYTES = 128 * 1024
+MAX_ENV_ENTRIES = 256
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VM_ID = re.compile(r"^vm-[0-9a-f]{12}$")
+
+
+def check_int(name: str, value: object, low: int, high: int, unit: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        suffix = f" {unit}" if unit else ""
+        raise InvalidInputError(
+            f"{name} must be between {low} and {high}{suffix}, got {value}",
+            hint=f"pass a {name} in {low}..{high}",
+        )
+    return value
+
+
+def check_vcpu_count(value: object) -> int:
+    return check_int("vcpu_count", value, 1, MAX_VCPU_COUNT)
+
+
+def check_mem_mib(value: object) -> int:
+    return check_int("mem_mib", value, MIN_MEM_MIB, MAX_MEM_MIB, "MiB")
+
+
+def check_timeout(value: object) -> int:
+    return check_int("timeout_seconds", value, 1, MAX_TIMEOUT_SECONDS, "seconds")
+
+
+def check_ttl(value: object) -> int:
+    return check_int("ttl_seconds", value, MIN_TTL_SECONDS, MAX_TTL_SECONDS, "seconds")
+
+
+def check_output_cap(name: str, value: object) -> int:
+    return check_int(name, value, 1024, MAX_OUTPUT_CAP, "bytes")
+
+
+def check_vm_id(value: object) -> str:
+    if not isinstance(value, str) or not _VM_ID.match(value):
+        raise InvalidInputError(
+            f"invalid VM id {value!r}",
+            hint="VM ids look like 'vm-0123456789ab'; list them with `pyro vm list`",
+        )
+    return value
+
+
+def check_command(command: object) -> str | list[str]:
+    """A string (run by ``sh -lc``) or a non-empty list of argv words."""
+    if isinstance(command, str):
+        if not command.strip():
+            raise InvalidInputError("command is empty", hint="pass a shell command to run")
+        if "\x00" in command or len(command.encode()) > MAX_COMMAND_BYTES:
+            raise InvalidInputError("command contains NUL or is longer than 128 KiB")
+        return command
+    if isinstance(command, Sequence) and not isinstance(command, bytes | bytearray):
+        words = list(command)
+        if not words:
+            raise InvalidInputError("command is empty", hint="pass at least the program name")
+        for word in words:
+            if not isinstance(word, str):
+                raise InvalidInputError(f"command words must be strings, got {word!r}")
+            if "\x00" in word:
+                raise InvalidInputError("command words must not contain NUL bytes")
+        if not words[0]:
+            raise InvalidInputError("the program name (first command word) is empty")
+        if sum(len(w.encode()) for w in words) > MAX_COMMAND_BYTES:
+            raise InvalidInputError("command is longer than 128 KiB")
+        return words
+    raise InvalidInputError(f"command must be a string or a list of strings, got {command!r}")
+
+
+def check_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise InvalidInputError("env must be a mapping of variable names to values")
+    if len(env) > MAX_ENV_ENTRIES:
+        raise InvalidInputError(f"env has more than {MAX_ENV_ENTRIES} entries")
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            raise InvalidInputError(
+                f"invalid environment variable name {key!r}",
+                hint="names are letters, digits and '_', not starting with a digit",
+            )
+        if not isinstance(value, str) or "\x00" in value:
+            raise InvalidInputError(f"environment variable {key} must be a string without NUL")
+        out[key] = value
+    return out
+
+
+def check_cwd(cwd: object) -> str:
+    if not isinstance(cwd, str) or not cwd.startswith("/") or "\x00" in cwd or len(cwd) > 4096:
+        raise InvalidInputError(
+            f"cwd must be an absolute guest path, got {cwd!r}", hint="e.g. /root or /workspace"
+        )
+    return cwd

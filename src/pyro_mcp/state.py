@@ -1,0 +1,99 @@
+"""On-disk state: atomic, versioned JSON records and process identities.
+
+Every record is written to a temporary file in the same folder and renamed
+over the old one, so a reader never sees half a file. Each record carries
+``schema``; a record of another schema is refused, not guessed at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyro_mcp.errors import StateError
+
+SCHEMA_VERSION = 1
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    payload = json.dumps({"schema": SCHEMA_VERSION, **data}, indent=2, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise StateError(
+            f"state file {path} is unreadable: {exc}",
+            hint=f"remove {path.parent} to discard it",
+        ) from exc
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
+        raise StateError(
+            f"state file {path} has schema {data.get('schema') if isinstance(data, dict) else '?'}"
+            f", expected {SCHEMA_VERSION}",
+            hint=f"it was written by another pyro-mcp version; remove {path.parent} to discard it",
+        )
+    data.pop("schema")
+    return data
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    """A process named by pid *and* start time, so a reused pid is not mistaken for it."""
+
+    pid: int
+    start_time: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessId | None:
+        start = process_start_time(pid)
+        return None if start is None else cls(pid, start)
+
+    def alive(self) -> bool:
+        return process_start_time(self.pid) == self.start_time
+
+    def to_dict(self) -> dict[str, int]:
+        return {"pid": self.pid, "start_time": self.start_time}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ProcessId | None:
+        if not isinstance(data, dict):
+            return None
+        try:
+            return cls(int(data["pid"]), int(data["start_time"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time in clock ticks since boot (field 22 of /proc/PID/stat), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses.
+    fields = stat.rpartition(")")[2].split()
+    try:
+        if fields[0] == "Z":
+            return None
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None

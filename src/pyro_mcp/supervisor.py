@@ -1,0 +1,317 @@
+"""The per-VM supervisor: one small process that owns one VM.
+
+The manager starts it detached (``python -m pyro_mcp.supervisor VM_DIR``). It
+starts the VMM, waits for the guest agent's readiness signal (never a fixed
+sleep), then serves clients on ``VM_DIR/ctl.sock`` with newline-delimited JSON,
+so a VM outlives the ``pyro`` process that created it and can be used from
+several processes. It enforces the TTL and, for ephemeral VMs, dies with its
+owner; the VMM dies with it (PR_SET_PDEATHSIG), so nothing outlives both.
+
+Control protocol (one request per connection):
+  -> {"op": "exec", "argv": [...], "cwd": str, "env": ["K=V", ...],
+      "timeout_ms": int, "stdout_cap": int, "stderr_cap": int}
+  <- {"event": "heartbeat", "elapsed_ms": int}   (every second while running)
+  <- {"event": "result", "ok": true, "exit_code": ..., "stdout_b64": ..., ...}
+  -> {"op": "ping"} / {"op": "shutdown"}
+  <- {"event": "result", "ok": true}
+Closing the connection while an exec runs kills that command.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import queue
+import secrets
+import select
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pyro_mcp.errors import GuestProtocolError, InvalidInputError, PyroError
+from pyro_mcp.guest import protocol as p
+from pyro_mcp.guest.channel import AgentChannel, ChannelClosed
+from pyro_mcp.state import ProcessId, write_json_atomic
+from pyro_mcp.vmm.base import LaunchSpec, SnapshotRef, VMPaths
+
+HOST_GRACE_S = 10.0  # extra time the host gives the agent beyond a command's timeout
+MAX_REQUEST_BYTES = 1 << 20
+
+
+def _send(conn: socket.socket, obj: dict[str, Any]) -> bool:
+    try:
+        conn.sendall(json.dumps(obj).encode() + b"\n")
+        return True
+    except OSError:
+        return False
+
+
+def _client_gone(conn: socket.socket) -> bool:
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        if not readable:
+            return False
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+class Supervisor:
+    def __init__(self, vm_dir: Path) -> None:
+        self.vm_dir = vm_dir
+        self.paths = VMPaths(vm_dir)
+        self.launch = json.loads((vm_dir / "launch.json").read_text())
+        self.ctl_path = vm_dir / "ctl.sock"
+        self.stop_event = threading.Event()
+        self.stop_reason = "stopped"
+        self.channel: AgentChannel | None = None
+
+    # -- boot ---------------------------------------------------------------
+    def boot(self) -> dict[str, Any]:
+        from pyro_mcp.vmm import get_backend
+
+        launch = self.launch
+        spec = LaunchSpec(
+            kernel=Path(launch["kernel"]),
+            initramfs=Path(launch["initramfs"]),
+            rootfs=Path(launch["rootfs"]),
+            vcpu_count=int(launch["vcpu_count"]),
+            mem_mib=int(launch["mem_mib"]),
+            network=bool(launch["network"]),
+            acceleration=launch["acceleration"],
+        )
+        restore = None
+        if launch.get("restore"):
+            restore = SnapshotRef(Path(launch["restore"]["directory"]), launch["restore"]["key"])
+        backend = get_backend(launch["backend"])
+        started = time.monotonic()
+        boot_timeout = float(launch.get("boot_timeout", 60.0))
+        self.handle = backend.start(spec, self.paths, restore=restore, timeout=boot_timeout)
+        try:
+            self.channel = AgentChannel(self.handle)
+            remaining = boot_timeout - (time.monotonic() - started)
+            if restore is None:
+                self.channel.wait_hello(timeout=max(1.0, remaining))
+            mounts = tuple(p.Mount(**m) for m in launch.get("mounts", []))
+            reply = self.channel.call(
+                p.Init(time.time_ns(), secrets.token_bytes(256), mounts),
+                timeout=max(1.0, boot_timeout - (time.monotonic() - started)),
+            )
+            if isinstance(reply, p.Error):
+                raise GuestProtocolError(f"guest initialisation failed: {reply.message}")
+        except PyroError as exc:
+            exc.details.setdefault("console_tail", self.handle.console_tail())
+            self.handle.kill()
+            raise
+        except BaseException:
+            self.handle.kill()
+            raise
+        return {
+            "vmm": ProcessId.of(self.handle.pid).to_dict()
+            if ProcessId.of(self.handle.pid)
+            else None,
+            "boot": "restored" if restore else "cold",
+            "boot_ms": int((time.monotonic() - started) * 1000),
+        }
+
+    # -- serving ------------------------------------------------------------
+    def serve(self) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            self.ctl_path.unlink()
+        listener.bind(str(self.ctl_path))
+        listener.listen(64)
+        listener.settimeout(0.2)
+        expires_at = float(self.launch.get("expires_at") or 0)
+        owner = ProcessId.from_dict(self.launch.get("owner"))
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    conn = None
+                if conn is not None:
+                    threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+                if self.handle.poll() is not None:
+                    self.stop_reason = "vmm_exited"
+                    break
+                if self.channel is not None and self.channel.closed_reason is not None:
+                    self.stop_reason = "agent_channel_closed"
+                    break
+                if expires_at and time.time() >= expires_at:
+                    self.stop_reason = "ttl_expired"
+                    break
+                if owner is not None and not owner.alive():
+                    self.stop_reason = "owner_exited"
+                    break
+        finally:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.ctl_path.unlink()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(10)
+                buf = b""
+                while b"\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    if len(buf) > MAX_REQUEST_BYTES:
+                        raise InvalidInputError("control request too large")
+                conn.settimeout(None)
+                request = json.loads(buf.partition(b"\n")[0])
+                op = request.get("op")
+                if op == "ping":
+                    _send(conn, {"event": "result", "ok": True})
+                elif op == "shutdown":
+                    self.stop_reason = str(request.get("reason") or "stopped")
+                    _send(conn, {"event": "result", "ok": True})
+                    self.stop_event.set()
+                elif op == "exec":
+                    self._exec(conn, request)
+                else:
+                    raise InvalidInputError(f"unknown control operation {op!r}")
+            except PyroError as exc:
+                _send(conn, {"event": "result", "ok": False, "error": exc.to_dict()})
+            except (ValueError, KeyError, TypeError) as exc:
+                error = {"code": "invalid_input", "message": f"bad control request: {exc}"}
+                _send(conn, {"event": "result", "ok": False, "error": error})
+            except OSError:
+                pass
+
+    def _exec(self, conn: socket.socket, request: dict[str, Any]) -> None:
+        assert self.channel is not None
+        message = p.Exec(
+            argv=tuple(request["argv"]),
+            cwd=str(request["cwd"]),
+            env=tuple(request["env"]),
+            timeout_ms=int(request["timeout_ms"]),
+            stdout_cap=int(request["stdout_cap"]),
+            stderr_cap=int(request["stderr_cap"]),
+        )
+        request_id, q = self.channel.open()
+        stdout = bytearray()
+        stderr = bytearray()
+        started = time.monotonic()
+        host_deadline = (
+            started + message.timeout_ms / 1000 + HOST_GRACE_S if message.timeout_ms else None
+        )
+        last_beat = started
+        cancelled = False
+        try:
+            self.channel.send(request_id, message)
+            while True:
+                try:
+                    item = q.get(timeout=0.1)
+                except queue.Empty:
+                    item = None
+                if item is None:
+                    now = time.monotonic()
+                    if not cancelled and _client_gone(conn):
+                        cancelled = True
+                        self.channel.send(request_id, p.Signal(signal.SIGKILL))
+                        host_deadline = now + HOST_GRACE_S
+                    if host_deadline is not None and now > host_deadline:
+                        raise GuestProtocolError(
+                            "the guest agent did not finish the command after its timeout",
+                            hint="the VM may be overloaded or broken; delete it",
+                        )
+                    if now - last_beat >= 1.0 and not cancelled:
+                        last_beat = now
+                        elapsed = int((now - started) * 1000)
+                        _send(conn, {"event": "heartbeat", "elapsed_ms": elapsed})
+                    continue
+                if isinstance(item, p.Output):
+                    (stdout if item.stream == 1 else stderr).extend(item.data)
+                elif isinstance(item, p.Exit):
+                    _send(
+                        conn,
+                        {
+                            "event": "result",
+                            "ok": True,
+                            "exit_code": item.exit_code,
+                            "signal": item.signal,
+                            "timed_out": item.timed_out,
+                            "stdout_truncated": item.stdout_truncated,
+                            "stderr_truncated": item.stderr_truncated,
+                            "duration_ms": item.duration_ms,
+                            "stdout_b64": base64.b64encode(stdout).decode(),
+                            "stderr_b64": base64.b64encode(stderr).decode(),
+                        },
+                    )
+                    return
+                elif isinstance(item, p.Error):
+                    raise InvalidInputError(item.message)
+                elif isinstance(item, ChannelClosed):
+                    raise GuestProtocolError(item.reason)
+        finally:
+            self.channel.close_request(request_id)
+
+    # -- teardown -----------------------------------------------------------
+    def shutdown(self) -> None:
+        handle = getattr(self, "handle", None)
+        if handle is not None:
+            handle.kill()
+        ephemeral_reasons = {"ttl_expired", "owner_exited"}
+        if self.stop_reason in ephemeral_reasons:
+            # Nobody may be around to clean up: reap our own folder.
+            shutil.rmtree(self.vm_dir, ignore_errors=True)
+            return
+        with contextlib.suppress(OSError):
+            write_json_atomic(
+                self.vm_dir / "exit.json",
+                {"reason": self.stop_reason, "at": time.time()},
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    vm_dir = Path(args[0])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the creator's terminal is not ours
+    sup = Supervisor(vm_dir)
+    signal.signal(signal.SIGTERM, lambda *_: sup.stop_event.set())
+    ready_out = os.fdopen(os.dup(1), "w")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    try:
+        info = sup.boot()
+    except PyroError as exc:
+        ready_out.write(json.dumps({"ok": False, "error": exc.to_dict()}) + "\n")
+        ready_out.close()
+        return 1
+    except Exception as exc:
+        error = {"code": "boot_failed", "message": f"VM start failed: {exc!r}"}
+        ready_out.write(json.dumps({"ok": False, "error": error}) + "\n")
+        ready_out.close()
+        sup.shutdown()
+        return 1
+    try:
+        # Listen before announcing readiness, so a client never finds no socket.
+        serve_thread = threading.Thread(target=sup.serve, daemon=True)
+        serve_thread.start()
+        deadline = time.monotonic() + 5
+        while not sup.ctl_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        info["supervisor"] = {"pid": os.getpid()}
+        ready_out.write(json.dumps({"ok": True, **info}) + "\n")
+        ready_out.close()
+        while serve_thread.is_alive():
+            serve_thread.join(0.5)
+    finally:
+        sup.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

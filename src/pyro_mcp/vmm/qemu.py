@@ -1,0 +1,332 @@
+"""QEMU ``microvm`` backend: hardware KVM where it really works, TCG otherwise.
+
+The agent channel is a virtio-serial port whose chardev connects to a unix
+socket we listen on (no vsock needed). Snapshots use QEMU migration with the
+guest RAM in a file (``x-ignore-shared``), so a restore maps the RAM file
+copy-on-write and only reads a few kilobytes of device state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyro_mcp.errors import BackendUnavailableError, BootError
+from pyro_mcp.vmm.base import BackendProbe, LaunchSpec, SnapshotRef, VMPaths
+from pyro_mcp.vmm.detect import kvm_status
+from pyro_mcp.vmm.qmp import QMPClient
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def qemu_binary() -> str | None:
+    override = os.environ.get("PYRO_QEMU")
+    if override:
+        return override if os.access(override, os.X_OK) else None
+    return shutil.which("qemu-system-x86_64")
+
+
+def qemu_img_binary() -> str | None:
+    return shutil.which("qemu-img")
+
+
+def host_tsc_khz() -> int | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("cpu MHz"):
+            try:
+                return int(float(line.partition(":")[2]) * 1000)
+            except ValueError:
+                return None
+    return None
+
+
+def kernel_cmdline(spec: LaunchSpec) -> str:
+    parts = ["console=ttyS0", "quiet", "panic=-1", "rdinit=/init", "8250.nr_uarts=1"]
+    if spec.acceleration == "tcg":
+        # Without these, Debian's kernel sometimes hangs calibrating the TSC under TCG.
+        khz = host_tsc_khz()
+        parts += ["no_timer_check", "tsc=reliable"]
+        if khz:
+            parts += [f"tsc_early_khz={khz}", f"lpj={khz * 4}"]
+    parts += list(spec.extra_cmdline)
+    return " ".join(parts)
+
+
+def build_args(
+    binary: str,
+    spec: LaunchSpec,
+    paths: VMPaths,
+    *,
+    ram_file: Path | None = None,
+    ram_shared: bool = False,
+    incoming: bool = False,
+) -> list[str]:
+    """The QEMU command line. A restore must use the same one as its snapshot's source VM,
+    except for host-side paths and the RAM file's sharing mode."""
+    machine = "microvm,rtc=on,acpi=on"
+    args = [binary]
+    if ram_file is not None:
+        share = "on" if ram_shared else "off"
+        args += [
+            "-object",
+            f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={ram_file},share={share}",
+        ]
+        machine += ",memory-backend=ram0"
+    if spec.acceleration == "kvm":
+        accel = ["-accel", "kvm", "-cpu", "host"]
+    else:
+        accel = ["-accel", "tcg,tb-size=32"]
+    args += [
+        "-M", machine, *accel,
+        "-m", f"{spec.mem_mib}M", "-smp", str(spec.vcpu_count),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(spec.kernel), "-initrd", str(spec.initramfs),
+        "-append", kernel_cmdline(spec),
+        "-serial", f"file:{paths.console}",
+        "-chardev", f"socket,id=ch0,path={paths.channel},server=off",
+        "-device", "virtio-serial-device",
+        "-device", "virtserialport,chardev=ch0,name=agent",
+        "-drive", f"if=none,id=d0,file={paths.disk},format=qcow2,discard=unmap",
+        "-device", "virtio-blk-device,drive=d0",
+        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+    ]  # fmt: skip
+    if incoming:
+        args += ["-incoming", "defer"]
+    return args
+
+
+def create_overlay(base: Path, overlay: Path, base_format: str) -> None:
+    tool = qemu_img_binary()
+    if tool is None:
+        raise BackendUnavailableError(
+            "qemu-img not found", hint="install it: apt-get install qemu-utils"
+        )
+    proc = subprocess.run(
+        [tool, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_format, str(overlay)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise BootError(f"could not create the VM disk: {proc.stderr.strip()}")
+
+
+def console_tail(path: Path, max_lines: int = 40) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 16384))
+            data = fh.read()
+    except OSError:
+        return ""
+    lines: deque[str] = deque(data.decode("utf-8", "replace").splitlines(), maxlen=max_lines)
+    return "\n".join(lines)
+
+
+@dataclass
+class QemuHandle:
+    process: subprocess.Popen[bytes]
+    conn: socket.socket
+    paths: VMPaths
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self.conn.recv(size)
+        except OSError:
+            return b""
+
+    def write(self, data: bytes) -> None:
+        self.conn.sendall(data)
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+    def console_tail(self, max_lines: int = 40) -> str:
+        return console_tail(self.paths.console, max_lines)
+
+    def save_snapshot(self, snapshot_dir: Path) -> None:
+        """Migrate the running guest's device state into ``snapshot_dir/state``.
+
+        The guest must have been started with its RAM in ``snapshot_dir/ram``
+        (shared); the migration pauses it, so kill it afterwards.
+        """
+        qmp = QMPClient(self.paths.qmp)
+        try:
+            qmp.execute(
+                "migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True}],
+            )
+            state = snapshot_dir / "state"
+            qmp.execute("migrate", uri=f"exec:cat > {_shell_quote(str(state))}")
+            qmp.wait_migration()
+        finally:
+            qmp.close()
+
+
+def _shell_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+class QemuBackend:
+    name = "qemu"
+
+    def probe(self) -> BackendProbe:
+        binary = qemu_binary()
+        if binary is None:
+            return BackendProbe(
+                name=self.name,
+                available=False,
+                acceleration=None,
+                reason="qemu-system-x86_64 not found on PATH",
+                advice=("install QEMU: apt-get install qemu-system-x86 qemu-utils",),
+            )
+        version = None
+        try:
+            out = subprocess.run(
+                [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout
+            version = out.splitlines()[0].strip() if out else None
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        advice: tuple[str, ...] = ()
+        if qemu_img_binary() is None:
+            advice = ("install qemu-img: apt-get install qemu-utils",)
+        kvm = kvm_status()
+        accel = "kvm" if kvm.usable else "tcg"
+        return BackendProbe(
+            name=self.name,
+            available=qemu_img_binary() is not None,
+            acceleration=accel,
+            reason=kvm.reason,
+            binary=binary,
+            version=version,
+            advice=advice,
+        )
+
+    def start(
+        self,
+        spec: LaunchSpec,
+        paths: VMPaths,
+        *,
+        restore: SnapshotRef | None = None,
+        snapshot_source: Path | None = None,
+        timeout: float = 30.0,
+    ) -> QemuHandle:
+        """Start a guest cold, as a snapshot source (RAM in ``snapshot_source/ram``),
+        or restored from ``restore``. Returns once QEMU connected the agent channel."""
+        binary = qemu_binary()
+        if binary is None:
+            raise BackendUnavailableError(
+                "qemu-system-x86_64 not found",
+                hint="install QEMU: apt-get install qemu-system-x86 qemu-utils",
+            )
+        paths.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if len(str(paths.channel)) > 100:
+            raise BootError(
+                f"state path too long for a unix socket: {paths.channel}",
+                hint="set PYRO_STATE_DIR to a shorter directory",
+            )
+        if restore is not None:
+            create_overlay(restore.directory / "disk.qcow2", paths.disk, "qcow2")
+            args = build_args(
+                binary, spec, paths, ram_file=restore.directory / "ram", incoming=True
+            )
+        elif snapshot_source is not None:
+            create_overlay(spec.rootfs, paths.disk, "raw")
+            args = build_args(
+                binary, spec, paths, ram_file=snapshot_source / "ram", ram_shared=True
+            )
+        else:
+            if not paths.disk.exists():
+                create_overlay(spec.rootfs, paths.disk, "raw")
+            args = build_args(binary, spec, paths)
+
+        for stale in (paths.channel, paths.qmp):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(paths.channel))
+        listener.listen(1)
+        try:
+            with paths.console.open("ab"):
+                pass
+            process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=(paths.vm_dir / "vmm.log").open("ab"),
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads yet in the supervisor
+                close_fds=True,
+            )
+            deadline = time.monotonic() + timeout
+            conn: socket.socket | None = None
+            listener.settimeout(0.05)
+            while conn is None:
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    if process.poll() is not None:
+                        raise BootError(
+                            f"QEMU exited with status {process.returncode} before connecting",
+                            details={"vmm_log": _tail(paths.vm_dir / "vmm.log")},
+                        ) from None
+                    if time.monotonic() > deadline:
+                        process.kill()
+                        raise BootError("QEMU did not connect the agent channel in time") from None
+            conn.settimeout(None)
+        finally:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                paths.channel.unlink()
+        handle = QemuHandle(process=process, conn=conn, paths=paths)
+        if restore is not None:
+            try:
+                qmp = QMPClient(paths.qmp, timeout=max(1.0, deadline - time.monotonic()))
+                try:
+                    qmp.execute(
+                        "migrate-set-capabilities",
+                        capabilities=[{"capability": "x-ignore-shared", "state": True}],
+                    )
+                    state = restore.directory / "state"
+                    qmp.execute("migrate-incoming", uri=f"exec:cat {_shell_quote(str(state))}")
+                finally:
+                    qmp.close()
+            except BaseException:
+                handle.kill()
+                raise
+        return handle
+
+
+def _tail(path: Path) -> str:
+    return console_tail(path, 20)
