@@ -9,7 +9,7 @@ import time
 from typing import Protocol
 
 from pyro_mcp.errors import BootError, GuestProtocolError
-from pyro_mcp.guest.protocol import FrameDecoder, Hello, Message, encode
+from pyro_mcp.guest.protocol import GUEST_TO_HOST, FrameDecoder, Hello, Message, encode
 
 
 class ByteChannel(Protocol):
@@ -30,7 +30,7 @@ Delivery = Message | ChannelClosed
 class AgentChannel:
     def __init__(self, io: ByteChannel) -> None:
         self._io = io
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(GUEST_TO_HOST)
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[int, queue.Queue[Delivery]] = {}

@@ -48,18 +48,26 @@ class SnapshotRef:
     key: str
 
 
+WORKSPACE_DISK_MIB = 4096
+"""Every guest has a second disk, /dev/vdb, of this fixed (sparse) size: empty for
+one-shot VMs, a task's seeded /workspace filesystem otherwise. A fixed size keeps
+one snapshot valid for both (the guest probes the device before the snapshot)."""
+
+
 @dataclass
 class VMPaths:
     """Per-VM files; all inside the VM's private state folder."""
 
     vm_dir: Path
     disk: Path = field(init=False)
+    workspace: Path = field(init=False)
     channel: Path = field(init=False)
     console: Path = field(init=False)
     qmp: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.disk = self.vm_dir / "disk.qcow2"
+        self.workspace = self.vm_dir / "workspace.img"
         self.channel = self.vm_dir / "agent.sock"
         self.console = self.vm_dir / "console.log"
         self.qmp = self.vm_dir / "qmp.sock"

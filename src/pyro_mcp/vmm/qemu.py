@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyro_mcp.errors import BackendUnavailableError, BootError
-from pyro_mcp.vmm.base import BackendProbe, LaunchSpec, SnapshotRef, VMPaths
+from pyro_mcp.vmm.base import (
+    WORKSPACE_DISK_MIB,
+    BackendProbe,
+    LaunchSpec,
+    SnapshotRef,
+    VMPaths,
+)
 from pyro_mcp.vmm.detect import kvm_status
 from pyro_mcp.vmm.qmp import QMPClient
 
@@ -106,6 +112,8 @@ def build_args(
         "-device", "virtserialport,chardev=ch0,name=agent",
         "-drive", f"if=none,id=d0,file={paths.disk},format=qcow2,discard=unmap",
         "-device", "virtio-blk-device,drive=d0",
+        "-drive", f"if=none,id=d1,file={paths.workspace},format=raw,discard=unmap",
+        "-device", "virtio-blk-device,drive=d1",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
     ]  # fmt: skip
     if incoming:
@@ -272,6 +280,9 @@ class QemuBackend:
                 create_overlay(spec.rootfs, paths.disk, "raw")
             args = build_args(binary, spec, paths)
 
+        if not paths.workspace.exists():
+            with paths.workspace.open("wb") as fh:
+                fh.truncate(WORKSPACE_DISK_MIB << 20)
         for stale in (paths.channel, paths.qmp):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
