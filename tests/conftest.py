@@ -46,9 +46,7 @@ def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.fixture
-def pyro(
-    vm_environment: str, state_dir: Path, request: pytest.FixtureRequest
-) -> Iterator[Pyro]:
+def pyro(vm_environment: str, state_dir: Path, request: pytest.FixtureRequest) -> Iterator[Pyro]:
     """A Pyro on a private state dir; every VM it leaves is deleted afterwards,
     and the guest consoles are printed if the test failed."""
     client = Pyro(state_dir=state_dir)

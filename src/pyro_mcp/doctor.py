@@ -175,14 +175,14 @@ def run_checks() -> list[Check]:
 
 def report() -> dict[str, Any]:
     checks = run_checks()
-    backend = None
+    backend: dict[str, str | None]
     try:
         from pyro_mcp.manager import VMManager
 
         name, accel = VMManager().resolve_backend()
         backend = {"name": name, "acceleration": accel}
     except Exception as exc:
-        backend = {"name": None, "error": str(exc)}
+        backend = {"name": None, "acceleration": None, "error": str(exc)}
     return {
         "ok": all(c.status != "fail" for c in checks),
         "backend": backend,

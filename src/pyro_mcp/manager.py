@@ -9,6 +9,7 @@ the supervisor, which runs several at once.
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import json
 import os
@@ -309,7 +310,7 @@ class VMManager:
             )
         sup = ProcessId.of(proc.pid)
         ready["supervisor_id"] = sup.to_dict() if sup else None
-        return ready
+        return dict(ready)
 
     def exec(
         self,
@@ -468,14 +469,14 @@ class VMManager:
     def status(self, vm_id: str) -> VMInfo:
         return self._info(self._load(vm_id))
 
-    def list(self) -> list[VMInfo]:
+    def list(self) -> builtins.list[VMInfo]:
         out = []
         for vm_dir in sorted(self._vm_dirs()):
             with contextlib.suppress(FileNotFoundError, StateError):
                 out.append(self._info(read_json(vm_dir / "vm.json")))
         return out
 
-    def _vm_dirs(self) -> list[Path]:
+    def _vm_dirs(self) -> builtins.list[Path]:
         try:
             return [d for d in self.vms_dir.iterdir() if d.is_dir() and d.name.startswith("vm-")]
         except FileNotFoundError:
@@ -561,7 +562,7 @@ class VMManager:
     def result(
         self,
         info: VMInfo,
-        command: str | list[str],
+        command: str | builtins.list[str],
         outcome: ExecOutcome,
         *,
         deleted: bool | None,

@@ -166,20 +166,21 @@ def take_snapshot(spec: LaunchSpec, directory: Path, key: str, progress: Progres
         shutil.rmtree(vm_paths.vm_dir, ignore_errors=True)
         for name in ARTIFACTS:
             (tmp / name).chmod(0o400)
-        meta = {
+        digests = {name: _sha256(tmp / name) for name in ARTIFACTS}
+        meta: dict[str, Any] = {
             "format": SNAPSHOT_FORMAT,
             "key": key,
             "created_at": time.time(),
             "boot_seconds": round(time.monotonic() - started, 3),
             "mem_mib": spec.mem_mib,
             "vcpu_count": spec.vcpu_count,
-            "sha256": {name: _sha256(tmp / name) for name in ARTIFACTS},
+            "sha256": digests,
+            "state_sha256": digests["state"],
             "fingerprints": {name: _fingerprint(tmp / name) for name in ARTIFACTS},
             "inputs": {
                 str(path): _fingerprint(path) for path in (spec.kernel, spec.initramfs, spec.rootfs)
             },
         }
-        meta["state_sha256"] = meta["sha256"]["state"]
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         os.rename(tmp, directory)
     except BaseException as exc:

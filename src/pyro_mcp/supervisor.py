@@ -113,10 +113,9 @@ class Supervisor:
         except BaseException:
             self.handle.kill()
             raise
+        vmm = ProcessId.of(self.handle.pid)
         return {
-            "vmm": ProcessId.of(self.handle.pid).to_dict()
-            if ProcessId.of(self.handle.pid)
-            else None,
+            "vmm": vmm.to_dict() if vmm else None,
             "boot": "restored" if restore else "cold",
             "boot_ms": int((time.monotonic() - started) * 1000),
         }
