@@ -121,13 +121,17 @@ class Supervisor:
         }
 
     # -- serving ------------------------------------------------------------
-    def serve(self) -> None:
+    def listen(self) -> socket.socket:
+        """Bind and listen before readiness is announced, so no client is refused."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             self.ctl_path.unlink()
         listener.bind(str(self.ctl_path))
-        listener.listen(64)
+        listener.listen(128)
         listener.settimeout(0.2)
+        return listener
+
+    def serve(self, listener: socket.socket) -> None:
         expires_at = float(self.launch.get("expires_at") or 0)
         owner = ProcessId.from_dict(self.launch.get("owner"))
         try:
@@ -296,12 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         sup.shutdown()
         return 1
     try:
-        # Listen before announcing readiness, so a client never finds no socket.
-        serve_thread = threading.Thread(target=sup.serve, daemon=True)
+        serve_thread = threading.Thread(target=sup.serve, args=(sup.listen(),), daemon=True)
         serve_thread.start()
-        deadline = time.monotonic() + 5
-        while not sup.ctl_path.exists() and time.monotonic() < deadline:
-            time.sleep(0.001)
         info["supervisor"] = {"pid": os.getpid()}
         ready_out.write(json.dumps({"ok": True, **info}) + "\n")
         ready_out.close()
