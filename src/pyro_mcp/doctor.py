@@ -38,7 +38,7 @@ def _python() -> Check:
 def _qemu() -> Check:
     from pyro_mcp.vmm.qemu import QemuBackend
 
-    probe = QemuBackend().probe()
+    probe = QemuBackend().probe(detailed=True)
     if probe.binary is None:
         return Check("qemu", "fail", probe.reason, "; ".join(probe.advice) or None)
     status: Status = "ok" if probe.available else "fail"

@@ -71,6 +71,7 @@ class Supervisor:
         self.ctl_path = vm_dir / "ctl.sock"
         self.stop_event = threading.Event()
         self.stop_reason = "stopped"
+        self._wake_r, self._wake_w = os.pipe()
         self.channel: AgentChannel | None = None
 
     # -- boot ---------------------------------------------------------------
@@ -120,6 +121,12 @@ class Supervisor:
             "boot_ms": int((time.monotonic() - started) * 1000),
         }
 
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.stop_event.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
     # -- serving ------------------------------------------------------------
     def listen(self) -> socket.socket:
         """Bind and listen before readiness is announced, so no client is refused."""
@@ -128,7 +135,7 @@ class Supervisor:
             self.ctl_path.unlink()
         listener.bind(str(self.ctl_path))
         listener.listen(128)
-        listener.settimeout(0.2)
+        listener.setblocking(False)
         return listener
 
     def serve(self, listener: socket.socket) -> None:
@@ -136,12 +143,14 @@ class Supervisor:
         owner = ProcessId.from_dict(self.launch.get("owner"))
         try:
             while not self.stop_event.is_set():
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    conn = None
-                if conn is not None:
-                    threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+                readable, _, _ = select.select([listener.fileno(), self._wake_r], [], [], 0.2)
+                if listener.fileno() in readable:
+                    with contextlib.suppress(BlockingIOError, InterruptedError):
+                        conn, _ = listener.accept()
+                        conn.setblocking(True)
+                        threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+                if self.stop_event.is_set():
+                    break
                 if self.handle.poll() is not None:
                     self.stop_reason = "vmm_exited"
                     break
@@ -177,9 +186,8 @@ class Supervisor:
                 if op == "ping":
                     _send(conn, {"event": "result", "ok": True})
                 elif op == "shutdown":
-                    self.stop_reason = str(request.get("reason") or "stopped")
                     _send(conn, {"event": "result", "ok": True})
-                    self.stop_event.set()
+                    self.request_stop(str(request.get("reason") or "stopped"))
                 elif op == "exec":
                     self._exec(conn, request)
                 else:
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     vm_dir = Path(args[0])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the creator's terminal is not ours
     sup = Supervisor(vm_dir)
-    signal.signal(signal.SIGTERM, lambda *_: sup.stop_event.set())
+    signal.signal(signal.SIGTERM, lambda *_: sup.request_stop("terminated"))
     ready_out = os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):

@@ -99,7 +99,7 @@ class VMHandle(Protocol):
 class Backend(Protocol):
     name: str
 
-    def probe(self) -> BackendProbe: ...
+    def probe(self, *, detailed: bool = False) -> BackendProbe: ...
 
     def start(
         self,

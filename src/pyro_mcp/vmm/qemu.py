@@ -209,7 +209,8 @@ def _shell_quote(text: str) -> str:
 class QemuBackend:
     name = "qemu"
 
-    def probe(self) -> BackendProbe:
+    def probe(self, *, detailed: bool = False) -> BackendProbe:
+        """Cheap by default (no subprocess); ``detailed`` also asks QEMU its version."""
         binary = qemu_binary()
         if binary is None:
             return BackendProbe(
@@ -220,13 +221,8 @@ class QemuBackend:
                 advice=("install QEMU: apt-get install qemu-system-x86 qemu-utils",),
             )
         version = None
-        try:
-            out = subprocess.run(
-                [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
-            ).stdout
-            version = out.splitlines()[0].strip() if out else None
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+        if detailed:
+            version = _qemu_version(binary)
         advice: tuple[str, ...] = ()
         if qemu_img_binary() is None:
             advice = ("install qemu-img: apt-get install qemu-utils",)
@@ -337,6 +333,16 @@ class QemuBackend:
                 handle.kill()
                 raise
         return handle
+
+
+def _qemu_version(binary: str) -> str | None:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0].strip() if out else None
 
 
 def _tail(path: Path) -> str:
