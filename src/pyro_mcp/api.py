@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp import limits
+from pyro_mcp.errors import VMStateError
 from pyro_mcp.manager import VMManager
 from pyro_mcp.models import ExecResult, NetworkInfo, ReapResult, VMInfo
 from pyro_mcp.progress import ProgressFn, no_progress
@@ -31,7 +32,11 @@ class Pyro:
         state_dir: str | Path | None = None,
         progress: ProgressFn = no_progress,
         reap: bool = True,
+        pool_size: int = 0,
+        pool_environment: str = "debian:12",
     ) -> None:
+        """``pool_size`` > 0 keeps that many VMs of ``pool_environment`` (default size)
+        restored and warmed up in the background, for this object's one-shot runs."""
         self._manager = VMManager(
             state_root=Path(state_dir) if state_dir is not None else None, backend=backend
         )
@@ -39,6 +44,24 @@ class Pyro:
         if reap:
             with contextlib.suppress(Exception):
                 self._manager.reap_expired()
+        if pool_size:
+            from pyro_mcp.environments.catalog import get_spec
+            from pyro_mcp.pool import PoolKey, WarmPool
+
+            key = PoolKey(get_spec(pool_environment).name)
+            self._manager.pool = WarmPool(self._manager, key, pool_size)
+
+    def close(self) -> None:
+        """Tear down idle pool VMs now (they would die with this process anyway)."""
+        if self._manager.pool is not None:
+            self._manager.pool.close()
+            self._manager.pool = None
+
+    def __enter__(self) -> Pyro:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def manager(self) -> VMManager:
@@ -127,8 +150,19 @@ class Pyro:
 
         For repeated commands in one place, use tasks.
         """
+        # Bad arguments or a VM that is not running leave the VM alone.
         cmd = limits.check_command(command)
+        limits.check_env(env)
+        limits.check_cwd(cwd)
+        limits.check_timeout(timeout_seconds)
+        limits.check_output_cap("stdout_cap", stdout_cap)
+        limits.check_output_cap("stderr_cap", stderr_cap)
         info = self._manager.status(vm_id)
+        if info.status != "running":
+            raise VMStateError(
+                f"VM {vm_id} is not running (status: {info.status})",
+                hint="start it with start_vm first",
+            )
         try:
             outcome = self._manager.exec(
                 vm_id,

@@ -41,6 +41,7 @@ from pyro_mcp.errors import (
     VMStateError,
 )
 from pyro_mcp.models import BootKind, ExecResult, ReapResult, VMInfo
+from pyro_mcp.pool import WarmPool
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 from pyro_mcp.state import ProcessId, read_json, write_json_atomic
 
@@ -87,6 +88,7 @@ class VMManager:
         self.vms_dir = self.state_root / "vms"
         self._store = store
         self._backend_name = backend or os.environ.get("PYRO_BACKEND") or "auto"
+        self.pool: WarmPool | None = None
 
     # -- helpers ------------------------------------------------------------
     @property
@@ -100,8 +102,19 @@ class VMManager:
     def _vm_dir(self, vm_id: str) -> Path:
         return self.vms_dir / limits.check_vm_id(vm_id)
 
-    def _lock(self, vm_id: str) -> FileLock:
-        return FileLock(str(self.vms_dir / f".{vm_id}.lock"))
+    @contextlib.contextmanager
+    def _lock(self, vm_id: str) -> Iterator[None]:
+        """Hold the VM's lifecycle lock. The id is checked before it names a file, and
+        the lock file goes once the VM is gone (also for ids that never existed)."""
+        vm_dir = self._vm_dir(vm_id)
+        lock_path = self.vms_dir / f".{vm_id}.lock"
+        try:
+            with FileLock(str(lock_path)):
+                yield
+        finally:
+            if not vm_dir.exists():
+                with contextlib.suppress(FileNotFoundError):
+                    lock_path.unlink()
 
     def _load(self, vm_id: str) -> dict[str, Any]:
         vm_dir = self._vm_dir(vm_id)
@@ -144,6 +157,7 @@ class VMManager:
         ttl_seconds: int = limits.DEFAULT_TTL_SECONDS,
         network: bool = False,
         owner_pid: int | None = None,
+        mounts: Sequence[Mapping[str, Any]] = (),
     ) -> VMInfo:
         """Define a VM (no boot yet). Validates everything before writing anything."""
         from pyro_mcp.environments.catalog import get_spec
@@ -161,7 +175,10 @@ class VMManager:
             )
         backend, accel = self.resolve_backend()
         owner = ProcessId.of(owner_pid) if owner_pid is not None else None
-        paths.ensure_private_dir(self.vms_dir)
+        try:
+            paths.ensure_private_dir(self.vms_dir)
+        except OSError as exc:
+            raise _state_dir_error(self.vms_dir, exc) from exc
         vm_id = f"vm-{secrets.token_hex(6)}"
         now = time.time()
         record: dict[str, Any] = {
@@ -182,6 +199,7 @@ class VMManager:
             "supervisor": None,
             "vmm": None,
             "detail": None,
+            "mounts": [dict(m) for m in mounts],  # done by the guest agent at INIT
         }
         vm_dir = self.vms_dir / vm_id
         vm_dir.mkdir(mode=0o700)
@@ -240,7 +258,7 @@ class VMManager:
             "expires_at": record["expires_at"],
             "owner": record["owner"],
             "boot_timeout": DEFAULT_BOOT_TIMEOUT,
-            "mounts": [],
+            "mounts": list(record.get("mounts") or []),
             "restore": None,
         }
         vm_dir = self.vms_dir / record["vm_id"]
@@ -404,28 +422,39 @@ class VMManager:
                 record = read_json(vm_dir / "vm.json")
             except FileNotFoundError:
                 if not vm_dir.exists():
-                    raise NotFoundError(f"VM {vm_id} does not exist") from None
+                    raise NotFoundError(
+                        f"VM {vm_id} does not exist (it may have been deleted or reaped)",
+                        hint="list VMs with `pyro vm list`",
+                    ) from None
                 record = None
             except StateError:
                 record = None
             if record is not None:
-                self._stop_supervisor(record)
+                self._stop_supervisor(record, wait_exit=False, reason="deleted")
             shutil.rmtree(vm_dir, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            (self.vms_dir / f".{vm_id}.lock").unlink()
 
-    def _stop_supervisor(self, record: dict[str, Any]) -> None:
+    def _stop_supervisor(
+        self, record: dict[str, Any], *, wait_exit: bool = True, reason: str = "stopped"
+    ) -> None:
+        """Stop the VM's supervisor and VMM. ``wait_exit=False`` (used when the folder
+        is about to be removed) returns once the VMM is dead, while the supervisor
+        finishes exiting on its own."""
         sup = ProcessId.from_dict(record.get("supervisor"))
         vmm = ProcessId.from_dict(record.get("vmm"))
         if sup is not None and sup.alive():
+            acknowledged = False
             with contextlib.suppress(PyroError, OSError, ValueError):
-                for _ in self._control(record["vm_id"], {"op": "shutdown", "reason": "stopped"}):
+                for event in self._control(
+                    record["vm_id"], {"op": "shutdown", "reason": reason}
+                ):
+                    acknowledged = bool(event.get("ok"))
                     break
-            deadline = time.monotonic() + 5
-            while sup.alive() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if sup.alive():
-                _kill_process_group(sup.pid)
+            if wait_exit or not acknowledged:
+                deadline = time.monotonic() + 5
+                while sup.alive() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                if sup.alive():
+                    _kill_process_group(sup.pid)
         if vmm is not None and vmm.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(vmm.pid, signal.SIGKILL)
@@ -481,6 +510,8 @@ class VMManager:
             return [d for d in self.vms_dir.iterdir() if d.is_dir() and d.name.startswith("vm-")]
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise _state_dir_error(self.vms_dir, exc) from exc
 
     def reap_expired(self) -> ReapResult:
         """Delete VMs past their TTL, ephemeral VMs whose owner died, and debris."""
@@ -510,6 +541,11 @@ class VMManager:
             with contextlib.suppress(NotFoundError, InvalidInputError):
                 self.delete(vm_id, reason=reason)
                 reasons[vm_id] = reason
+        # Lock files of VMs that are gone (e.g. reaped by their own supervisor).
+        with contextlib.suppress(OSError):
+            for lock_path in self.vms_dir.glob(".vm-*.lock"):
+                if not (self.vms_dir / lock_path.name[1:-5]).exists():
+                    lock_path.unlink(missing_ok=True)
         return ReapResult(reaped=sorted(reasons), reasons=reasons)
 
     # -- one-shot -----------------------------------------------------------
@@ -534,7 +570,11 @@ class VMManager:
         limits.check_env(env)
         limits.check_cwd(cwd)
         limits.check_timeout(timeout_seconds)
-        info = self.create(
+        pooled = None
+        if self.pool is not None and not network:
+            limits.check_ttl(ttl_seconds)
+            pooled = self.pool.take(environment, vcpu_count, mem_mib)
+        info = pooled or self.create(
             environment,
             vcpu_count=vcpu_count,
             mem_mib=mem_mib,
@@ -543,7 +583,7 @@ class VMManager:
             owner_pid=os.getpid(),
         )
         try:
-            started = self.start(info.vm_id, progress=progress)
+            started = pooled or self.start(info.vm_id, progress=progress)
             outcome = self.exec(
                 info.vm_id,
                 cmd,
@@ -600,6 +640,13 @@ def _error_from(error: dict[str, Any]) -> PyroError:
     if code == "guest_protocol_error":
         return GuestProtocolError(message, hint=hint)
     return PyroError(message, hint=hint)
+
+
+def _state_dir_error(path: Path, exc: OSError) -> StateError:
+    return StateError(
+        f"the VM state folder {path} is unusable: {exc.strerror or exc}",
+        hint="set PYRO_STATE_DIR to a writable folder",
+    )
 
 
 def _kill_process_group(pid: int) -> None:

@@ -186,6 +186,9 @@ class Supervisor:
                 if op == "ping":
                     _send(conn, {"event": "result", "ok": True})
                 elif op == "shutdown":
+                    # Kill the VMM before answering: once the caller hears back,
+                    # the guest is gone; this process exits right after.
+                    self.handle.kill()
                     _send(conn, {"event": "result", "ok": True})
                     self.request_stop(str(request.get("reason") or "stopped"))
                 elif op == "exec":
@@ -273,10 +276,15 @@ class Supervisor:
         handle = getattr(self, "handle", None)
         if handle is not None:
             handle.kill()
+        if self.stop_reason == "deleted":
+            return  # the manager removes the folder; write nothing into it
         ephemeral_reasons = {"ttl_expired", "owner_exited"}
         if self.stop_reason in ephemeral_reasons:
-            # Nobody may be around to clean up: reap our own folder.
+            # Nobody may be around to clean up: reap our own folder and the manager's
+            # lock file beside it (``.<vm_id>.lock``).
             shutil.rmtree(self.vm_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (self.vm_dir.parent / f".{self.vm_dir.name}.lock").unlink(missing_ok=True)
             return
         with contextlib.suppress(OSError):
             write_json_atomic(
