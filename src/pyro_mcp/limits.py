@@ -24,9 +24,15 @@ DEFAULT_OUTPUT_CAP = 1 << 20
 MAX_OUTPUT_CAP = 16 << 20
 MAX_COMMAND_BYTES = 128 * 1024
 MAX_ENV_ENTRIES = 256
+DEFAULT_TASK_TTL_SECONDS = 24 * 3600
+TASK_WORKSPACE = "/workspace"  # where a task's workspace is mounted in the guest
+SEED_MAX_TOTAL_BYTES = 2 << 30  # file bytes one workspace seed may write
+SEED_MAX_ENTRIES = 200_000  # files, directories and links in one seed
+SEED_MAX_FILE_BYTES = 2 << 30  # one file of a seed
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VM_ID = re.compile(r"^vm-[0-9a-f]{12}$")
+_TASK_ID = re.compile(r"^task-[0-9a-f]{12}$")
 
 
 def check_int(name: str, value: object, low: int, high: int, unit: str = "") -> int:
@@ -66,6 +72,15 @@ def check_vm_id(value: object) -> str:
         raise InvalidInputError(
             f"invalid VM id {value!r}",
             hint="VM ids look like 'vm-0123456789ab'; list them with `pyro vm list`",
+        )
+    return value
+
+
+def check_task_id(value: object) -> str:
+    if not isinstance(value, str) or not _TASK_ID.match(value):
+        raise InvalidInputError(
+            f"invalid task id {value!r}",
+            hint="task ids look like 'task-0123456789ab'; list them with `pyro task list`",
         )
     return value
 
