@@ -1,0 +1,260 @@
+"""The core runtime on real VMs: exec semantics, timeouts, caps, concurrency, cleanup, TTLs.
+
+Every test boots ``debian:12-base`` (restored from its snapshot, ~0.5 s) through the
+``pyro`` fixture, on a private state folder that the fixture empties afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pyro_mcp.api import Pyro
+from pyro_mcp.errors import NotFoundError, VMStateError
+from pyro_mcp.manager import ExecOutcome
+from pyro_mcp.state import read_json
+
+pytestmark = pytest.mark.vm
+
+
+def vmm_pids(state_dir: Path) -> list[int]:
+    """QEMU processes started for VMs under ``state_dir``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and str(state_dir).encode() in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def state_leftovers(state_dir: Path) -> list[str]:
+    """Everything left in the VM state folder (VM folders and lock files)."""
+    vms = state_dir / "vms"
+    return sorted(p.name for p in vms.iterdir()) if vms.exists() else []
+
+
+def wait_until(predicate: object, timeout: float, what: str) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def started_vm(pyro: Pyro, environment: str, ttl_seconds: int = 600) -> str:
+    info = pyro.create_vm(environment, ttl_seconds=ttl_seconds)
+    pyro.start_vm(info.vm_id)
+    return info.vm_id
+
+
+def out(outcome: ExecOutcome) -> str:
+    return outcome.stdout.decode()
+
+
+# --------------------------------------------------------------------------- exec semantics
+
+
+def test_output_exit_code_and_separate_stderr(pyro: Pyro, vm_environment: str) -> None:
+    result = pyro.run_in_vm(vm_environment, "echo out; echo err >&2; exit 3")
+    assert result.stdout == "out\n"
+    assert result.stderr == "err\n"
+    assert result.exit_code == 3
+    assert not result.timed_out
+    assert not result.stdout_truncated and not result.stderr_truncated
+    assert result.cleanup is not None and result.cleanup.deleted
+    assert result.boot in ("restored", "cold")
+
+
+def test_cwd_and_env(pyro: Pyro, vm_environment: str) -> None:
+    result = pyro.run_in_vm(
+        vm_environment,
+        'pwd; echo "$FOO"; echo "$PATH"',
+        cwd="/tmp",
+        env={"FOO": "bar baz 'q' $x", "PATH": "/opt/custom/bin:/usr/bin:/bin"},
+    )
+    assert result.stdout == "/tmp\nbar baz 'q' $x\n/opt/custom/bin:/usr/bin:/bin\n"
+    # Default cwd is /root; a list command gets exactly the environment it is given.
+    listed = pyro.run_in_vm(vm_environment, ["sh", "-c", 'pwd; echo "$FOO"'], env={"FOO": "1"})
+    assert listed.stdout == "/root\n1\n"
+
+
+def test_string_is_login_shell_and_callers_env_wins(pyro: Pyro, vm_environment: str) -> None:
+    vm = started_vm(pyro, vm_environment)
+    m = pyro.manager
+    profile = "export FROM_PROFILE=profile; export PATH=/from/profile:$PATH"
+    setup = m.exec(vm, ["sh", "-c", f"echo '{profile}' > /etc/profile.d/zz-test.sh"])
+    assert setup.exit_code == 0
+    # A string runs under `sh -lc`: the login profile is read ...
+    seen = m.exec(vm, 'echo "$FROM_PROFILE"; echo "$PATH"')
+    assert out(seen).splitlines()[0] == "profile"
+    assert out(seen).splitlines()[1].startswith("/from/profile:")
+    # ... but what the caller passes wins over it.
+    env = {"FROM_PROFILE": "caller", "PATH": "/caller/bin:/usr/bin:/bin"}
+    won = m.exec(vm, 'echo "$FROM_PROFILE"; echo "$PATH"', env=env)
+    assert out(won) == "caller\n/caller/bin:/usr/bin:/bin\n"
+    # A list is the exact argv: no shell, no profile, no expansion.
+    exact = m.exec(vm, ["sh", "-c", 'echo "[$FROM_PROFILE]"'])
+    assert out(exact) == "[]\n"
+    literal = m.exec(vm, ["echo", "$HOME", "a  b", "*"])
+    assert out(literal) == "$HOME a  b *\n"
+
+
+def test_list_command_runs_its_own_shell(pyro: Pyro, vm_environment: str) -> None:
+    result = pyro.run_in_vm(vm_environment, ["sh", "-lc", "echo a && echo b"])
+    assert result.stdout == "a\nb\n"
+    assert result.command == ["sh", "-lc", "echo a && echo b"]
+
+
+def test_missing_program_exits_127(pyro: Pyro, vm_environment: str) -> None:
+    vm = started_vm(pyro, vm_environment)
+    as_list = pyro.manager.exec(vm, ["no-such-program-x", "arg"])
+    assert as_list.exit_code == 127
+    assert b"no-such-program-x" in as_list.stderr
+    as_string = pyro.manager.exec(vm, "no-such-program-x arg")
+    assert as_string.exit_code == 127
+    assert b"no-such-program-x" in as_string.stderr
+
+
+def test_timeout_kills_the_whole_process_group(pyro: Pyro, vm_environment: str) -> None:
+    vm = started_vm(pyro, vm_environment)
+    m = pyro.manager
+    timed = m.exec(vm, "sleep 100 & echo $! > /tmp/pid; sleep 100", timeout_seconds=2)
+    assert timed.timed_out
+    assert timed.exit_code == 128 + signal.SIGKILL
+    # The backgrounded sleep was in the command's process group: it is gone too
+    # (give PID 1 a moment to reap the orphan).
+    check = m.exec(
+        vm,
+        'pid=$(cat /tmp/pid); test -n "$pid" || exit 2; '
+        "for i in $(seq 50); do [ -e /proc/$pid ] || { echo gone; exit 0; }; sleep 0.1; done; "
+        "cat /proc/$pid/status; exit 1",
+    )
+    assert (check.exit_code, out(check)) == (0, "gone\n"), check.stderr
+    # The VM is still usable afterwards.
+    assert out(m.exec(vm, "echo alive")) == "alive\n"
+
+
+def test_output_caps_truncate_each_stream(pyro: Pyro, vm_environment: str) -> None:
+    result = pyro.run_in_vm(
+        vm_environment,
+        "head -c 5000 /dev/zero | tr '\\0' o; head -c 7000 /dev/zero | tr '\\0' e >&2",
+        stdout_cap=1024,
+        stderr_cap=2048,
+    )
+    assert result.stdout_truncated and result.stderr_truncated
+    assert result.stdout == "o" * 1024
+    assert result.stderr == "e" * 2048
+    assert result.exit_code == 0
+    under = pyro.run_in_vm(vm_environment, "head -c 1024 /dev/zero | tr '\\0' o", stdout_cap=1024)
+    assert not under.stdout_truncated
+    assert len(under.stdout) == 1024
+
+
+def test_concurrent_execs_in_one_vm(pyro: Pyro, vm_environment: str) -> None:
+    vm = started_vm(pyro, vm_environment)
+    results: dict[int, ExecOutcome] = {}
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            results[i] = pyro.manager.exec(vm, f"date +%s.%N; sleep 1; echo {i}; date +%s.%N")
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    spans = []
+    for i in range(4):
+        assert results[i].exit_code == 0
+        start, echoed, end = out(results[i]).split()
+        assert echoed == str(i)
+        spans.append((float(start), float(end)))
+    # All four were running at the same moment (guest clock, no host timing involved).
+    assert max(s for s, _ in spans) < min(e for _, e in spans)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_two_vms_at_once_and_clean_deletion(
+    pyro: Pyro, vm_environment: str, state_dir: Path
+) -> None:
+    ids = [pyro.create_vm(vm_environment).vm_id for _ in "ab"]
+    threads = [threading.Thread(target=pyro.start_vm, args=(vm,)) for vm in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {v.vm_id: v.status for v in pyro.list_vms()} == dict.fromkeys(ids, "running")
+    assert len(vmm_pids(state_dir)) == 2
+    for n, vm in enumerate(ids):
+        assert out(pyro.manager.exec(vm, f"echo {n}")) == f"{n}\n"
+    for vm in ids:
+        pyro.delete_vm(vm)
+    assert vmm_pids(state_dir) == []
+    assert state_leftovers(state_dir) == []
+    assert pyro.list_vms() == []
+    with pytest.raises(NotFoundError) as err:
+        pyro.delete_vm(ids[0])
+    assert err.value.hint
+    with pytest.raises(NotFoundError):
+        pyro.status_vm(ids[0])
+    assert state_leftovers(state_dir) == []
+
+
+def test_stop_start_keeps_the_disk(pyro: Pyro, vm_environment: str) -> None:
+    vm = started_vm(pyro, vm_environment)
+    m = pyro.manager
+    assert m.exec(vm, "echo kept > /root/marker && sync").exit_code == 0
+    assert pyro.stop_vm(vm).status == "stopped"
+    with pytest.raises(VMStateError):
+        m.exec(vm, "true")
+    assert pyro.start_vm(vm).status == "running"
+    assert out(m.exec(vm, "cat /root/marker")) == "kept\n"
+    with pytest.raises(VMStateError):
+        pyro.start_vm(vm)
+
+
+def test_ttl_reaping(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
+    """One VM is reaped by its own supervisor at its TTL; another, whose supervisor was
+    SIGKILLed, by ``reap_expired`` once its TTL has passed (and not before)."""
+    reaped_by_itself = started_vm(pyro, vm_environment, ttl_seconds=10)
+    orphan = started_vm(pyro, vm_environment, ttl_seconds=10)
+    assert len(vmm_pids(state_dir)) == 2
+    record = read_json(state_dir / "vms" / orphan / "vm.json")
+    os.kill(record["supervisor"]["pid"], signal.SIGKILL)
+    # QEMU dies with its supervisor; the VM now shows as stopped, not running.
+    wait_until(lambda: len(vmm_pids(state_dir)) == 1, 10, "the orphan's QEMU to exit")
+    assert pyro.status_vm(orphan).status == "stopped"
+    assert orphan not in pyro.reap_expired().reaped  # within its TTL: kept
+
+    expires_at = max(pyro.status_vm(v).expires_at for v in (reaped_by_itself, orphan))
+    wait_until(lambda: time.time() > expires_at + 0.5, 20, "the TTL to pass")
+    wait_until(
+        lambda: not (state_dir / "vms" / reaped_by_itself).exists(),
+        15,
+        "the supervisor to reap its expired VM",
+    )
+    assert vmm_pids(state_dir) == []
+    assert (state_dir / "vms" / orphan).exists()
+    reap = pyro.reap_expired()
+    assert reap.reaped == [orphan]
+    assert reap.reasons == {orphan: "ttl_expired"}
+    assert state_leftovers(state_dir) == []
+    with pytest.raises(NotFoundError):
+        pyro.status_vm(reaped_by_itself)
