@@ -409,9 +409,8 @@ def _strict(schema: dict[str, Any]) -> dict[str, Any]:
         for key, template in _STRICT_MOVED.items():
             if key in prop:
                 value = prop.pop(key)
-                notes.append(
-                    template.format(json.dumps(value) if isinstance(value, str) else value)
-                )
+                note = "non-empty" if (key, value) == ("minLength", 1) else None
+                notes.append(note or template.format(json.dumps(value)))
         if name not in required:
             notes.append("null for the default")
             if isinstance(prop.get("type"), str):
@@ -422,7 +421,7 @@ def _strict(schema: dict[str, Any]) -> dict[str, Any]:
                     "description": prop.pop("description", ""),
                 }
         if notes:
-            prop["description"] = f"{prop.get('description', '')} ({'; '.join(notes)}).".lstrip()
+            prop["description"] = f"{prop.get('description', '')} [{'; '.join(notes)}]".lstrip()
         props[name] = prop
     return {
         "type": "object",
