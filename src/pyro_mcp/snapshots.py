@@ -18,7 +18,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
@@ -27,7 +27,10 @@ from pyro_mcp.errors import BootError, PyroError
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 from pyro_mcp.vmm.base import LaunchSpec, SnapshotRef, VMPaths
 
-SNAPSHOT_FORMAT = 1
+if TYPE_CHECKING:
+    from pyro_mcp.guest.channel import AgentChannel
+
+SNAPSHOT_FORMAT = 2
 ARTIFACTS = ("ram", "state", "disk.qcow2")
 
 
@@ -159,6 +162,7 @@ def take_snapshot(spec: LaunchSpec, directory: Path, key: str, progress: Progres
         except PyroError as exc:
             exc.details.setdefault("console_tail", handle.console_tail())
             raise
+        _warm_up(channel)
         handle.save_snapshot(tmp)
         handle.kill()
         handle = None
@@ -191,6 +195,27 @@ def take_snapshot(spec: LaunchSpec, directory: Path, key: str, progress: Progres
             raise
         raise BootError(f"taking the warm-start snapshot failed: {exc!r}") from exc
     progress(ProgressEvent("snapshot", "snapshot saved"))
+
+
+WARM_UP_COMMANDS: tuple[tuple[str, ...], ...] = (("true",), ("sh", "-lc", "true"))
+
+
+def _warm_up(channel: AgentChannel) -> None:
+    """Run a few read-only commands before saving, so the binaries, libc and the login
+    profile that a first command needs are already in the snapshot's page cache."""
+    from pyro_mcp.guest import protocol as p
+
+    env = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root")
+    for argv in WARM_UP_COMMANDS:
+        request_id, q = channel.open()
+        try:
+            channel.send(request_id, p.Exec(argv, "/", env, 30_000, 4096, 4096))
+            while True:
+                item = q.get(timeout=60)
+                if isinstance(item, p.Exit | p.Error) or not isinstance(item, p.Output):
+                    break
+        finally:
+            channel.close_request(request_id)
 
 
 def list_snapshots() -> list[dict[str, Any]]:
