@@ -9,7 +9,14 @@ import time
 from typing import Protocol
 
 from pyro_mcp.errors import BootError, GuestProtocolError
-from pyro_mcp.guest.protocol import GUEST_TO_HOST, FrameDecoder, Hello, Message, encode
+from pyro_mcp.guest.protocol import (
+    GUEST_TO_HOST,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    Hello,
+    Message,
+    encode,
+)
 
 
 class ByteChannel(Protocol):
@@ -73,6 +80,12 @@ class AgentChannel:
             raise BootError(f"the guest agent did not start within {timeout:.0f} s") from None
         if isinstance(item, ChannelClosed):
             raise BootError(f"the guest stopped before its agent started: {item.reason}")
+        if item.protocol_version != PROTOCOL_VERSION:
+            raise GuestProtocolError(
+                f"the guest agent speaks protocol {item.protocol_version}, "
+                f"this host speaks {PROTOCOL_VERSION}",
+                hint="rebuild the initramfs: remove the initramfs folder in the cache",
+            )
         return item
 
     def open(self) -> tuple[int, queue.Queue[Delivery]]:
