@@ -63,3 +63,78 @@ class NetworkInfo(BaseModel):
     network_enabled: bool
     interfaces: list[str]
     detail: str
+
+
+# -- tasks --------------------------------------------------------------------------
+
+TaskStatus = Literal["creating", "running", "ready", "stopped"]
+SeedMode = Literal["empty", "directory", "tar_archive"]
+
+
+class WorkspaceSeed(BaseModel):
+    """What a task's /workspace started from."""
+
+    mode: SeedMode = Field(description="'empty', 'directory' or 'tar_archive'.")
+    source_path: str | None = Field(description="Absolute host path of the source, if any.")
+    destination: str = Field(description="Where the content is in the task, '/workspace'.")
+    entry_count: int = Field(description="Files, directories and links created.")
+    bytes_written: int = Field(description="File bytes written.")
+    sha256: str | None = Field(
+        description="sha256 of the archive file as given, or for a directory of its canonical "
+        "tar (pyro_mcp.workspace.archive.write_canonical_tar); null when empty."
+    )
+    exclude: list[str] = Field(default_factory=list, description="Exclude patterns applied.")
+    seed_ms: int = Field(default=0, description="Host time spent validating and extracting.")
+
+
+class TaskInfo(BaseModel):
+    """A persistent workspace: one VM (or host_compat sandbox) and its /workspace."""
+
+    task_id: str
+    environment: str
+    environment_version: str
+    status: TaskStatus = Field(
+        description="'running' (VM up), 'stopped' (VM gone; the next exec starts a new one on "
+        "the same /workspace), 'ready' (host_compat: nothing runs between commands), "
+        "'creating'."
+    )
+    execution_mode: str = Field(description="'microvm' or 'host_compat'.")
+    backend: str
+    acceleration: str = Field(description="'kvm', 'tcg', or 'none' for host_compat.")
+    vm_id: str | None = Field(description="The task's current VM (null for host_compat).")
+    vcpu_count: int
+    mem_mib: int
+    network: bool
+    ttl_seconds: int
+    created_at: float
+    expires_at: float
+    workspace_path: str = Field(description="Where the workspace is mounted: '/workspace'.")
+    workspace_seed: WorkspaceSeed
+    boot: BootKind | None = None
+    detail: str | None = None
+
+
+class TaskExecResult(BaseModel):
+    """One command's outcome in a task: ExecResult's shape with task_id, without cleanup."""
+
+    task_id: str
+    vm_id: str | None
+    environment: str
+    environment_version: str
+    command: str | list[str] = Field(description="The command as given.")
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = Field(description="stdout exceeded its cap and was cut.")
+    stderr_truncated: bool = Field(description="stderr exceeded its cap and was cut.")
+    exit_code: int = Field(description="The command's exit status (128+N if killed by signal N).")
+    timed_out: bool = Field(description="The command hit its timeout and was killed.")
+    duration_ms: int
+    execution_mode: str = Field(description="'microvm' or 'host_compat'.")
+    backend: str
+    acceleration: str = Field(description="'kvm', 'tcg', or 'none' for host_compat.")
+    boot: BootKind | None = Field(description="How the task's VM started (null for host_compat).")
+
+
+class TaskDeleteResult(BaseModel):
+    task_id: str
+    deleted: bool
