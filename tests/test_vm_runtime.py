@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,8 @@ import pytest
 from pyro_mcp.api import Pyro
 from pyro_mcp.errors import NotFoundError, VMStateError
 from pyro_mcp.manager import ExecOutcome
-from pyro_mcp.state import read_json
+from pyro_mcp.progress import no_progress
+from pyro_mcp.state import read_json, write_json_atomic
 
 pytestmark = pytest.mark.vm
 
@@ -258,3 +261,38 @@ def test_ttl_reaping(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
     assert state_leftovers(state_dir) == []
     with pytest.raises(NotFoundError):
         pyro.status_vm(reaped_by_itself)
+
+
+@pytest.mark.parametrize("ephemeral", [True, False])
+def test_supervisor_whose_creator_vanished_during_boot(
+    pyro: Pyro, vm_environment: str, state_dir: Path, ephemeral: bool
+) -> None:
+    """Nobody reads the supervisor's readiness line (its creator died mid-boot): it stops
+    the VM at once; an ephemeral VM's folder goes too, a named VM is left stopped."""
+    m = pyro.manager
+    vm = m.create(vm_environment, owner_pid=os.getpid() if ephemeral else None).vm_id
+    vm_dir = state_dir / "vms" / vm
+    launch = m._prepare_launch(read_json(vm_dir / "vm.json"), no_progress)
+    write_json_atomic(vm_dir / "launch.json", launch)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the creator is gone before the VM is ready
+    with (vm_dir / "supervisor.log").open("ab") as log:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "pyro_mcp.supervisor", str(vm_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=log,
+            start_new_session=True,
+        )
+    os.close(write_end)
+    try:
+        assert supervisor.wait(timeout=120) == 0
+    finally:
+        if supervisor.poll() is None:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+    assert vmm_pids(state_dir) == []
+    if ephemeral:
+        assert state_leftovers(state_dir) == []
+    else:
+        assert pyro.status_vm(vm).status != "running"
+        assert read_json(vm_dir / "exit.json")["reason"] == "creator_exited"

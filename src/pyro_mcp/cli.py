@@ -114,7 +114,19 @@ def cli(backend: str | None) -> None:
     """Run commands in disposable local microVMs."""
 
 
-@cli.command(context_settings={"ignore_unknown_options": False})
+class _RunCommand(click.Command):
+    """``pyro run`` exits 125 on its own usage errors too (missing command, bad option),
+    so 1..123 always come from the guest command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            exc.exit_code = EXIT_PYRO_ERROR
+            raise
+
+
+@cli.command(cls=_RunCommand, context_settings={"ignore_unknown_options": False})
 @click.argument("environment")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--vcpu-count", type=int, default=limits.DEFAULT_VCPU_COUNT, show_default=True)

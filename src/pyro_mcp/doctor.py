@@ -110,7 +110,9 @@ def _dirs() -> Check:
         probe = d
         while not probe.exists():
             probe = probe.parent
-        if not os.access(probe, os.W_OK):
+        if not probe.is_dir():
+            problems.append(f"{probe} is not a folder")
+        elif not os.access(probe, os.W_OK):
             problems.append(f"{d} is not writable")
     detail = f"cache={cache} state={state}"
     if problems:
@@ -169,7 +171,8 @@ def run_checks() -> list[Check]:
         try:
             out.append(check())
         except Exception as exc:  # a doctor must never crash
-            out.append(Check(name, "fail", f"check failed: {exc!r}"))
+            advice = "unexpected error; fix what the other checks report, then rerun pyro doctor"
+            out.append(Check(name, "fail", f"check failed: {exc!r}", advice))
     return out
 
 

@@ -37,7 +37,9 @@ _TASK_ID = re.compile(r"^task-[0-9a-f]{12}$")
 
 def check_int(name: str, value: object, low: int, high: int, unit: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+        raise InvalidInputError(
+            f"{name} must be an integer, got {value!r}", hint=f"pass a whole number for {name}"
+        )
     if not low <= value <= high:
         suffix = f" {unit}" if unit else ""
         raise InvalidInputError(
@@ -91,7 +93,10 @@ def check_command(command: object) -> str | list[str]:
         if not command.strip():
             raise InvalidInputError("command is empty", hint="pass a shell command to run")
         if "\x00" in command or len(command.encode()) > MAX_COMMAND_BYTES:
-            raise InvalidInputError("command contains NUL or is longer than 128 KiB")
+            raise InvalidInputError(
+                "command contains NUL or is longer than 128 KiB",
+                hint="drop NUL bytes; pass large inputs as files, not in the command",
+            )
         return command
     if isinstance(command, Sequence) and not isinstance(command, bytes | bytearray):
         words = list(command)
@@ -99,24 +104,44 @@ def check_command(command: object) -> str | list[str]:
             raise InvalidInputError("command is empty", hint="pass at least the program name")
         for word in words:
             if not isinstance(word, str):
-                raise InvalidInputError(f"command words must be strings, got {word!r}")
+                raise InvalidInputError(
+                    f"command words must be strings, got {word!r}",
+                    hint="convert each argv word to a string",
+                )
             if "\x00" in word:
-                raise InvalidInputError("command words must not contain NUL bytes")
+                raise InvalidInputError(
+                    "command words must not contain NUL bytes", hint="drop the NUL bytes"
+                )
         if not words[0]:
-            raise InvalidInputError("the program name (first command word) is empty")
+            raise InvalidInputError(
+                "the program name (first command word) is empty",
+                hint="put the program to run first, e.g. ['ls', '-l']",
+            )
         if sum(len(w.encode()) for w in words) > MAX_COMMAND_BYTES:
-            raise InvalidInputError("command is longer than 128 KiB")
+            raise InvalidInputError(
+                "command is longer than 128 KiB",
+                hint="pass large inputs as files, not in the command",
+            )
         return words
-    raise InvalidInputError(f"command must be a string or a list of strings, got {command!r}")
+    raise InvalidInputError(
+        f"command must be a string or a list of strings, got {command!r}",
+        hint="pass a shell string like 'ls -l' or an argv list like ['ls', '-l']",
+    )
 
 
 def check_env(env: Mapping[str, str] | None) -> dict[str, str]:
     if env is None:
         return {}
     if not isinstance(env, Mapping):
-        raise InvalidInputError("env must be a mapping of variable names to values")
+        raise InvalidInputError(
+            "env must be a mapping of variable names to values",
+            hint="pass a dict such as {'NAME': 'value'}",
+        )
     if len(env) > MAX_ENV_ENTRIES:
-        raise InvalidInputError(f"env has more than {MAX_ENV_ENTRIES} entries")
+        raise InvalidInputError(
+            f"env has more than {MAX_ENV_ENTRIES} entries",
+            hint=f"pass at most {MAX_ENV_ENTRIES} variables",
+        )
     out: dict[str, str] = {}
     for key, value in env.items():
         if not isinstance(key, str) or not _ENV_NAME.match(key):
@@ -125,7 +150,10 @@ def check_env(env: Mapping[str, str] | None) -> dict[str, str]:
                 hint="names are letters, digits and '_', not starting with a digit",
             )
         if not isinstance(value, str) or "\x00" in value:
-            raise InvalidInputError(f"environment variable {key} must be a string without NUL")
+            raise InvalidInputError(
+                f"environment variable {key} must be a string without NUL",
+                hint="convert the value to a string and drop NUL bytes",
+            )
         out[key] = value
     return out
 

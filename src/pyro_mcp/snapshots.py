@@ -221,7 +221,7 @@ def _warm_up(channel: AgentChannel) -> None:
 def list_snapshots() -> list[dict[str, Any]]:
     out = []
     root = snapshots_root()
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for d in sorted(root.iterdir()):
             if d.name.startswith(".") or not d.is_dir():
                 continue

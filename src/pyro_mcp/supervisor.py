@@ -319,8 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         serve_thread = threading.Thread(target=sup.serve, args=(sup.listen(),), daemon=True)
         serve_thread.start()
         info["supervisor"] = {"pid": os.getpid()}
-        ready_out.write(json.dumps({"ok": True, **info}) + "\n")
-        ready_out.close()
+        try:
+            ready_out.write(json.dumps({"ok": True, **info}) + "\n")
+            ready_out.close()
+        except OSError:
+            # The creator died before learning the VM is ready; an ephemeral VM is
+            # reaped now rather than at the next pyro invocation.
+            sup.request_stop("owner_exited" if sup.launch.get("owner") else "creator_exited")
         while serve_thread.is_alive():
             serve_thread.join(0.5)
     finally:
