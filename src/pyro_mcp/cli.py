@@ -114,6 +114,10 @@ def cli(backend: str | None) -> None:
     """Run commands in disposable local microVMs."""
 
 
+class _RunUsageError(click.UsageError):
+    exit_code = EXIT_PYRO_ERROR
+
+
 class _RunCommand(click.Command):
     """``pyro run`` exits 125 on its own usage errors too (missing command, bad option),
     so 1..123 always come from the guest command."""
@@ -122,8 +126,7 @@ class _RunCommand(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
-            exc.exit_code = EXIT_PYRO_ERROR
-            raise
+            raise _RunUsageError(exc.format_message(), exc.ctx) from None
 
 
 @cli.command(cls=_RunCommand, context_settings={"ignore_unknown_options": False})
