@@ -13,13 +13,25 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyro_mcp import limits
 from pyro_mcp.errors import VMStateError
 from pyro_mcp.manager import VMManager
-from pyro_mcp.models import ExecResult, NetworkInfo, ReapResult, VMInfo
+from pyro_mcp.models import (
+    ExecResult,
+    NetworkInfo,
+    ReapResult,
+    TaskDeleteResult,
+    TaskExecResult,
+    TaskInfo,
+    VMInfo,
+)
 from pyro_mcp.progress import ProgressFn, no_progress
+from pyro_mcp.tasks import TaskManager
+
+if TYPE_CHECKING:
+    from pyro_mcp.workspace.archive import SeedLimits
 
 
 class Pyro:
@@ -34,16 +46,25 @@ class Pyro:
         reap: bool = True,
         pool_size: int = 0,
         pool_environment: str = "debian:12",
+        allow_host_compat: bool = False,
     ) -> None:
         """``pool_size`` > 0 keeps that many VMs of ``pool_environment`` (default size)
-        restored and warmed up in the background, for this object's one-shot runs."""
+        restored and warmed up in the background, for this object's one-shot runs.
+
+        ``allow_host_compat=True`` (or ``backend="host_compat"``) opts in to running
+        tasks and one-shot runs on the host, confined by bubblewrap, when no VM
+        backend works; results then say ``execution_mode: "host_compat"``.
+        """
         self._manager = VMManager(
             state_root=Path(state_dir) if state_dir is not None else None, backend=backend
         )
+        self._tasks = TaskManager(self._manager, allow_host_compat=allow_host_compat)
         self._progress = progress
         if reap:
             with contextlib.suppress(Exception):
                 self._manager.reap_expired()
+            with contextlib.suppress(Exception):
+                self._tasks.reap_expired()
         if pool_size:
             from pyro_mcp.environments.catalog import get_spec
             from pyro_mcp.pool import PoolKey, WarmPool
@@ -98,6 +119,17 @@ class Pyro:
 
         ``command`` is a shell string (run by ``sh -lc``) or an exact argv list.
         """
+        if self._tasks.selects_host_compat():
+            return self._tasks.run_host_compat(
+                environment,
+                command,
+                timeout_seconds=timeout_seconds,
+                cwd=cwd,
+                env=env,
+                stdout_cap=stdout_cap,
+                stderr_cap=stderr_cap,
+                progress=self._progress,
+            )
         return self._manager.run(
             environment,
             command,
@@ -201,5 +233,81 @@ class Pyro:
             detail="guest networking is off: the guest has loopback only",
         )
 
+    # -- tasks --------------------------------------------------------------
+    @property
+    def tasks(self) -> TaskManager:
+        return self._tasks
+
+    def create_task(
+        self,
+        environment: str,
+        *,
+        source_path: str | Path | None = None,
+        vcpu_count: int = limits.DEFAULT_VCPU_COUNT,
+        mem_mib: int = limits.DEFAULT_MEM_MIB,
+        ttl_seconds: int = limits.DEFAULT_TASK_TTL_SECONDS,
+        network: bool = False,
+        exclude: Sequence[str] = (),
+        seed_limits: SeedLimits | None = None,
+    ) -> TaskInfo:
+        """Start a persistent task whose /workspace starts as a copy of ``source_path``
+        (a directory or a .tar/.tar.gz/.tar.bz2/.tar.xz archive; empty if None).
+
+        ``exclude`` drops paths matching glob patterns (e.g. ``[".git", "*.pyc"]``);
+        ``seed_limits`` changes the caps on seeded bytes and entries. The task
+        outlives this process; delete it with :meth:`delete_task` (or it goes at
+        its TTL, 24 h by default).
+        """
+        return self._tasks.create(
+            environment,
+            source_path=source_path,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            ttl_seconds=ttl_seconds,
+            network=network,
+            exclude=exclude,
+            seed_limits=seed_limits,
+            progress=self._progress,
+        )
+
+    def exec_task(
+        self,
+        task_id: str,
+        command: str | Sequence[str],
+        *,
+        timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
+        cwd: str = limits.TASK_WORKSPACE,
+        env: Mapping[str, str] | None = None,
+        stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
+    ) -> TaskExecResult:
+        """Run one command in the task (cwd /workspace by default); files persist
+        for the next. A command that times out is killed; the task stays."""
+        return self._tasks.exec(
+            task_id,
+            command,
+            timeout_seconds=timeout_seconds,
+            cwd=cwd,
+            env=env,
+            stdout_cap=stdout_cap,
+            stderr_cap=stderr_cap,
+            progress=self._progress,
+        )
+
+    def status_task(self, task_id: str) -> TaskInfo:
+        return self._tasks.status(task_id)
+
+    def list_tasks(self) -> list[TaskInfo]:
+        return self._tasks.list()
+
+    def delete_task(self, task_id: str) -> TaskDeleteResult:
+        """Stop the task's VM and remove it with its workspace."""
+        return self._tasks.delete(task_id)
+
     def reap_expired(self) -> ReapResult:
-        return self._manager.reap_expired()
+        """Remove VMs and tasks past their TTL, and leftovers of dead processes."""
+        vms = self._manager.reap_expired()
+        tasks = self._tasks.reap_expired()
+        return ReapResult(
+            reaped=sorted([*vms.reaped, *tasks.reaped]), reasons={**vms.reasons, **tasks.reasons}
+        )

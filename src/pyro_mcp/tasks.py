@@ -1,0 +1,603 @@
+"""Tasks: persistent workspaces that keep their files across commands.
+
+A task is a folder ``<state>/tasks/<task_id>/`` holding its record
+(``task.json``, atomic and versioned) and its workspace:
+
+* microVM tasks: ``workspace.img``, an ext4 image built on the host from the
+  seed (see :mod:`pyro_mcp.workspace.seed`). The task's VM is an ordinary VM
+  (``<state>/vms/<vm_id>``) whose second disk is a hard link to that image and
+  which the guest agent mounts at /workspace. The VM has no owner process, so
+  it outlives the ``pyro`` process that made it, and its TTL is the task's. If
+  the VM is gone (host reboot, crash, ``pyro vm delete``), the next exec starts
+  a new one on the same image: /workspace persists, the rest of the guest's
+  filesystem starts fresh.
+* host_compat tasks: ``workspace/``, a folder bound at /workspace in a
+  bubblewrap sandbox per command (:mod:`pyro_mcp.vmm.host_compat`).
+
+Lifecycle changes (create, VM restart, delete) hold the task's file lock;
+execs do not, so several run at once. A create that fails (bad source, unsafe
+archive, boot failure) removes the task's folder and its VM: nothing is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from pyro_mcp import limits, paths
+from pyro_mcp.errors import (
+    BackendUnavailableError,
+    InvalidInputError,
+    NotFoundError,
+    PyroError,
+    StateError,
+    VMStateError,
+)
+from pyro_mcp.manager import BASE_ENV, ExecOutcome, VMManager, build_argv
+from pyro_mcp.models import (
+    ExecResult,
+    ReapResult,
+    TaskDeleteResult,
+    TaskExecResult,
+    TaskInfo,
+    WorkspaceSeed,
+)
+from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
+from pyro_mcp.state import ProcessId, read_json, write_json_atomic
+from pyro_mcp.vmm import host_compat
+from pyro_mcp.vmm.base import VMPaths
+from pyro_mcp.workspace.archive import SeedLimits
+from pyro_mcp.workspace.seed import build_workspace_image, resolve_source, seed_tree
+
+HOST_COMPAT = host_compat.NAME
+WORKSPACE_MOUNT = {
+    "source": "/dev/vdb",
+    "target": limits.TASK_WORKSPACE,
+    "fstype": "ext4",
+    "readonly": False,
+}
+INCOMPLETE_GRACE_S = 60.0
+
+OPT_IN_HINT = (
+    "to run tasks on this host without a VM, confined by bubblewrap (weaker isolation), "
+    "opt in with `pyro --backend host_compat task create ...` "
+    "(SDK: Pyro(backend='host_compat') or Pyro(allow_host_compat=True))"
+)
+
+
+class TaskManager:
+    """Create, use and remove tasks. Shares its state root with a :class:`VMManager`."""
+
+    def __init__(self, vms: VMManager, *, allow_host_compat: bool = False) -> None:
+        self.vms = vms
+        self.tasks_dir = vms.state_root / "tasks"
+        self.allow_host_compat = allow_host_compat
+
+    # -- helpers ------------------------------------------------------------
+    def _task_dir(self, task_id: str) -> Path:
+        return self.tasks_dir / limits.check_task_id(task_id)
+
+    @contextlib.contextmanager
+    def _lock(self, task_id: str) -> Iterator[None]:
+        task_dir = self._task_dir(task_id)
+        lock_path = self.tasks_dir / f".{task_id}.lock"
+        try:
+            with FileLock(str(lock_path)):
+                yield
+        finally:
+            if not task_dir.exists():
+                with contextlib.suppress(FileNotFoundError):
+                    lock_path.unlink()
+
+    def _load(self, task_id: str) -> dict[str, Any]:
+        task_dir = self._task_dir(task_id)
+        try:
+            return read_json(task_dir / "task.json")
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"task {task_id} does not exist (it may have been deleted, or reaped after "
+                "its TTL)",
+                hint="list tasks with `pyro task list`",
+            ) from None
+
+    def _save(self, record: dict[str, Any]) -> None:
+        write_json_atomic(self.tasks_dir / record["task_id"] / "task.json", record)
+
+    def _choose_backend(self) -> str:
+        """``host_compat`` only when asked for by name, or allowed and no VM works."""
+        name = self.vms._backend_name
+        if name == HOST_COMPAT:
+            host_compat.require()
+            return HOST_COMPAT
+        try:
+            backend, _ = self.vms.resolve_backend()
+        except BackendUnavailableError as exc:
+            if self.allow_host_compat:
+                host_compat.require()
+                return HOST_COMPAT
+            raise BackendUnavailableError(
+                f"no VM backend works here ({exc.message})",
+                hint=f"{exc.hint}; or {OPT_IN_HINT}" if exc.hint else OPT_IN_HINT,
+                details=exc.details,
+            ) from None
+        return backend
+
+    # -- create -------------------------------------------------------------
+    def create(
+        self,
+        environment: str,
+        *,
+        source_path: str | os.PathLike[str] | None = None,
+        vcpu_count: int = limits.DEFAULT_VCPU_COUNT,
+        mem_mib: int = limits.DEFAULT_MEM_MIB,
+        ttl_seconds: int = limits.DEFAULT_TASK_TTL_SECONDS,
+        network: bool = False,
+        exclude: Sequence[str] = (),
+        seed_limits: SeedLimits | None = None,
+        progress: ProgressFn = no_progress,
+    ) -> TaskInfo:
+        """Make a task, seed /workspace from ``source_path`` and start it.
+
+        Everything is validated before anything is written; a failure at any
+        step removes whatever was made.
+        """
+        from pyro_mcp.environments.catalog import get_spec
+
+        spec = get_spec(environment)
+        limits.check_vcpu_count(vcpu_count)
+        limits.check_mem_mib(mem_mib)
+        limits.check_ttl(ttl_seconds)
+        if not isinstance(network, bool):
+            raise InvalidInputError("network must be true or false")
+        if network:
+            raise InvalidInputError(
+                "guest networking is not available yet in this version of pyro-mcp",
+                hint="create the task without --network (guests have loopback only)",
+            )
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        if not all(isinstance(p, str) for p in exclude):
+            raise InvalidInputError("exclude must be a list of glob patterns (strings)")
+        if source_path is not None:
+            resolve_source(source_path)
+        backend = self._choose_backend()
+
+        try:
+            paths.ensure_private_dir(self.tasks_dir)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create the task state folder {self.tasks_dir}: {exc.strerror}",
+                hint="set PYRO_STATE_DIR to a writable folder",
+            ) from exc
+        task_id = f"task-{secrets.token_hex(6)}"
+        task_dir = self.tasks_dir / task_id
+        now = time.time()
+        creator = ProcessId.of(os.getpid())
+        record: dict[str, Any] = {
+            "task_id": task_id,
+            "environment": spec.name,
+            "environment_version": spec.version,
+            "status": "creating",
+            "creator": creator.to_dict() if creator else None,
+            "backend": backend,
+            "acceleration": "none" if backend == HOST_COMPAT else None,
+            "execution_mode": HOST_COMPAT if backend == HOST_COMPAT else "microvm",
+            "vm_id": None,
+            "boot": None,
+            "vcpu_count": vcpu_count,
+            "mem_mib": mem_mib,
+            "network": network,
+            "ttl_seconds": ttl_seconds,
+            "created_at": now,
+            "expires_at": now + ttl_seconds,
+            "workspace_seed": None,
+            "hostfs": None,
+            "detail": None,
+        }
+        task_dir.mkdir(mode=0o700)
+        try:
+            with self._lock(task_id):
+                self._save(record)
+                staging = task_dir / "workspace"
+                staging.mkdir(mode=0o700)
+                progress(ProgressEvent("seed", "preparing /workspace"))
+                seed = seed_tree(staging, source_path, exclude=exclude, seed_limits=seed_limits)
+                record["workspace_seed"] = seed.to_dict()
+                if seed.mode != "empty":
+                    progress(
+                        ProgressEvent(
+                            "seed",
+                            f"seeded {seed.entry_count} entries, {seed.bytes_written} bytes "
+                            f"in {seed.seed_ms} ms",
+                        )
+                    )
+                if backend == HOST_COMPAT:
+                    env = self.vms.store.ensure(spec.name, progress=progress)
+                    record["environment_version"] = env.version
+                    record["hostfs"] = str(host_compat.ensure_rootfs_tree(env, progress))
+                    os.chmod(staging, 0o755)  # noqa: S103 - /workspace's mode; parent is 0700
+                    record["status"] = "ready"
+                else:
+                    build_workspace_image(
+                        staging, task_dir / "workspace.img", entry_count=seed.entry_count
+                    )
+                    shutil.rmtree(staging)
+                    self._start_vm(record, progress)
+                    record["status"] = "running"
+                record["creator"] = None
+                self._save(record)
+        except BaseException:
+            self._discard(record)
+            raise
+        return self._info(record)
+
+    def _discard(self, record: dict[str, Any]) -> None:
+        """Remove a task's VM and folder (failed create, delete, reap)."""
+        vm_id = record.get("vm_id")
+        if vm_id:
+            with contextlib.suppress(NotFoundError, InvalidInputError, OSError, StateError):
+                self.vms.delete(vm_id, reason="task removed")
+        shutil.rmtree(self.tasks_dir / record["task_id"], ignore_errors=True)
+
+    def _start_vm(self, record: dict[str, Any], progress: ProgressFn) -> None:
+        """Create and boot a VM for the task on its workspace image (lock held)."""
+        remaining = int(record["expires_at"] - time.time())
+        if remaining < limits.MIN_TTL_SECONDS:
+            raise VMStateError(
+                f"task {record['task_id']} expires in {max(remaining, 0)} s",
+                hint="delete it and create a new task",
+            )
+        info = self.vms.create(
+            record["environment"],
+            vcpu_count=record["vcpu_count"],
+            mem_mib=record["mem_mib"],
+            ttl_seconds=remaining,
+            network=record["network"],
+            mounts=[WORKSPACE_MOUNT],
+        )
+        record["vm_id"] = info.vm_id
+        record["acceleration"] = info.acceleration
+        self._save(record)
+        image = self.tasks_dir / record["task_id"] / "workspace.img"
+        disk = VMPaths(self.vms.vms_dir / info.vm_id).workspace
+        try:
+            os.link(image, disk)
+        except OSError:
+            os.symlink(image, disk)
+        started = self.vms.start(info.vm_id, progress=progress)
+        record["boot"] = started.boot
+        record["environment_version"] = started.environment_version
+
+    # -- exec ---------------------------------------------------------------
+    def exec(
+        self,
+        task_id: str,
+        command: str | Sequence[str],
+        *,
+        timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
+        cwd: str = limits.TASK_WORKSPACE,
+        env: Mapping[str, str] | None = None,
+        stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        progress: ProgressFn = no_progress,
+    ) -> TaskExecResult:
+        """Run one command in the task (default cwd /workspace). A timeout or a
+        cancel kills the command; the task stays."""
+        cmd = limits.check_command(command)
+        user_env = limits.check_env(env)
+        limits.check_cwd(cwd)
+        limits.check_timeout(timeout_seconds)
+        limits.check_output_cap("stdout_cap", stdout_cap)
+        limits.check_output_cap("stderr_cap", stderr_cap)
+        record = self._load(task_id)
+        if record["status"] == "creating":
+            raise VMStateError(
+                f"task {task_id} is still being created", hint="wait for task create to finish"
+            )
+        if time.time() >= float(record["expires_at"]):
+            raise VMStateError(
+                f"task {task_id} has outlived its TTL and is being removed",
+                hint="create a new task",
+            )
+        if record["backend"] == HOST_COMPAT:
+            outcome = self._exec_host_compat(
+                record, cmd, user_env, cwd, timeout_seconds, stdout_cap, stderr_cap, progress
+            )
+        else:
+            record = self._ensure_vm(task_id, record, progress)
+            outcome = self.vms.exec(
+                record["vm_id"],
+                cmd,
+                cwd=cwd,
+                env=user_env,
+                timeout_seconds=timeout_seconds,
+                stdout_cap=stdout_cap,
+                stderr_cap=stderr_cap,
+                progress=progress,
+            )
+        return TaskExecResult(
+            task_id=task_id,
+            vm_id=record.get("vm_id"),
+            environment=record["environment"],
+            environment_version=record["environment_version"],
+            command=cmd,
+            stdout=outcome.stdout.decode("utf-8", "replace"),
+            stderr=outcome.stderr.decode("utf-8", "replace"),
+            stdout_truncated=outcome.stdout_truncated,
+            stderr_truncated=outcome.stderr_truncated,
+            exit_code=outcome.exit_code,
+            timed_out=outcome.timed_out,
+            duration_ms=outcome.duration_ms,
+            execution_mode=record["execution_mode"],
+            backend=record["backend"],
+            acceleration=record["acceleration"] or "none",
+            boot=record.get("boot"),
+        )
+
+    def _vm_running(self, record: dict[str, Any]) -> bool:
+        vm_id = record.get("vm_id")
+        if not vm_id:
+            return False
+        try:
+            return self.vms.status(vm_id).status == "running"
+        except (NotFoundError, StateError):
+            return False
+
+    def _ensure_vm(
+        self, task_id: str, record: dict[str, Any], progress: ProgressFn
+    ) -> dict[str, Any]:
+        """The task's record with a running VM, starting a new one if it is gone."""
+        if self._vm_running(record):
+            return record
+        with self._lock(task_id):
+            record = self._load(task_id)
+            if self._vm_running(record):
+                return record
+            old = record.get("vm_id")
+            reason = self._vm_gone_reason(old)
+            if old:
+                with contextlib.suppress(NotFoundError, InvalidInputError, StateError):
+                    self.vms.delete(old, reason="task VM restart")
+            progress(ProgressEvent("boot", f"task {task_id}: its VM {reason}; starting a new one"))
+            record["vm_id"] = None
+            try:
+                self._start_vm(record, progress)
+            except PyroError as exc:
+                record["detail"] = f"starting a new VM failed: {exc.message}"
+                self._save(record)
+                raise
+            record["detail"] = (
+                f"VM restarted: the previous one {reason}; /workspace was kept, the rest of "
+                "the guest filesystem started fresh"
+            )
+            self._save(record)
+            return record
+
+    def _vm_gone_reason(self, vm_id: str | None) -> str:
+        if not vm_id:
+            return "was never started"
+        try:
+            info = self.vms.status(vm_id)
+        except (NotFoundError, StateError):
+            return "no longer exists"
+        return f"stopped ({info.detail or info.status})"
+
+    def _exec_host_compat(
+        self,
+        record: dict[str, Any],
+        cmd: str | list[str],
+        user_env: dict[str, str],
+        cwd: str,
+        timeout_seconds: int,
+        stdout_cap: int,
+        stderr_cap: int,
+        progress: ProgressFn,
+    ) -> ExecOutcome:
+        rootfs = Path(record["hostfs"] or "")
+        if not (rootfs / "usr").is_dir():
+            env = self.vms.store.ensure(record["environment"], progress=progress)
+            rootfs = host_compat.ensure_rootfs_tree(env, progress)
+        data = host_compat.run(
+            rootfs,
+            self.tasks_dir / record["task_id"] / "workspace",
+            build_argv(cmd, user_env),
+            cwd=cwd,
+            env={**BASE_ENV, **user_env},
+            timeout_seconds=timeout_seconds,
+            stdout_cap=stdout_cap,
+            stderr_cap=stderr_cap,
+        )
+        return ExecOutcome(**data)
+
+    # -- queries ------------------------------------------------------------
+    def _info(self, record: dict[str, Any]) -> TaskInfo:
+        status = record["status"]
+        detail = record.get("detail")
+        if status in ("running", "stopped") and record["backend"] != HOST_COMPAT:
+            if self._vm_running(record):
+                status = "running"
+            else:
+                status = "stopped"
+                detail = (
+                    f"its VM {self._vm_gone_reason(record.get('vm_id'))}; the next exec starts "
+                    "a new one on the same /workspace"
+                )
+        seed = record.get("workspace_seed") or {
+            "mode": "empty",
+            "source_path": None,
+            "destination": limits.TASK_WORKSPACE,
+            "entry_count": 0,
+            "bytes_written": 0,
+            "sha256": None,
+        }
+        return TaskInfo(
+            task_id=record["task_id"],
+            environment=record["environment"],
+            environment_version=record["environment_version"],
+            status=status,
+            execution_mode=record["execution_mode"],
+            backend=record["backend"],
+            acceleration=record.get("acceleration") or "none",
+            vm_id=record.get("vm_id"),
+            vcpu_count=record["vcpu_count"],
+            mem_mib=record["mem_mib"],
+            network=record["network"],
+            ttl_seconds=record["ttl_seconds"],
+            created_at=record["created_at"],
+            expires_at=record["expires_at"],
+            workspace_path=limits.TASK_WORKSPACE,
+            workspace_seed=WorkspaceSeed(**seed),
+            boot=record.get("boot"),
+            detail=detail,
+        )
+
+    def status(self, task_id: str) -> TaskInfo:
+        return self._info(self._load(task_id))
+
+    def _task_dirs(self) -> list[Path]:
+        try:
+            return sorted(
+                d for d in self.tasks_dir.iterdir() if d.is_dir() and d.name.startswith("task-")
+            )
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StateError(
+                f"cannot read the task state folder {self.tasks_dir}: {exc.strerror}",
+                hint="check its permissions, or set PYRO_STATE_DIR",
+            ) from exc
+
+    def list(self) -> list[TaskInfo]:
+        out = []
+        for task_dir in self._task_dirs():
+            with contextlib.suppress(FileNotFoundError, StateError, KeyError, InvalidInputError):
+                out.append(self._info(read_json(task_dir / "task.json")))
+        return out
+
+    # -- removal ------------------------------------------------------------
+    def delete(self, task_id: str) -> TaskDeleteResult:
+        """Stop the task's VM and remove it with its workspace. A second delete
+        of the same task is a NotFoundError."""
+        task_dir = self._task_dir(task_id)
+        with self._lock(task_id):
+            try:
+                record: dict[str, Any] | None = read_json(task_dir / "task.json")
+            except FileNotFoundError:
+                if not task_dir.exists():
+                    raise NotFoundError(
+                        f"task {task_id} does not exist (it may have been deleted already, "
+                        "or reaped after its TTL)",
+                        hint="list tasks with `pyro task list`",
+                    ) from None
+                record = None
+            except StateError:
+                record = None
+            self._discard(record or {"task_id": task_id})
+        return TaskDeleteResult(task_id=task_id, deleted=True)
+
+    def reap_expired(self) -> ReapResult:
+        """Remove tasks past their TTL, creates interrupted by a dead process, and
+        folders without a record."""
+        reasons: dict[str, str] = {}
+        now = time.time()
+        for task_dir in self._task_dirs():
+            task_id = task_dir.name
+            try:
+                record = read_json(task_dir / "task.json")
+            except FileNotFoundError:
+                with contextlib.suppress(OSError):
+                    if now - task_dir.stat().st_mtime > INCOMPLETE_GRACE_S:
+                        shutil.rmtree(task_dir, ignore_errors=True)
+                        reasons[task_id] = "incomplete"
+                continue
+            except StateError:
+                continue
+            reason = None
+            creator = ProcessId.from_dict(record.get("creator"))
+            if now >= float(record.get("expires_at", 0)):
+                reason = "ttl_expired"
+            elif record.get("status") == "creating" and (creator is None or not creator.alive()):
+                reason = "create_interrupted"
+            if reason is None:
+                continue
+            with contextlib.suppress(NotFoundError, InvalidInputError):
+                self.delete(task_id)
+                reasons[task_id] = reason
+        with contextlib.suppress(OSError):
+            for lock_path in self.tasks_dir.glob(".task-*.lock"):
+                if not (self.tasks_dir / lock_path.name[1:-5]).exists():
+                    lock_path.unlink(missing_ok=True)
+        return ReapResult(reaped=sorted(reasons), reasons=reasons)
+
+    # -- one-shot in host_compat ---------------------------------------------
+    def run_host_compat(
+        self,
+        environment: str,
+        command: str | Sequence[str],
+        *,
+        timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
+        cwd: str = "/root",
+        env: Mapping[str, str] | None = None,
+        stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        progress: ProgressFn = no_progress,
+    ) -> ExecResult:
+        """``run_in_vm``'s counterpart when the user opted in to host_compat: a
+        throwaway host_compat task, always deleted."""
+        from pyro_mcp.models import CleanupInfo
+
+        cmd = limits.check_command(command)
+        info = self.create(environment, ttl_seconds=limits.MIN_TTL_SECONDS * 6, progress=progress)
+        try:
+            result = self.exec(
+                info.task_id,
+                cmd,
+                timeout_seconds=timeout_seconds,
+                cwd=cwd,
+                env=env,
+                stdout_cap=stdout_cap,
+                stderr_cap=stderr_cap,
+                progress=progress,
+            )
+        finally:
+            with contextlib.suppress(NotFoundError):
+                self.delete(info.task_id)
+        return ExecResult(
+            vm_id=info.task_id,
+            environment=result.environment,
+            environment_version=result.environment_version,
+            command=result.command,
+            stdout=result.stdout,
+            stderr=result.stderr,
+            stdout_truncated=result.stdout_truncated,
+            stderr_truncated=result.stderr_truncated,
+            exit_code=result.exit_code,
+            timed_out=result.timed_out,
+            duration_ms=result.duration_ms,
+            execution_mode=result.execution_mode,
+            backend=result.backend,
+            acceleration=result.acceleration,
+            boot="cold",
+            cleanup=CleanupInfo(deleted=True, reason="run finished"),
+        )
+
+    def selects_host_compat(self) -> bool:
+        """Whether a one-shot run should go to host_compat (asked for by name, or
+        allowed and no VM backend works)."""
+        if self.vms._backend_name == HOST_COMPAT:
+            return True
+        if not self.allow_host_compat:
+            return False
+        try:
+            self.vms.resolve_backend()
+        except BackendUnavailableError:
+            return True
+        return False

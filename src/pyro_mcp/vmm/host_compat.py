@@ -1,0 +1,296 @@
+"""host_compat: run a task's commands on the host, confined by bubblewrap.
+
+For hosts where no VM backend works, and only when the user opts in
+(``--backend host_compat`` or ``Pyro(allow_host_compat=True)``): it is never
+chosen silently, and every result says ``execution_mode: "host_compat"``.
+It is weaker isolation than a microVM (one shared kernel).
+
+Each command runs in ``bwrap`` with its own user, PID, mount, IPC, UTS, cgroup
+and network namespaces (``--unshare-all``: loopback only), no capabilities,
+``no_new_privs`` (bwrap's default) and:
+
+* ``/``: the environment's own root filesystem, read-only. It is unpacked
+  once from the environment's ``rootfs.ext4`` with ``debugfs rdump`` (no
+  mount, no loop device) into ``<cache>/hostfs/<install>-<sha>/``, so commands
+  see the same Debian userland as in the VM and none of the host's files.
+* ``/workspace``: the task's workspace folder, the only writable host path.
+* ``/tmp``, ``/run``, ``/root``: fresh tmpfs per command (only /workspace
+  persists between a task's commands); ``/dev``: minimal devtmpfs-like set;
+  ``/proc``: of the sandbox's PID namespace; no ``/sys``.
+
+The sandbox dies with the command: bwrap is PID 1 of the namespace and gets
+SIGKILL if we die (``--die-with-parent``); a timeout kills bwrap's process
+group, and with it every process of the sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from pyro_mcp import paths
+from pyro_mcp.errors import BackendUnavailableError, EnvironmentBuildError, InvalidInputError
+from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
+from pyro_mcp.vmm.base import BackendProbe
+
+NAME = "host_compat"
+EXECUTION_MODE = "host_compat"
+HOSTNAME = "pyro-task"
+_READY = ".pyro-hostfs-ready"
+
+
+def bwrap_binary() -> str | None:
+    return shutil.which("bwrap")
+
+
+@lru_cache(maxsize=1)
+def probe() -> BackendProbe:
+    """Is bubblewrap installed and able to make its namespaces here?"""
+    binary = bwrap_binary()
+    if binary is None:
+        return BackendProbe(
+            name=NAME,
+            available=False,
+            acceleration=None,
+            reason="bubblewrap (bwrap) is not installed",
+            advice=("install it: apt-get install bubblewrap",),
+        )
+    true = shutil.which("true") or "/bin/true"
+    try:
+        proc = subprocess.run(
+            [binary, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--", true],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return BackendProbe(NAME, False, None, f"bwrap could not run: {exc}", binary=binary)
+    if proc.returncode != 0:
+        return BackendProbe(
+            name=NAME,
+            available=False,
+            acceleration=None,
+            reason=f"bwrap cannot create its namespaces here: {proc.stderr.strip()}",
+            binary=binary,
+            advice=(
+                "enable unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1)",
+            ),
+        )
+    return BackendProbe(
+        name=NAME,
+        available=True,
+        acceleration="none",
+        reason="bubblewrap can create namespaces (no VM: commands share the host kernel)",
+        binary=binary,
+    )
+
+
+def require() -> str:
+    info = probe()
+    if not info.available or info.binary is None:
+        raise BackendUnavailableError(
+            f"the host_compat backend is not usable: {info.reason}",
+            hint="; ".join(info.advice) or "run `pyro doctor`",
+        )
+    return info.binary
+
+
+# --------------------------------------------------------------------------- root filesystem
+
+
+def hostfs_root() -> Path:
+    return paths.cache_dir() / "hostfs"
+
+
+def ensure_rootfs_tree(env: Any, progress: ProgressFn = no_progress) -> Path:
+    """The environment's root filesystem unpacked into a cached folder (once per
+    image: keyed by the image's sha256). ``env`` is an InstalledEnvironment."""
+    root = paths.ensure_private_dir(hostfs_root())
+    final = root / f"{env.path.name}-{str(env.rootfs_sha256)[:16]}"
+    if (final / _READY).exists():
+        return final
+    if shutil.which("debugfs") is None:
+        raise EnvironmentBuildError(
+            "debugfs is not installed (needed to unpack the environment for host_compat)",
+            hint="install e2fsprogs: apt-get install e2fsprogs",
+        )
+    with FileLock(str(root / f".{final.name}.lock")):
+        if (final / _READY).exists():
+            return final
+        progress(ProgressEvent("host_compat", f"unpacking {env.name} for host_compat (once)"))
+        tmp = root / f".tmp-{final.name}-{secrets.token_hex(4)}"
+        tmp.mkdir(mode=0o700)
+        try:
+            proc = subprocess.run(
+                ["debugfs", "-R", f"rdump / {tmp}", str(env.rootfs)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            tree = tmp / "."
+            if proc.returncode != 0 or not (tree / "usr").is_dir():
+                raise EnvironmentBuildError(
+                    f"unpacking {env.rootfs} failed: {proc.stderr.strip()[-2000:]}",
+                    hint="check the environment with `pyro env inspect --verify`",
+                )
+            for mount_point in ("workspace", "tmp", "run", "root", "dev", "proc"):
+                (tmp / mount_point).mkdir(mode=0o755, exist_ok=True)
+            os.chmod(tmp, 0o755)  # noqa: S103 - the sandbox's /, read-only; parent is 0700
+            (tmp / _READY).write_text(f"{env.name} {env.version} {env.rootfs_sha256}\n")
+            if final.exists():
+                shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def prune_rootfs_trees(keep: Sequence[Path] = ()) -> list[str]:
+    """Remove unpacked trees other than ``keep`` and interrupted unpacks."""
+    removed = []
+    keep_names = {p.name for p in keep}
+    with contextlib.suppress(FileNotFoundError):
+        for d in hostfs_root().iterdir():
+            if d.is_dir() and d.name not in keep_names:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(str(d))
+    return removed
+
+
+# --------------------------------------------------------------------------- running
+
+
+def bwrap_argv(
+    binary: str,
+    rootfs: Path,
+    workspace: Path,
+    argv: Sequence[str],
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+) -> list[str]:
+    args = [
+        binary,
+        "--unshare-all", "--die-with-parent", "--new-session",
+        "--cap-drop", "ALL", "--uid", "0", "--gid", "0",
+        "--hostname", HOSTNAME,
+        "--ro-bind", str(rootfs), "/",
+        "--dev", "/dev", "--proc", "/proc",
+        "--tmpfs", "/tmp", "--tmpfs", "/run", "--tmpfs", "/root",
+        "--bind", str(workspace), "/workspace",
+        "--chdir", cwd,
+        "--clearenv",
+    ]  # fmt: skip
+    for key, value in env.items():
+        args += ["--setenv", key, value]
+    return [*args, "--", *argv]
+
+
+def run(
+    rootfs: Path,
+    workspace: Path,
+    argv: Sequence[str],
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    timeout_seconds: float,
+    stdout_cap: int,
+    stderr_cap: int,
+) -> dict[str, Any]:
+    """Run ``argv`` confined; returns the fields of an exec outcome.
+
+    Output beyond a cap is read and dropped (the command is never blocked on a
+    full pipe). On timeout, or if we are interrupted, the whole sandbox is killed.
+    """
+    binary = require()
+    if not workspace.is_dir():
+        raise InvalidInputError(f"the task workspace {workspace} is missing")
+    full = bwrap_argv(binary, rootfs, workspace, argv, cwd=cwd, env=env)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        full,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    caps = {proc.stdout.fileno(): stdout_cap, proc.stderr.fileno(): stderr_cap}
+    truncated = dict.fromkeys(buffers, False)
+    timed_out = False
+    deadline = started + timeout_seconds
+    sel = selectors.DefaultSelector()
+    try:
+        for stream in (proc.stdout, proc.stderr):
+            sel.register(stream, selectors.EVENT_READ)
+        open_streams = 2
+        while open_streams:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                _kill_group(proc.pid)
+                break
+            for key, _ in sel.select(timeout=min(remaining, 0.5)):
+                fd = key.fd
+                data = os.read(fd, 65536)
+                if not data:
+                    sel.unregister(key.fileobj)
+                    open_streams -= 1
+                    continue
+                buf = buffers[fd]
+                room = caps[fd] - len(buf)
+                if len(data) > room:
+                    truncated[fd] = True
+                    data = data[: max(room, 0)]
+                buf.extend(data)
+        try:
+            returncode = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc.pid)
+            returncode = proc.wait()
+    except BaseException:
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
+    finally:
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    if timed_out:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+    exit_code = returncode if returncode >= 0 else 128 - returncode
+    if timed_out:
+        exit_code = 128 + signal.SIGKILL
+    out_fd, err_fd = list(buffers)
+    return {
+        "exit_code": exit_code,
+        "stdout": bytes(buffers[out_fd]),
+        "stderr": bytes(buffers[err_fd]),
+        "stdout_truncated": truncated[out_fd],
+        "stderr_truncated": truncated[err_fd],
+        "timed_out": timed_out,
+        "duration_ms": int((time.monotonic() - started) * 1000),
+    }
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
