@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -108,7 +109,8 @@ def json_option(fn: F) -> F:
     "--backend",
     envvar="PYRO_BACKEND",
     default=None,
-    help="VM backend: auto (default) or qemu. Also PYRO_BACKEND.",
+    help="VM backend: auto (default) or qemu; or host_compat, an explicit opt-in to run "
+    "tasks and `pyro run` on the host confined by bubblewrap (no VM). Also PYRO_BACKEND.",
 )
 def cli(backend: str | None) -> None:
     """Run commands in disposable local microVMs."""
@@ -352,6 +354,207 @@ def vm_reap(as_json: bool) -> None:
     else:
         for vm_id in data.reaped:
             click.echo(f"reaped {vm_id} ({data.reasons.get(vm_id)})")
+
+
+# -- tasks -------------------------------------------------------------------
+@cli.group()
+def task() -> None:
+    """Persistent tasks: a VM with a /workspace that keeps its files across commands.
+
+    ID=$(pyro task create debian:12 --source-path ./my-project)
+    pyro task exec "$ID" -- sh -lc 'make test'
+    pyro task delete "$ID"
+    """
+
+
+def _print_task(info: Any) -> None:
+    seed = info.workspace_seed
+    source = f" from {seed.source_path}" if seed.source_path else ""
+    click.echo(f"task_id:      {info.task_id}")
+    click.echo(f"environment:  {info.environment} {info.environment_version}")
+    click.echo(f"status:       {info.status}" + (f" ({info.detail})" if info.detail else ""))
+    click.echo(f"execution:    {info.execution_mode} ({info.backend}, {info.acceleration})")
+    if info.vm_id:
+        click.echo(f"vm_id:        {info.vm_id} ({info.boot or '-'})")
+    click.echo(
+        f"workspace:    {info.workspace_path}: {seed.mode}{source}, {seed.entry_count} entries, "
+        f"{seed.bytes_written} bytes"
+    )
+    if seed.sha256:
+        click.echo(f"seed sha256:  {seed.sha256}")
+    remaining = max(0, int(info.expires_at - time.time()))
+    click.echo(f"expires in:   {remaining} s")
+
+
+@task.command("create")
+@click.argument("environment")
+@click.option(
+    "--source-path",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Directory or .tar/.tar.gz/.tar.bz2/.tar.xz to copy into /workspace.",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Leave out matching paths (glob on path or name, e.g. .git, '*.pyc'). Repeatable.",
+)
+@click.option("--vcpu-count", type=int, default=limits.DEFAULT_VCPU_COUNT, show_default=True)
+@click.option("--mem-mib", type=int, default=limits.DEFAULT_MEM_MIB, show_default=True)
+@click.option("--ttl-seconds", type=int, default=limits.DEFAULT_TASK_TTL_SECONDS, show_default=True)
+@click.option("--network", is_flag=True, help="Give the guest a network (not available yet).")
+@json_option
+def task_create(
+    environment: str,
+    source_path: str | None,
+    exclude: tuple[str, ...],
+    vcpu_count: int,
+    mem_mib: int,
+    ttl_seconds: int,
+    network: bool,
+    as_json: bool,
+) -> None:
+    """Start a task in ENVIRONMENT; print its id (details on stderr)."""
+    progress = StderrProgress()
+    try:
+        info = _pyro(progress).create_task(
+            environment,
+            source_path=source_path,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            ttl_seconds=ttl_seconds,
+            network=network,
+            exclude=list(exclude),
+        )
+    except PyroError as exc:
+        progress.close()
+        _fail(exc, as_json)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo("pyro: interrupted; nothing was kept", err=True)
+        sys.exit(130)
+    progress.close()
+    if as_json:
+        _emit(info)
+        return
+    click.echo(info.task_id)
+    seed = info.workspace_seed
+    what = f"{seed.entry_count} entries from {seed.source_path}" if seed.source_path else "empty"
+    click.echo(
+        f"pyro: task {info.task_id} {info.status} ({info.execution_mode}); /workspace: {what}",
+        err=True,
+    )
+
+
+def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
+        env[key] = value
+    return env
+
+
+@task.command("exec", cls=_RunCommand)
+@click.argument("task_id")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option(
+    "--timeout-seconds", type=int, default=limits.DEFAULT_TIMEOUT_SECONDS, show_default=True
+)
+@click.option("--cwd", default=limits.TASK_WORKSPACE, show_default=True, help="Guest directory.")
+@click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@json_option
+def task_exec(
+    task_id: str,
+    command: tuple[str, ...],
+    timeout_seconds: int,
+    cwd: str,
+    env_pairs: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Run COMMAND in task TASK_ID; exits with the command's exit code (124 on timeout,
+    125 for pyro's own errors).
+
+    Put the command after `--`; its words are passed as the exact argv:
+
+        pyro task exec ID -- sh -lc 'echo a && echo b'
+    """
+    progress = StderrProgress()
+    try:
+        env = _parse_env(env_pairs)
+        result = _pyro(progress).exec_task(
+            task_id, list(command), timeout_seconds=timeout_seconds, cwd=cwd, env=env
+        )
+    except PyroError as exc:
+        progress.close()
+        _fail(exc, as_json)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo("pyro: interrupted; the command was killed, the task is kept", err=True)
+        sys.exit(130)
+    progress.close()
+    if as_json:
+        _emit(result)
+    else:
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
+        if result.stdout_truncated or result.stderr_truncated:
+            click.echo("pyro: output was truncated at its cap", err=True)
+        if result.timed_out:
+            click.echo(f"pyro: command timed out after {timeout_seconds} s", err=True)
+    sys.exit(EXIT_TIMEOUT if result.timed_out else result.exit_code)
+
+
+@task.command("status")
+@click.argument("task_id")
+@json_option
+def task_status(task_id: str, as_json: bool) -> None:
+    """Show one task."""
+    try:
+        info = _pyro().status_task(task_id)
+    except PyroError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _emit(info)
+    else:
+        _print_task(info)
+
+
+@task.command("list")
+@json_option
+def task_list(as_json: bool) -> None:
+    """List tasks."""
+    try:
+        tasks = _pyro().list_tasks()
+    except PyroError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _emit(tasks)
+        return
+    for t in tasks:
+        seed = t.workspace_seed
+        source = seed.source_path or "(empty)"
+        click.echo(
+            f"{t.task_id}  {t.environment:<16} {t.status:<8} {t.execution_mode:<12} {source}"
+        )
+
+
+@task.command("delete")
+@click.argument("task_id")
+@json_option
+def task_delete(task_id: str, as_json: bool) -> None:
+    """Stop TASK_ID's VM and remove it with its workspace."""
+    try:
+        data = _pyro().delete_task(task_id)
+    except PyroError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _emit(data)
+    else:
+        click.echo(f"deleted {task_id}")
 
 
 # -- MCP -----------------------------------------------------------------------
