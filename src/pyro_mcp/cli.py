@@ -361,6 +361,7 @@ def vm_reap(as_json: bool) -> None:
 def task() -> None:
     """Persistent tasks: a VM with a /workspace that keeps its files across commands.
 
+    \b
     ID=$(pyro task create debian:12 --source-path ./my-project)
     pyro task exec "$ID" -- sh -lc 'make test'
     pyro task delete "$ID"
