@@ -54,6 +54,10 @@ BASE_ENV = {
     "TERM": "dumb",
 }
 DEFAULT_BOOT_TIMEOUT = 90.0
+HOST_COMPAT_OPT_IN = (
+    "or, without a VM, opt in to running on this host confined by bubblewrap (weaker "
+    "isolation): `pyro --backend host_compat ...` (SDK: Pyro(allow_host_compat=True))"
+)
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,11 @@ class VMManager:
         from pyro_mcp.vmm import BACKEND_NAMES, get_backend
 
         name = self._backend_name
+        if name == "host_compat":
+            raise InvalidInputError(
+                "the host_compat backend runs tasks and one-shot runs only, not VMs",
+                hint="use `pyro task ...` or `pyro run`, or pick a VM backend (auto, qemu)",
+            )
         if name != "auto" and name not in BACKEND_NAMES:
             raise InvalidInputError(
                 f"unknown backend {name!r}", hint=f"choose one of: auto, {', '.join(BACKEND_NAMES)}"
@@ -143,7 +152,9 @@ class VMManager:
         if not probe.available:
             raise BackendUnavailableError(
                 f"backend {chosen} is not usable here: {probe.reason}",
-                hint="; ".join(probe.advice) or "run `pyro doctor` for details",
+                hint="; ".join([*probe.advice, HOST_COMPAT_OPT_IN])
+                if probe.advice
+                else f"run `pyro doctor` for details; {HOST_COMPAT_OPT_IN}",
             )
         return chosen, probe.acceleration or "tcg"
 
@@ -444,9 +455,7 @@ class VMManager:
         if sup is not None and sup.alive():
             acknowledged = False
             with contextlib.suppress(PyroError, OSError, ValueError):
-                for event in self._control(
-                    record["vm_id"], {"op": "shutdown", "reason": reason}
-                ):
+                for event in self._control(record["vm_id"], {"op": "shutdown", "reason": reason}):
                     acknowledged = bool(event.get("ok"))
                     break
             if wait_exit or not acknowledged:

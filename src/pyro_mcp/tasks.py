@@ -66,12 +66,6 @@ WORKSPACE_MOUNT = {
 }
 INCOMPLETE_GRACE_S = 60.0
 
-OPT_IN_HINT = (
-    "to run tasks on this host without a VM, confined by bubblewrap (weaker isolation), "
-    "opt in with `pyro --backend host_compat task create ...` "
-    "(SDK: Pyro(backend='host_compat') or Pyro(allow_host_compat=True))"
-)
-
 
 class TaskManager:
     """Create, use and remove tasks. Shares its state root with a :class:`VMManager`."""
@@ -119,15 +113,11 @@ class TaskManager:
             return HOST_COMPAT
         try:
             backend, _ = self.vms.resolve_backend()
-        except BackendUnavailableError as exc:
+        except BackendUnavailableError:
             if self.allow_host_compat:
                 host_compat.require()
                 return HOST_COMPAT
-            raise BackendUnavailableError(
-                f"no VM backend works here ({exc.message})",
-                hint=f"{exc.hint}; or {OPT_IN_HINT}" if exc.hint else OPT_IN_HINT,
-                details=exc.details,
-            ) from None
+            raise  # its hint says how to opt in to host_compat
         return backend
 
     # -- create -------------------------------------------------------------
