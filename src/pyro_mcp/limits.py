@@ -5,6 +5,7 @@ Defined once here; the SDK, CLI and the tool contract all read them.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 
@@ -29,6 +30,9 @@ TASK_WORKSPACE = "/workspace"  # where a task's workspace is mounted in the gues
 SEED_MAX_TOTAL_BYTES = 2 << 30  # file bytes one workspace seed may write
 SEED_MAX_ENTRIES = 200_000  # files, directories and links in one seed
 SEED_MAX_FILE_BYTES = 2 << 30  # one file of a seed
+MAX_VMS_ENV = "PYRO_MAX_VMS"  # overrides default_max_vms()
+VM_MEMORY_BUDGET_MIB = DEFAULT_MEM_MIB + 128  # a default guest plus its VMM, for the VM cap
+MAX_VMS_CEILING = 1024
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VM_ID = re.compile(r"^vm-[0-9a-f]{12}$")
@@ -70,7 +74,7 @@ def check_output_cap(name: str, value: object) -> int:
 
 
 def check_vm_id(value: object) -> str:
-    if not isinstance(value, str) or not _VM_ID.match(value):
+    if not isinstance(value, str) or not _VM_ID.fullmatch(value):
         raise InvalidInputError(
             f"invalid VM id {value!r}",
             hint="VM ids look like 'vm-0123456789ab'; list them with `pyro vm list`",
@@ -79,7 +83,7 @@ def check_vm_id(value: object) -> str:
 
 
 def check_task_id(value: object) -> str:
-    if not isinstance(value, str) or not _TASK_ID.match(value):
+    if not isinstance(value, str) or not _TASK_ID.fullmatch(value):
         raise InvalidInputError(
             f"invalid task id {value!r}",
             hint="task ids look like 'task-0123456789ab'; list them with `pyro task list`",
@@ -87,12 +91,50 @@ def check_task_id(value: object) -> str:
     return value
 
 
+def default_max_vms() -> int:
+    """How many VMs may run at once in one state folder by default: what the host's
+    memory holds at the default guest size (at least 4, at most 256)."""
+    try:
+        mem_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    except (OSError, ValueError):
+        return 16
+    return max(4, min(256, mem_mib // VM_MEMORY_BUDGET_MIB))
+
+
+def max_vms() -> int:
+    """The cap on concurrently running VMs (``PYRO_MAX_VMS`` or :func:`default_max_vms`)."""
+    raw = os.environ.get(MAX_VMS_ENV, "").strip()
+    if not raw:
+        return default_max_vms()
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_VMS_CEILING:
+        raise InvalidInputError(
+            f"{MAX_VMS_ENV}={raw!r} is not a VM count",
+            hint=f"set {MAX_VMS_ENV} to an integer in 1..{MAX_VMS_CEILING}, or unset it",
+        )
+    return value
+
+
+def _utf8_len(value: str, what: str) -> int:
+    """Length in bytes; text that cannot travel as UTF-8 (lone surrogates) is refused."""
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            f"{what} is not valid text (it has an unpaired surrogate character)",
+            hint="pass valid UTF-8 text",
+        ) from None
+
+
 def check_command(command: object) -> str | list[str]:
     """A string (run by ``sh -lc``) or a non-empty list of argv words."""
     if isinstance(command, str):
         if not command.strip():
             raise InvalidInputError("command is empty", hint="pass a shell command to run")
-        if "\x00" in command or len(command.encode()) > MAX_COMMAND_BYTES:
+        if "\x00" in command or _utf8_len(command, "command") > MAX_COMMAND_BYTES:
             raise InvalidInputError(
                 "command contains NUL or is longer than 128 KiB",
                 hint="drop NUL bytes; pass large inputs as files, not in the command",
@@ -117,7 +159,7 @@ def check_command(command: object) -> str | list[str]:
                 "the program name (first command word) is empty",
                 hint="put the program to run first, e.g. ['ls', '-l']",
             )
-        if sum(len(w.encode()) for w in words) > MAX_COMMAND_BYTES:
+        if sum(_utf8_len(w, "a command word") for w in words) > MAX_COMMAND_BYTES:
             raise InvalidInputError(
                 "command is longer than 128 KiB",
                 hint="pass large inputs as files, not in the command",
@@ -144,7 +186,7 @@ def check_env(env: Mapping[str, str] | None) -> dict[str, str]:
         )
     out: dict[str, str] = {}
     for key, value in env.items():
-        if not isinstance(key, str) or not _ENV_NAME.match(key):
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
             raise InvalidInputError(
                 f"invalid environment variable name {key!r}",
                 hint="names are letters, digits and '_', not starting with a digit",
@@ -154,6 +196,7 @@ def check_env(env: Mapping[str, str] | None) -> dict[str, str]:
                 f"environment variable {key} must be a string without NUL",
                 hint="convert the value to a string and drop NUL bytes",
             )
+        _utf8_len(value, f"environment variable {key}")
         out[key] = value
     return out
 
@@ -163,4 +206,5 @@ def check_cwd(cwd: object) -> str:
         raise InvalidInputError(
             f"cwd must be an absolute guest path, got {cwd!r}", hint="e.g. /root or /workspace"
         )
+    _utf8_len(cwd, "cwd")
     return cwd
