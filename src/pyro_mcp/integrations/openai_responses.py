@@ -63,7 +63,10 @@ def _parse_arguments(name: str, arguments: str | Mapping[str, Any] | None) -> Ma
             hint="send the arguments as one JSON object",
         ) from None
     if not isinstance(parsed, dict):
-        raise InvalidInputError(f"the arguments for {name} must be a JSON object")
+        raise InvalidInputError(
+            f"the arguments for {name} must be a JSON object, got {type(parsed).__name__}",
+            hint="send the arguments as one JSON object",
+        )
     return parsed
 
 
@@ -79,7 +82,9 @@ class ToolBox:
     ) -> None:
         self._pyro = pyro
         self.specs = tools_for(profile)
-        self.tools = [tool_definition(t) for t in self.specs]
+        # Plain dicts in the SDK's FunctionToolParam shape (typed Any so they pass
+        # straight to ``client.responses.create(tools=...)``).
+        self.tools: list[Any] = [tool_definition(t) for t in self.specs]
         self.context = context or ToolContext()
 
     @property
