@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import builtins
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -35,6 +36,7 @@ from pyro_mcp.errors import (
     BootError,
     GuestProtocolError,
     InvalidInputError,
+    LimitError,
     NotFoundError,
     PyroError,
     StateError,
@@ -44,6 +46,7 @@ from pyro_mcp.models import BootKind, ExecResult, ReapResult, VMInfo
 from pyro_mcp.pool import WarmPool
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 from pyro_mcp.state import ProcessId, read_json, write_json_atomic
+from pyro_mcp.vmm import BackendChoice, execution_mode
 
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -131,11 +134,19 @@ class VMManager:
             ) from None
 
     def _save(self, record: dict[str, Any]) -> None:
-        write_json_atomic(self.vms_dir / record["vm_id"] / "vm.json", record)
+        try:
+            write_json_atomic(self.vms_dir / record["vm_id"] / "vm.json", record)
+        except OSError as exc:  # e.g. a full disk: the old record is still intact
+            raise _state_dir_error(self.vms_dir, exc) from exc
 
     def resolve_backend(self) -> tuple[str, str]:
         """(backend name, acceleration) after automatic selection."""
-        from pyro_mcp.vmm import BACKEND_NAMES, get_backend
+        choice = self.backend_choice()
+        return choice.name, choice.acceleration
+
+    def backend_choice(self) -> BackendChoice:
+        """The backend new VMs get, its acceleration, and why (``pyro doctor`` shows it)."""
+        from pyro_mcp.vmm import BACKEND_NAMES, choose_auto, get_backend
 
         name = self._backend_name
         if name == "host_compat":
@@ -147,7 +158,14 @@ class VMManager:
             raise InvalidInputError(
                 f"unknown backend {name!r}", hint=f"choose one of: auto, {', '.join(BACKEND_NAMES)}"
             )
-        chosen = "qemu" if name == "auto" else name
+        if name == "auto":
+            try:
+                return choose_auto()
+            except BackendUnavailableError as exc:
+                raise BackendUnavailableError(
+                    exc.message, hint=f"{exc.hint}; {HOST_COMPAT_OPT_IN}"
+                ) from None
+        chosen = name
         probe = get_backend(chosen).probe()
         if not probe.available:
             raise BackendUnavailableError(
@@ -156,7 +174,7 @@ class VMManager:
                 if probe.advice
                 else f"run `pyro doctor` for details; {HOST_COMPAT_OPT_IN}",
             )
-        return chosen, probe.acceleration or "tcg"
+        return BackendChoice(chosen, probe.acceleration or "tcg", f"requested: {probe.reason}")
 
     # -- lifecycle ----------------------------------------------------------
     def create(
@@ -213,7 +231,10 @@ class VMManager:
             "mounts": [dict(m) for m in mounts],  # done by the guest agent at INIT
         }
         vm_dir = self.vms_dir / vm_id
-        vm_dir.mkdir(mode=0o700)
+        try:
+            vm_dir.mkdir(mode=0o700)
+        except OSError as exc:
+            raise _state_dir_error(self.vms_dir, exc) from exc
         try:
             self._save(record)
         except BaseException:
@@ -231,14 +252,21 @@ class VMManager:
                     f"VM {vm_id} has outlived its TTL", hint="delete it and create a new one"
                 )
             launch = self._prepare_launch(record, progress)
-            record["status"] = "starting"
-            self._save(record)
+            with self._vm_slot(vm_id):
+                starter = ProcessId.of(os.getpid())
+                record["status"] = "starting"
+                record["starter"] = starter.to_dict() if starter else None
+                self._save(record)
             try:
-                ready = self._spawn_supervisor(record, launch, progress)
+                try:
+                    ready = self._spawn_supervisor(record, launch, progress)
+                except OSError as exc:
+                    raise _state_dir_error(self.vms_dir / vm_id, exc) from exc
             except PyroError as exc:
                 record["status"] = "failed"
                 record["detail"] = exc.message
-                self._save(record)
+                with contextlib.suppress(StateError):
+                    self._save(record)
                 raise
             record.update(
                 status="running",
@@ -250,6 +278,41 @@ class VMManager:
             self._save(record)
             return self._info(record)
 
+    @contextlib.contextmanager
+    def _vm_slot(self, vm_id: str) -> Iterator[None]:
+        """Enforce the cap on running VMs (``limits.max_vms``) across processes: the
+        count and the caller's switch to "starting" happen under one short lock."""
+        cap = limits.max_vms()
+        with FileLock(str(self.vms_dir / ".start.lock")):
+            running = self.running_count(exclude=vm_id)
+            if running >= cap:
+                raise LimitError(
+                    f"{running} VMs are already running in {self.state_root} (the limit is {cap})",
+                    hint=f"delete VMs or tasks you no longer need (`pyro vm list`), or raise "
+                    f"the limit with {limits.MAX_VMS_ENV}=<n>",
+                    details={"running": running, "limit": cap},
+                )
+            yield
+
+    def running_count(self, exclude: str | None = None) -> int:
+        """VMs of this state folder that are running or being started by a live process."""
+        count = 0
+        for vm_dir in self._vm_dirs():
+            if vm_dir.name == exclude:
+                continue
+            try:
+                record = read_json(vm_dir / "vm.json")
+            except (FileNotFoundError, StateError):
+                continue
+            if record.get("status") not in ("running", "starting"):
+                continue
+            starter = ProcessId.from_dict(record.get("starter"))
+            if self._supervisor_alive(record) or (
+                record.get("status") == "starting" and starter is not None and starter.alive()
+            ):
+                count += 1
+        return count
+
     def _prepare_launch(self, record: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
         from pyro_mcp.guest.build import ensure_initramfs
 
@@ -257,19 +320,28 @@ class VMManager:
         if env.version != record["environment_version"]:
             record["environment_version"] = env.version
         initramfs = ensure_initramfs(env.kernel.modules, progress=progress)
+        rootfs = env.rootfs
+        mounts = list(record.get("mounts") or [])
+        if record["backend"] == "gvisor":
+            from pyro_mcp.vmm.host_compat import ensure_rootfs_tree
+
+            # gVisor runs on the unpacked tree; a workspace is a bind mount of the VM's
+            # workspace/ folder (see vmm/gvisor.py), not a disk the agent mounts.
+            rootfs = ensure_rootfs_tree(env, progress)
+            mounts = []
         launch: dict[str, Any] = {
             "backend": record["backend"],
             "acceleration": record["acceleration"],
             "kernel": str(env.kernel.image),
             "initramfs": str(initramfs),
-            "rootfs": str(env.rootfs),
+            "rootfs": str(rootfs),
             "vcpu_count": record["vcpu_count"],
             "mem_mib": record["mem_mib"],
             "network": record["network"],
             "expires_at": record["expires_at"],
             "owner": record["owner"],
             "boot_timeout": DEFAULT_BOOT_TIMEOUT,
-            "mounts": list(record.get("mounts") or []),
+            "mounts": mounts,
             "restore": None,
         }
         vm_dir = self.vms_dir / record["vm_id"]
@@ -334,7 +406,10 @@ class VMManager:
             err = ready.get("error") or {}
             details = dict(err.get("details") or {})
             details.setdefault("console_tail", _tail_file(vm_dir / "console.log"))
-            raise BootError(
+            error_type = (
+                BackendUnavailableError if err.get("code") == "backend_unavailable" else BootError
+            )
+            raise error_type(
                 err.get("message", "boot failed"), hint=err.get("hint"), details=details
             )
         sup = ProcessId.of(proc.pid)
@@ -632,7 +707,7 @@ class VMManager:
             exit_code=outcome.exit_code,
             timed_out=outcome.timed_out,
             duration_ms=outcome.duration_ms,
-            execution_mode="microvm",
+            execution_mode=execution_mode(info.backend),
             backend=info.backend,
             acceleration=info.acceleration,
             boot=boot,
@@ -652,6 +727,12 @@ def _error_from(error: dict[str, Any]) -> PyroError:
 
 
 def _state_dir_error(path: Path, exc: OSError) -> StateError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StateError(
+            f"the VM state folder {path} is full: {exc.strerror or exc}",
+            hint="free space there (delete VMs and tasks you no longer need), "
+            "or set PYRO_STATE_DIR to a folder with room",
+        )
     return StateError(
         f"the VM state folder {path} is unusable: {exc.strerror or exc}",
         hint="set PYRO_STATE_DIR to a writable folder",

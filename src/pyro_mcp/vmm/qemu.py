@@ -32,6 +32,7 @@ from pyro_mcp.vmm.detect import kvm_status
 from pyro_mcp.vmm.qmp import QMPClient
 
 _PR_SET_PDEATHSIG = 1
+_DRIVE_ERRORS = "werror=report,rerror=report"
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -110,9 +111,11 @@ def build_args(
         "-chardev", f"socket,id=ch0,path={paths.channel},server=off",
         "-device", "virtio-serial-device",
         "-device", "virtserialport,chardev=ch0,name=agent",
-        "-drive", f"if=none,id=d0,file={paths.disk},format=qcow2,discard=unmap",
+        # werror/rerror=report: a full host disk is an I/O error in the guest, not a
+        # VM paused forever (QEMU's default for ENOSPC).
+        "-drive", f"if=none,id=d0,file={paths.disk},format=qcow2,discard=unmap,{_DRIVE_ERRORS}",
         "-device", "virtio-blk-device,drive=d0",
-        "-drive", f"if=none,id=d1,file={paths.workspace},format=raw,discard=unmap",
+        "-drive", f"if=none,id=d1,file={paths.workspace},format=raw,discard=unmap,{_DRIVE_ERRORS}",
         "-device", "virtio-blk-device,drive=d1",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
     ]  # fmt: skip
