@@ -32,7 +32,17 @@ def strict_problems(tool: dict[str, Any]) -> list[str]:
     return problems
 
 
-_UNSUPPORTED = {"default", "minimum", "maximum", "minLength", "maxLength", "pattern", "title"}
+_UNSUPPORTED = {
+    "default",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "title",
+}
 
 
 def _schema_problems(where: str, schema: dict[str, Any]) -> list[str]:

@@ -30,7 +30,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pyro_mcp import limits
 from pyro_mcp.environments.catalog import CATALOG, DEFAULT_ENVIRONMENT
 from pyro_mcp.errors import InvalidInputError, PyroError
-from pyro_mcp.models import ExecResult, NetworkInfo, ReapResult, VMInfo
+from pyro_mcp.models import (
+    ExecResult,
+    NetworkInfo,
+    ReapResult,
+    TaskDeleteResult,
+    TaskExecResult,
+    TaskInfo,
+    VMInfo,
+)
 
 if TYPE_CHECKING:
     from pyro_mcp.api import Pyro
@@ -168,6 +176,51 @@ class VMExecInput(_Input):
     timeout_seconds: int = _timeout_seconds()
 
 
+def _task_id() -> Any:
+    return Field(
+        description="The task's id as returned by task_create or task_list, e.g. "
+        "'task-0123456789ab'.",
+        pattern=r"^task-[0-9a-f]{12}$",
+    )
+
+
+class TaskCreateInput(_Input):
+    environment: str = _environment()
+    source_path: str | None = Field(
+        default=None,
+        description=(
+            "Host folder or .tar/.tar.gz/.tar.bz2/.tar.xz archive copied into /workspace "
+            "(relative paths are taken from the first allowed folder). Only folders the "
+            "server allows can be read (the client's roots, --allow-path, or the server's "
+            "working directory). Omit for an empty /workspace."
+        ),
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns of paths not to copy, e.g. ['.git', 'node_modules', '*.pyc'].",
+        max_length=256,
+    )
+    vcpu_count: int = _vcpu_count()
+    mem_mib: int = _mem_mib()
+    ttl_seconds: int = Field(
+        default=limits.DEFAULT_TASK_TTL_SECONDS,
+        ge=limits.MIN_TTL_SECONDS,
+        le=limits.MAX_TTL_SECONDS,
+        description="Seconds after which the task is deleted even if nobody deletes it.",
+    )
+    network: bool = _network()
+
+
+class TaskExecInput(_Input):
+    task_id: str = _task_id()
+    command: str = _command()
+    timeout_seconds: int = _timeout_seconds()
+
+
+class TaskIdInput(_Input):
+    task_id: str = _task_id()
+
+
 # -- outputs that wrap the SDK's models into one JSON object ------------------------
 
 
@@ -186,6 +239,10 @@ class EnvironmentList(BaseModel):
 
 class VMList(BaseModel):
     vms: list[VMInfo]
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]
 
 
 class DeleteResult(BaseModel):
@@ -397,14 +454,29 @@ _STRICT_MOVED = {
     "minLength": "at least {} characters",
     "maxLength": "at most {} characters",
     "pattern": "matching {}",
+    "maxItems": "at most {} items",
 }
+
+
+def _merge_nullable(prop: dict[str, Any]) -> dict[str, Any]:
+    """``anyOf: [{type: T, ...}, {type: null}]`` -> ``type: [T, null]`` (same meaning)."""
+    options = prop.get("anyOf")
+    if not isinstance(options, list) or len(options) != 2 or {"type": "null"} not in options:
+        return prop
+    (other,) = [o for o in options if o != {"type": "null"}]
+    if not isinstance(other.get("type"), str):
+        return prop
+    merged = {k: v for k, v in prop.items() if k != "anyOf"}
+    merged.update(other)
+    merged["type"] = [other["type"], "null"]
+    return merged
 
 
 def _strict(schema: dict[str, Any]) -> dict[str, Any]:
     props: dict[str, Any] = {}
     required = set(schema.get("required", []))
     for name, original in schema.get("properties", {}).items():
-        prop = dict(original)
+        prop = _merge_nullable(dict(original))
         notes = []
         for key, template in _STRICT_MOVED.items():
             if key in prop:
@@ -413,7 +485,9 @@ def _strict(schema: dict[str, Any]) -> dict[str, Any]:
                 notes.append(note or template.format(json.dumps(value)))
         if name not in required:
             notes.append("null for the default")
-            if isinstance(prop.get("type"), str):
+            if isinstance(prop.get("type"), list) and "null" in prop["type"]:
+                pass
+            elif isinstance(prop.get("type"), str):
                 prop["type"] = [prop["type"], "null"]
             else:
                 prop = {
@@ -514,6 +588,42 @@ def _run_vm_reap(pyro: Pyro, args: NoInput, ctx: ToolContext) -> ReapResult:
     return pyro.reap_expired()
 
 
+def _run_task_create(pyro: Pyro, args: TaskCreateInput, ctx: ToolContext) -> TaskInfo:
+    source = None
+    if args.source_path is not None:
+        source = resolve_source_path(args.source_path, ctx.roots())
+    ctx.check_cancelled()
+    return pyro.create_task(
+        args.environment,
+        source_path=source,
+        exclude=args.exclude,
+        vcpu_count=args.vcpu_count,
+        mem_mib=args.mem_mib,
+        ttl_seconds=args.ttl_seconds,
+        network=args.network,
+    )
+
+
+def _run_task_exec(pyro: Pyro, args: TaskExecInput, ctx: ToolContext) -> TaskExecResult:
+    del ctx
+    return pyro.exec_task(args.task_id, args.command, timeout_seconds=args.timeout_seconds)
+
+
+def _run_task_status(pyro: Pyro, args: TaskIdInput, ctx: ToolContext) -> TaskInfo:
+    del ctx
+    return pyro.status_task(args.task_id)
+
+
+def _run_task_list(pyro: Pyro, args: NoInput, ctx: ToolContext) -> TaskList:
+    del args, ctx
+    return TaskList(tasks=pyro.list_tasks())
+
+
+def _run_task_delete(pyro: Pyro, args: TaskIdInput, ctx: ToolContext) -> TaskDeleteResult:
+    del ctx
+    return pyro.delete_task(args.task_id)
+
+
 def _clip(text: str, limit: int = TEXT_OUTPUT_CHARS) -> str:
     if len(text) <= limit:
         return text
@@ -522,12 +632,18 @@ def _clip(text: str, limit: int = TEXT_OUTPUT_CHARS) -> str:
     )
 
 
-def render_exec(result: ExecResult) -> str:
+def render_exec(result: ExecResult | TaskExecResult) -> str:
     state = "timed out" if result.timed_out else f"exit code {result.exit_code}"
-    lines = [
-        f"{state} ({result.duration_ms} ms, {result.environment}, {result.boot} boot, "
-        f"{result.vm_id}{', VM deleted' if result.cleanup and result.cleanup.deleted else ''})"
-    ]
+    where = [result.environment]
+    if result.boot:
+        where.append(f"{result.boot} boot")
+    if isinstance(result, TaskExecResult):
+        where.append(result.task_id)
+    else:
+        where.append(result.vm_id)
+        if result.cleanup and result.cleanup.deleted:
+            where.append("VM deleted")
+    lines = [f"{state} ({result.duration_ms} ms, {', '.join(where)})"]
     for name, text, cut in (
         ("stdout", result.stdout, result.stdout_truncated),
         ("stderr", result.stderr, result.stderr_truncated),
@@ -545,6 +661,25 @@ def render_vm(info: VMInfo) -> str:
         f"{info.mem_mib} MiB, TTL {info.ttl_seconds} s"
     )
     return f"{line}; {info.detail}" if info.detail else line
+
+
+def render_task(info: TaskInfo) -> str:
+    seed = info.workspace_seed
+    source = f" from {seed.source_path}" if seed.source_path else ""
+    line = (
+        f"{info.task_id}: {info.environment} {info.status}, {info.workspace_path} "
+        f"({seed.mode}{source}: {seed.entry_count} entries, {seed.bytes_written} bytes), "
+        f"TTL {info.ttl_seconds} s"
+    )
+    return f"{line}; {info.detail}" if info.detail else line
+
+
+def _render_tasks(result: TaskList) -> str:
+    return "\n".join(render_task(t) for t in result.tasks) or "no tasks"
+
+
+def _render_task_delete(result: TaskDeleteResult) -> str:
+    return f"deleted {result.task_id}"
 
 
 def _render_envs(result: EnvironmentList) -> str:
@@ -620,6 +755,79 @@ TOOLS: tuple[ToolSpec, ...] = (
         profiles=_ALL,
         run=_run_list_environments,
         render=_render_envs,
+    ),
+    ToolSpec(
+        name="task_create",
+        title="Create a persistent workspace (task)",
+        description=(
+            "Create a task: a microVM with a /workspace folder that keeps its files "
+            "between task_exec calls, optionally starting as a copy of source_path (a host "
+            "folder or .tar archive; the host copy is never modified). Use it only when "
+            "several commands must share files, e.g. copy a project in, then build it, then "
+            "run its tests. For a single command use vm_run instead. Returns task_id; call "
+            "task_delete when done (otherwise it is removed after ttl_seconds)."
+        ),
+        input_model=TaskCreateInput,
+        output_model=TaskInfo,
+        # Reads source_path on the host; writes only the task's own copy.
+        hints=ToolHints(read_only=False, destructive=False, idempotent=False, open_world=False),
+        profiles=_TASKS,
+        run=_run_task_create,
+        render=render_task,
+    ),
+    ToolSpec(
+        name="task_exec",
+        title="Run a command in a task",
+        description=(
+            "Run one shell command as root in a task's /workspace (the working directory); "
+            "files, builds and installed packages persist for the next task_exec. A "
+            "non-zero exit code is a normal result: read exit_code and stderr. A command "
+            "that times out is killed; the task stays. Not for one-off commands that need "
+            "no shared files: use vm_run."
+        ),
+        input_model=TaskExecInput,
+        output_model=TaskExecResult,
+        # A command may delete or overwrite files in the task's workspace (never the host's).
+        hints=ToolHints(read_only=False, destructive=True, idempotent=False, open_world=False),
+        profiles=_TASKS,
+        run=_run_task_exec,
+        render=render_exec,
+    ),
+    ToolSpec(
+        name="task_status",
+        title="Show a task",
+        description="Show one task's state, environment, workspace origin and expiry time.",
+        input_model=TaskIdInput,
+        output_model=TaskInfo,
+        hints=_RO,
+        profiles=_TASKS,
+        run=_run_task_status,
+        render=render_task,
+    ),
+    ToolSpec(
+        name="task_list",
+        title="List tasks",
+        description="List the tasks on this machine, e.g. to find one to reuse or delete.",
+        input_model=NoInput,
+        output_model=TaskList,
+        hints=_RO,
+        profiles=_TASKS,
+        run=_run_task_list,
+        render=_render_tasks,
+    ),
+    ToolSpec(
+        name="task_delete",
+        title="Delete a task",
+        description=(
+            "Delete a task: stop its VM and remove its /workspace for good. Call it when "
+            "you are done with a task."
+        ),
+        input_model=TaskIdInput,
+        output_model=TaskDeleteResult,
+        hints=ToolHints(read_only=False, destructive=True, idempotent=True, open_world=False),
+        profiles=_TASKS,
+        run=_run_task_delete,
+        render=_render_task_delete,
     ),
     ToolSpec(
         name="vm_create",
