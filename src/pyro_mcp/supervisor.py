@@ -214,13 +214,16 @@ class Supervisor:
             stderr_cap=int(request["stderr_cap"]),
         )
         request_id, q = self.channel.open()
-        stdout = bytearray()
-        stderr = bytearray()
+        # The caps are enforced here too: a compromised agent must not grow this process.
+        streams = {p.STDOUT: bytearray(), p.STDERR: bytearray()}
+        caps = {p.STDOUT: message.stdout_cap, p.STDERR: message.stderr_cap}
+        cut = {p.STDOUT: False, p.STDERR: False}
+        stdout, stderr = streams[p.STDOUT], streams[p.STDERR]
         started = time.monotonic()
         host_deadline = (
             started + message.timeout_ms / 1000 + HOST_GRACE_S if message.timeout_ms else None
         )
-        last_beat = started
+        last_beat = last_check = started
         cancelled = False
         try:
             self.channel.send(request_id, message)
@@ -229,8 +232,10 @@ class Supervisor:
                     item = q.get(timeout=0.1)
                 except queue.Empty:
                     item = None
-                if item is None:
-                    now = time.monotonic()
+                now = time.monotonic()
+                # Checked also while frames keep coming, so a flood cannot outlast them.
+                if item is None or now - last_check >= 0.1:
+                    last_check = now
                     if not cancelled and _client_gone(conn):
                         cancelled = True
                         self.channel.send(request_id, p.Signal(signal.SIGKILL))
@@ -244,9 +249,14 @@ class Supervisor:
                         last_beat = now
                         elapsed = int((now - started) * 1000)
                         _send(conn, {"event": "heartbeat", "elapsed_ms": elapsed})
+                if item is None:
                     continue
                 if isinstance(item, p.Output):
-                    (stdout if item.stream == 1 else stderr).extend(item.data)
+                    buf = streams[item.stream]
+                    room = max(0, caps[item.stream] - len(buf))
+                    if len(item.data) > room:
+                        cut[item.stream] = True
+                    buf.extend(item.data[:room])
                 elif isinstance(item, p.Exit):
                     _send(
                         conn,
@@ -256,8 +266,8 @@ class Supervisor:
                             "exit_code": item.exit_code,
                             "signal": item.signal,
                             "timed_out": item.timed_out,
-                            "stdout_truncated": item.stdout_truncated,
-                            "stderr_truncated": item.stderr_truncated,
+                            "stdout_truncated": item.stdout_truncated or cut[p.STDOUT],
+                            "stderr_truncated": item.stderr_truncated or cut[p.STDERR],
                             "duration_ms": item.duration_ms,
                             "stdout_b64": base64.b64encode(stdout).decode(),
                             "stderr_b64": base64.b64encode(stderr).decode(),

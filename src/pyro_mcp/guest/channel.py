@@ -49,6 +49,7 @@ class AgentChannel:
 
     def _reader(self) -> None:
         reason = "the guest agent channel closed"
+        hello_seen = False
         try:
             while True:
                 data = self._io.read(65536)
@@ -56,7 +57,9 @@ class AgentChannel:
                     break
                 for request_id, message in self._decoder.feed(data):
                     if isinstance(message, Hello):
-                        self._hello.put(message)
+                        if not hello_seen:  # more HELLOs must not queue up without bound
+                            hello_seen = True
+                            self._hello.put(message)
                         continue
                     with self._lock:
                         target = self._pending.get(request_id)
