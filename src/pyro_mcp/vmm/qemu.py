@@ -47,6 +47,20 @@ def qemu_binary() -> str | None:
     return shutil.which("qemu-system-x86_64")
 
 
+def _missing_qemu() -> tuple[str, str]:
+    """(why QEMU is not found, how to fix it), naming PYRO_QEMU when that is the cause."""
+    override = os.environ.get("PYRO_QEMU")
+    if override:
+        return (
+            f"PYRO_QEMU={override} is not an executable file",
+            "point PYRO_QEMU at a qemu-system-x86_64 binary, or unset it to use the one on PATH",
+        )
+    return (
+        "qemu-system-x86_64 not found on PATH",
+        "install QEMU: apt-get install qemu-system-x86 qemu-utils",
+    )
+
+
 def qemu_img_binary() -> str | None:
     return shutil.which("qemu-img")
 
@@ -137,7 +151,10 @@ def create_overlay(base: Path, overlay: Path, base_format: str) -> None:
         check=False,
     )
     if proc.returncode != 0:
-        raise BootError(f"could not create the VM disk: {proc.stderr.strip()}")
+        raise BootError(
+            f"could not create the VM disk: {proc.stderr.strip()}",
+            hint="check that the state folder (PYRO_STATE_DIR) is writable and has free space",
+        )
 
 
 def console_tail(path: Path, max_lines: int = 40) -> str:
@@ -216,12 +233,13 @@ class QemuBackend:
         """Cheap by default (no subprocess); ``detailed`` also asks QEMU its version."""
         binary = qemu_binary()
         if binary is None:
+            reason, advice = _missing_qemu()
             return BackendProbe(
                 name=self.name,
                 available=False,
                 acceleration=None,
-                reason="qemu-system-x86_64 not found on PATH",
-                advice=("install QEMU: apt-get install qemu-system-x86 qemu-utils",),
+                reason=reason,
+                advice=(advice,),
             )
         version = None
         if detailed:
@@ -254,10 +272,8 @@ class QemuBackend:
         or restored from ``restore``. Returns once QEMU connected the agent channel."""
         binary = qemu_binary()
         if binary is None:
-            raise BackendUnavailableError(
-                "qemu-system-x86_64 not found",
-                hint="install QEMU: apt-get install qemu-system-x86 qemu-utils",
-            )
+            reason, advice = _missing_qemu()
+            raise BackendUnavailableError(reason, hint=advice)
         paths.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if len(str(paths.channel)) > 100:
             raise BootError(
