@@ -588,8 +588,9 @@ def _extract_member(
     elif member.issym():
         extractor.add_symlink(name, member.linkname, mtime)
     elif member.islnk():
-        link_rel = normalize_name(member.linkname) if not member.linkname.startswith("/") else None
-        if link_rel is not None and excluder.excludes(link_rel):
+        parts = [p for p in member.linkname.split("/") if p not in ("", ".")]
+        safe = parts and ".." not in parts and not member.linkname.startswith("/")
+        if excluder and safe and excluder.excludes("/".join(parts)):
             raise reject("hardlink_target", name, f"links to excluded {member.linkname!r}")
         extractor.add_hardlink(name, member.linkname)
     elif member.isreg():
