@@ -18,6 +18,14 @@ from pyro_mcp.errors import InvalidInputError, NotFoundError, PyroError, StateEr
 ENV = "debian:12-base"
 UNKNOWN_ID = "vm-0123456789ab"
 
+
+@pytest.fixture(autouse=True)
+def _qemu_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These are microVM tests: pin the QEMU backend whatever `auto` would choose here
+    (CLI subprocesses inherit it)."""
+    monkeypatch.setenv("PYRO_BACKEND", "qemu")
+
+
 Case = tuple[str, Callable[[Pyro], Any], type[PyroError]]
 
 CASES: list[Case] = [

@@ -25,6 +25,13 @@ EXIT_TIMEOUT = 124
 EXIT_PYRO_ERROR = 125
 
 
+@pytest.fixture(autouse=True)
+def _qemu_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These are microVM tests: pin the QEMU backend whatever `auto` would choose here
+    (CLI subprocesses inherit it)."""
+    monkeypatch.setenv("PYRO_BACKEND", "qemu")
+
+
 def pyro_argv() -> list[str]:
     """The installed ``pyro`` script next to this interpreter, else ``python -m``."""
     script = Path(sys.executable).with_name("pyro")
@@ -66,8 +73,12 @@ def vmm_pids(state_dir: Path) -> list[int]:
 
 
 def state_leftovers(state_dir: Path) -> list[str]:
+    """What is left of VMs in the state folder: their folders and their lock files
+    (the folder-wide ``.start.lock`` is not a VM's)."""
     vms = state_dir / "vms"
-    return sorted(p.name for p in vms.iterdir()) if vms.exists() else []
+    if not vms.exists():
+        return []
+    return sorted(p.name for p in vms.iterdir() if p.name.startswith(("vm-", ".vm-")))
 
 
 def assert_clean(state_dir: Path) -> None:
@@ -146,7 +157,6 @@ def test_doctor_without_qemu_on_path(state_dir: Path) -> None:
     assert text.returncode == 0, text.stderr
     assert "[FAIL] qemu" in text.stdout
     assert "apt-get install qemu-system-x86" in text.stdout
-    assert "backend: none usable" in text.stdout
     as_json = cli(state_dir, "doctor", "--json", env=env)
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
@@ -154,7 +164,6 @@ def test_doctor_without_qemu_on_path(state_dir: Path) -> None:
     assert qemu["status"] == "fail"
     assert "apt-get install" in qemu["advice"]
     assert data["ok"] is False
-    assert data["backend"]["name"] is None
 
 
 def test_vm_list_empty(state_dir: Path) -> None:

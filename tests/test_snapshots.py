@@ -21,6 +21,13 @@ from pyro_mcp.progress import ProgressEvent
 pytestmark = pytest.mark.vm
 
 
+@pytest.fixture(autouse=True)
+def _qemu_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These are microVM tests: pin the QEMU backend whatever `auto` would choose here
+    (CLI subprocesses inherit it)."""
+    monkeypatch.setenv("PYRO_BACKEND", "qemu")
+
+
 @pytest.fixture
 def private_snapshots(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A snapshot folder of this test's own, so damaging it never touches the shared

@@ -25,6 +25,13 @@ from pyro_mcp.state import read_json, write_json_atomic
 pytestmark = pytest.mark.vm
 
 
+@pytest.fixture(autouse=True)
+def _qemu_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These are microVM tests: pin the QEMU backend whatever `auto` would choose here
+    (CLI subprocesses inherit it)."""
+    monkeypatch.setenv("PYRO_BACKEND", "qemu")
+
+
 def vmm_pids(state_dir: Path) -> list[int]:
     """QEMU processes started for VMs under ``state_dir``."""
     pids = []
@@ -41,9 +48,12 @@ def vmm_pids(state_dir: Path) -> list[int]:
 
 
 def state_leftovers(state_dir: Path) -> list[str]:
-    """Everything left in the VM state folder (VM folders and lock files)."""
+    """What is left of VMs in the state folder: their folders and their lock files
+    (the folder-wide ``.start.lock`` is not a VM's)."""
     vms = state_dir / "vms"
-    return sorted(p.name for p in vms.iterdir()) if vms.exists() else []
+    if not vms.exists():
+        return []
+    return sorted(p.name for p in vms.iterdir() if p.name.startswith(("vm-", ".vm-")))
 
 
 def wait_until(predicate: object, timeout: float, what: str) -> None:
@@ -247,6 +257,11 @@ def test_ttl_reaping(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
     assert orphan not in pyro.reap_expired().reaped  # within its TTL: kept
 
     expires_at = max(pyro.status_vm(v).expires_at for v in (reaped_by_itself, orphan))
+    # A command still running when the TTL ends is cut off, with an error naming the TTL.
+    with pytest.raises(VMStateError) as cut_off:
+        pyro.manager.exec(reaped_by_itself, "sleep 60", timeout_seconds=60)
+    assert "TTL" in cut_off.value.message
+    assert cut_off.value.hint
     wait_until(lambda: time.time() > expires_at + 0.5, 20, "the TTL to pass")
     wait_until(
         lambda: not (state_dir / "vms" / reaped_by_itself).exists(),

@@ -434,7 +434,10 @@ class VMManager:
                 progress(ProgressEvent("exec", f"command running ({elapsed:.0f} s)", elapsed, None))
                 continue
             if not event.get("ok"):
-                raise _error_from(event.get("error") or {})
+                error = _error_from(event.get("error") or {})
+                if isinstance(error, GuestProtocolError):
+                    error = _ttl_error(record) or error
+                raise error
             return ExecOutcome(
                 exit_code=int(event["exit_code"]),
                 stdout=base64.b64decode(event["stdout_b64"]),
@@ -444,7 +447,9 @@ class VMManager:
                 timed_out=bool(event["timed_out"]),
                 duration_ms=int(event["duration_ms"]),
             )
-        raise GuestProtocolError(f"VM {vm_id} stopped while running the command")
+        raise _ttl_error(record) or GuestProtocolError(
+            f"VM {vm_id} stopped while running the command"
+        )
 
     def _control(self, vm_id: str, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Send one request to the VM's supervisor and yield its events."""
@@ -632,6 +637,8 @@ class VMManager:
         limits.check_env(env)
         limits.check_cwd(cwd)
         limits.check_timeout(timeout_seconds)
+        limits.check_output_cap("stdout_cap", stdout_cap)
+        limits.check_output_cap("stderr_cap", stderr_cap)
         pooled = None
         if self.pool is not None and not network:
             limits.check_ttl(ttl_seconds)
@@ -702,6 +709,17 @@ def _error_from(error: dict[str, Any]) -> PyroError:
     if code == "guest_protocol_error":
         return GuestProtocolError(message, hint=hint)
     return PyroError(message, hint=hint)
+
+
+def _ttl_error(record: dict[str, Any]) -> VMStateError | None:
+    """The error to report when a VM vanished mid-command because its TTL ran out."""
+    if time.time() < float(record["expires_at"]):
+        return None
+    return VMStateError(
+        f"VM {record['vm_id']} reached its TTL ({record['ttl_seconds']} s) while the command"
+        " ran, and was deleted",
+        hint="create the VM with a larger ttl_seconds, or run shorter commands",
+    )
 
 
 def _state_dir_error(path: Path, exc: OSError) -> StateError:
