@@ -287,16 +287,24 @@ def _vm_running(state_dir: Path) -> bool:
 
 
 @pytest.mark.vm
-def test_sigkilled_run_mid_command_is_reaped(vm_environment: str, state_dir: Path) -> None:
-    """The supervisor notices its owner died and removes QEMU and the VM folder."""
+@pytest.mark.parametrize(
+    ("sig", "returncode"),
+    [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)],
+    ids=["SIGKILL", "SIGTERM", "SIGINT"],
+)
+def test_signalled_run_mid_command_is_reaped(
+    vm_environment: str, state_dir: Path, sig: signal.Signals, returncode: int
+) -> None:
+    """Ctrl-C deletes the VM on the way out; after SIGTERM or SIGKILL the supervisor
+    notices its owner died and removes QEMU and the VM folder."""
     proc = _spawn_run(state_dir, vm_environment, ["sleep", "60"])
     try:
         _wait_for(lambda: _vm_running(state_dir), 120, "the VM to run")
         assert len(vmm_pids(state_dir)) == 1
         time.sleep(0.5)  # the command is running now
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == returncode
     _wait_for(lambda: not vmm_pids(state_dir), 15, "QEMU to exit")
     _wait_for(lambda: not state_leftovers(state_dir), 15, "the VM folder to go")
     listed = cli(state_dir, "vm", "list", "--json")
