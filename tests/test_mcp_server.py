@@ -365,3 +365,89 @@ def test_streamable_http_needs_the_token_and_checks_origin(
         if proc.stderr:
             proc.stderr.close()
     assert _vm_dirs(state_dir) == []
+
+
+@pytest.mark.vm
+def test_sigterm_cancels_running_calls_and_exits(
+    pyro: Pyro, vm_environment: str, state_dir: Path
+) -> None:
+    proc = subprocess.Popen(
+        [PYRO, "mcp", "serve"],
+        env={**os.environ, "PYRO_STATE_DIR": str(state_dir)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def send(message: dict[str, Any]) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(message).encode() + b"\n")
+        proc.stdin.flush()
+
+    try:
+        send(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "0"},
+                },
+            }
+        )
+        assert json.loads(proc.stdout.readline())["id"] == 1
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        args = {"environment": vm_environment, "command": "sleep 300"}
+        send(
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": "vm_run", "arguments": args},
+            }
+        )
+        deadline = time.monotonic() + 60
+        while not any(r.get("status") == "running" for r in _vm_records(state_dir)):
+            assert time.monotonic() < deadline, "the VM did not start"
+            time.sleep(0.05)
+        proc.terminate()
+        # stdin stays open: the server must not wait for the client to hang up.
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    assert _vm_dirs(state_dir) == []
+
+
+def test_allow_path_replaces_the_working_directory_as_root(state_dir: Path, tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "secret").write_text("x")
+
+    async def main() -> None:
+        params = serve_params(state_dir, "--allow-path", str(allowed), cwd=cwd)
+        async with mcp_session(params) as s:
+            refused = await s.call_tool("task_create", {"source_path": str(cwd / "secret")})
+            assert refused.is_error
+            err = structured(refused)["error"]
+            assert err["code"] == "invalid_input" and str(allowed) in err["message"]
+            assert "--allow-path" in err["hint"]
+            # Inside the allowed folder the root check passes (and then the path is
+            # missing: no VM is needed to see that).
+            missing = await s.call_tool("task_create", {"source_path": str(allowed / "nope")})
+            assert "does not exist" in structured(missing)["error"]["message"]
+            relative = await s.call_tool("task_create", {"source_path": "nope"})
+            assert str(allowed / "nope") in text_of(relative) or "does not exist" in text_of(
+                relative
+            )
+
+    anyio.run(main)

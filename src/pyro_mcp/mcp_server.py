@@ -30,6 +30,7 @@ import hmac
 import logging
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -41,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
@@ -238,12 +241,21 @@ class PyroMCPServer:
 
     # -- transports -----------------------------------------------------------
     async def serve_stdio(self) -> None:
+        """Serve one client on stdin/stdout until it disconnects or SIGTERM/SIGINT.
+
+        Either way in-flight calls are cancelled, which stops their guest commands
+        and deletes their ``vm_run`` VMs before the process exits.
+        """
         from mcp.server.stdio import stdio_server
 
-        async with stdio_server() as (read_stream, write_stream):
-            await self.server.run(
-                read_stream, write_stream, self.server.create_initialization_options()
-            )
+        stdin = _StdinLines()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+            async with stdio_server(stdin=stdin) as (read_stream, write_stream):  # type: ignore[arg-type]
+                await self.server.run(
+                    read_stream, write_stream, self.server.create_initialization_options()
+                )
+            tg.cancel_scope.cancel()
 
     def http_app(self, *, host: str, port: int, token: str) -> Any:
         """The streamable-HTTP ASGI app: bearer token, Host and Origin checks."""
@@ -274,6 +286,44 @@ class PyroMCPServer:
         await uvicorn.Server(config).serve()
 
 
+class _StdinLines:
+    """The client's lines on stdin, read by a daemon thread.
+
+    The SDK reads stdin in an anyio worker thread that a cancellation cannot
+    interrupt, so a SIGTERM would leave the server blocked in ``readline``; a
+    daemon thread does not keep the process alive. fd 0 is pointed at the null
+    device meanwhile (as the SDK does), so no child process reads the wire.
+    """
+
+    def __init__(self) -> None:
+        private = os.dup(0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        self._file = os.fdopen(private, "r", encoding="utf-8", errors="replace")
+        self._send, self._receive = anyio.create_memory_object_stream[str](16)
+        self._token = anyio.lowlevel.current_token()
+        threading.Thread(target=self._pump, name="pyro-mcp stdin", daemon=True).start()
+
+    def _pump(self) -> None:
+        try:
+            for line in self._file:
+                anyio.from_thread.run(self._send.send, line, token=self._token)
+        except Exception:  # the loop is gone or the stream closed: stop reading
+            return
+        with contextlib.suppress(Exception):
+            anyio.from_thread.run_sync(self._send.close, token=self._token)
+
+    def __aiter__(self) -> _StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self._receive.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+
 class BearerAuth:
     """ASGI wrapper: every HTTP request needs ``Authorization: Bearer <token>``."""
 
@@ -300,6 +350,14 @@ class BearerAuth:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.warning("%s received: cancelling running calls", signal.Signals(signum).name)
+            scope.cancel()
+            return
 
 
 async def _send_progress(
