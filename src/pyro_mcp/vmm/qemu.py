@@ -233,13 +233,13 @@ class QemuBackend:
         """Cheap by default (no subprocess); ``detailed`` also asks QEMU its version."""
         binary = qemu_binary()
         if binary is None:
-            reason, advice = _missing_qemu()
+            reason, fix = _missing_qemu()
             return BackendProbe(
                 name=self.name,
                 available=False,
                 acceleration=None,
                 reason=reason,
-                advice=(advice,),
+                advice=(fix,),
             )
         version = None
         if detailed:
