@@ -162,6 +162,7 @@ def test_fork_bomb_one_shot(qpyro: Pyro, vm_environment: str, state_dir: Path) -
     ticker.assert_responsive()
 
 
+@pytest.mark.slow
 def test_fork_bomb_in_the_foreground_is_killed_at_its_timeout(
     qpyro: Pyro, vm_environment: str, state_dir: Path
 ) -> None:
@@ -182,16 +183,17 @@ def test_fork_bomb_in_the_foreground_is_killed_at_its_timeout(
     assert_no_vmm_left(state_dir)
 
 
+@pytest.mark.slow
 def test_memory_hog_is_killed_by_the_guest_oom_killer(
     qpyro: Pyro, vm_environment: str, state_dir: Path
 ) -> None:
-    """``tail`` buffers a line that never ends: 900 MiB in a 512 MiB guest. The guest's
+    """``tail`` buffers a line that never ends: 600 MiB in a 512 MiB guest. The guest's
     OOM killer ends it (non-zero exit, not a timeout); the VM still answers."""
     m = qpyro.manager
     vm_id = started_vm(qpyro, vm_environment)
     with Ticker() as ticker:
         started = time.monotonic()
-        hog = m.exec(vm_id, "head -c 900m /dev/zero | tail", timeout_seconds=120)
+        hog = m.exec(vm_id, "head -c 600m /dev/zero | tail", timeout_seconds=120)
         elapsed = time.monotonic() - started
         after = m.exec(vm_id, "echo alive", timeout_seconds=60)
     assert hog.exit_code != 0 and not hog.timed_out, hog
@@ -421,7 +423,7 @@ def test_forged_frames_cannot_exceed_the_host_side_caps(
     qpyro: Pyro, vm_environment: str, state_dir: Path
 ) -> None:
     """A guest that speaks the protocol itself: stray frames for unknown ids, a second
-    HELLO, an INIT_OK out of place, then 4 MiB of OUTPUT for the running exec and a
+    HELLO, an INIT_OK out of place, then 1.5 MiB of OUTPUT for the running exec and a
     forged EXIT. The host keeps the cap (1 MiB) and stays small."""
     m = qpyro.manager
     vm_id = started_vm(qpyro, vm_environment)
@@ -446,7 +448,7 @@ def test_forged_frames_cannot_exceed_the_host_side_caps(
         f"echo {b64(stray)} | base64 -d > /tmp/s\n"
         f"echo {b64(chunk)} | base64 -d > /tmp/c\n"
         f"echo {b64(forged_exit)} | base64 -d > /tmp/e\n"
-        "{ cat /tmp/s; for i in $(seq 128); do cat /tmp/c; done; cat /tmp/e; } > /dev/vport0p1\n"
+        "{ cat /tmp/s; for i in $(seq 48); do cat /tmp/c; done; cat /tmp/e; } > /dev/vport0p1\n"
         "sleep 60\n"
     )
     cap = 1 << 20
