@@ -3,16 +3,19 @@
 A task is a folder ``<state>/tasks/<task_id>/`` holding its record
 (``task.json``, atomic and versioned) and its workspace:
 
-* microVM tasks: ``workspace.img``, an ext4 image built on the host from the
-  seed (see :mod:`pyro_mcp.workspace.seed`). The task's VM is an ordinary VM
-  (``<state>/vms/<vm_id>``) whose second disk is a hard link to that image and
-  which the guest agent mounts at /workspace. The VM has no owner process, so
-  it outlives the ``pyro`` process that made it, and its TTL is the task's. If
-  the VM is gone (host reboot, crash, ``pyro vm delete``), the next exec starts
-  a new one on the same image: /workspace persists, the rest of the guest's
-  filesystem starts fresh.
+* microVM tasks (qemu): ``workspace.img``, an ext4 image built on the host from
+  the seed (see :mod:`pyro_mcp.workspace.seed`), the VM's second disk (a hard
+  link in the VM's folder), which the guest agent mounts at /workspace.
+* gVisor tasks: ``workspace/``, a folder; the VM's folder gets a ``workspace``
+  symlink to it, which the sandbox bind-mounts at /workspace.
 * host_compat tasks: ``workspace/``, a folder bound at /workspace in a
   bubblewrap sandbox per command (:mod:`pyro_mcp.vmm.host_compat`).
+
+The task's VM is an ordinary VM (``<state>/vms/<vm_id>``) with no owner
+process, so it outlives the ``pyro`` process that made it; its TTL is the
+task's. If the VM is gone (host reboot, crash, ``pyro vm delete``), the next
+exec starts a new one, on the same backend, over the same workspace:
+/workspace persists, the rest of the guest's filesystem starts fresh.
 
 Lifecycle changes (create, VM restart, delete) hold the task's file lock;
 execs do not, so several run at once. A create that fails (bad source, unsafe
@@ -22,6 +25,7 @@ archive, boot failure) removes the task's folder and its VM: nothing is left.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import shutil
@@ -58,6 +62,8 @@ from pyro_mcp.workspace.archive import SeedLimits
 from pyro_mcp.workspace.seed import build_workspace_image, resolve_source, seed_tree
 
 HOST_COMPAT = host_compat.NAME
+#: Backends whose /workspace is a host folder (bind mount) rather than a disk image.
+DIRECTORY_BACKENDS = frozenset({"gvisor", HOST_COMPAT})
 WORKSPACE_MOUNT = {
     "source": "/dev/vdb",
     "target": limits.TASK_WORKSPACE,
@@ -65,6 +71,16 @@ WORKSPACE_MOUNT = {
     "readonly": False,
 }
 INCOMPLETE_GRACE_S = 60.0
+
+
+def execution_mode(backend: str) -> str:
+    """What a result's ``execution_mode`` says for ``backend`` (see pyro_mcp.vmm)."""
+    from pyro_mcp import vmm
+
+    if backend == HOST_COMPAT:
+        return host_compat.EXECUTION_MODE
+    modes = getattr(vmm, "EXECUTION_MODES", {})
+    return str(modes.get(backend, "microvm"))
 
 
 class TaskManager:
@@ -179,7 +195,7 @@ class TaskManager:
             "creator": creator.to_dict() if creator else None,
             "backend": backend,
             "acceleration": "none" if backend == HOST_COMPAT else None,
-            "execution_mode": HOST_COMPAT if backend == HOST_COMPAT else "microvm",
+            "execution_mode": execution_mode(backend),
             "vm_id": None,
             "boot": None,
             "vcpu_count": vcpu_count,
@@ -209,12 +225,16 @@ class TaskManager:
                             f"in {seed.seed_ms} ms",
                         )
                     )
+                if backend in DIRECTORY_BACKENDS:
+                    os.chmod(staging, 0o755)  # noqa: S103 - /workspace's mode; parent is 0700
                 if backend == HOST_COMPAT:
                     env = self.vms.store.ensure(spec.name, progress=progress)
                     record["environment_version"] = env.version
                     record["hostfs"] = str(host_compat.ensure_rootfs_tree(env, progress))
-                    os.chmod(staging, 0o755)  # noqa: S103 - /workspace's mode; parent is 0700
                     record["status"] = "ready"
+                elif backend in DIRECTORY_BACKENDS:
+                    self._start_vm(record, progress)
+                    record["status"] = "running"
                 else:
                     build_workspace_image(
                         staging, task_dir / "workspace.img", entry_count=seed.entry_count
@@ -239,30 +259,39 @@ class TaskManager:
 
     def _start_vm(self, record: dict[str, Any], progress: ProgressFn) -> None:
         """Create and boot a VM for the task on its workspace image (lock held)."""
-        remaining = int(record["expires_at"] - time.time())
-        if remaining < limits.MIN_TTL_SECONDS:
+        remaining = math.ceil(record["expires_at"] - time.time())
+        if remaining <= 0:
             raise VMStateError(
-                f"task {record['task_id']} expires in {max(remaining, 0)} s",
-                hint="delete it and create a new task",
+                f"task {record['task_id']} has outlived its TTL", hint="create a new task"
             )
-        info = self.vms.create(
+        # Always the task's own backend (a restart must not switch it).
+        vms = VMManager(
+            state_root=self.vms.state_root, store=self.vms.store, backend=record["backend"]
+        )
+        on_disk = record["backend"] not in DIRECTORY_BACKENDS
+        info = vms.create(
             record["environment"],
             vcpu_count=record["vcpu_count"],
             mem_mib=record["mem_mib"],
-            ttl_seconds=remaining,
+            # The task's reaper removes it at the task's TTL in any case.
+            ttl_seconds=max(remaining, limits.MIN_TTL_SECONDS),
             network=record["network"],
-            mounts=[WORKSPACE_MOUNT],
+            mounts=[WORKSPACE_MOUNT] if on_disk else [],
         )
         record["vm_id"] = info.vm_id
         record["acceleration"] = info.acceleration
         self._save(record)
-        image = self.tasks_dir / record["task_id"] / "workspace.img"
-        disk = VMPaths(self.vms.vms_dir / info.vm_id).workspace
-        try:
-            os.link(image, disk)
-        except OSError:
-            os.symlink(image, disk)
-        started = self.vms.start(info.vm_id, progress=progress)
+        task_dir = self.tasks_dir / record["task_id"]
+        vm_dir = vms.vms_dir / info.vm_id
+        if on_disk:
+            disk = VMPaths(vm_dir).workspace
+            try:
+                os.link(task_dir / "workspace.img", disk)
+            except OSError:
+                os.symlink(task_dir / "workspace.img", disk)
+        else:
+            os.symlink(task_dir / "workspace", vm_dir / "workspace")
+        started = vms.start(info.vm_id, progress=progress)
         record["boot"] = started.boot
         record["environment_version"] = started.environment_version
 
