@@ -16,6 +16,8 @@ or an error in :meth:`PyroError.to_dict` shape with a message a model can act on
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import os
@@ -370,12 +372,12 @@ class ToolSpec:
     render: Callable[[Any], str]
 
     def input_schema(self) -> dict[str, Any]:
-        """JSON Schema of the arguments (MCP ``inputSchema``)."""
-        return _clean(self.input_model.model_json_schema())
+        """JSON Schema of the arguments (MCP ``inputSchema``); a fresh copy."""
+        return copy.deepcopy(_schema_of(self.input_model, "validation"))
 
     def output_schema(self) -> dict[str, Any]:
-        """JSON Schema of a successful result (MCP ``outputSchema``)."""
-        return _clean(self.output_model.model_json_schema(mode="serialization"))
+        """JSON Schema of a successful result (MCP ``outputSchema``); a fresh copy."""
+        return copy.deepcopy(_schema_of(self.output_model, "serialization"))
 
     def strict_input_schema(self) -> dict[str, Any]:
         """The arguments' schema under OpenAI's strict rules.
@@ -425,6 +427,14 @@ class ToolSpec:
                 )
             )
         return ToolOutcome(True, result.model_dump(mode="json"), self.render(result))
+
+
+@functools.cache
+def _schema_of(
+    model: type[BaseModel], mode: Literal["validation", "serialization"]
+) -> dict[str, Any]:
+    # pydantic builds a schema in milliseconds; tools/list must not pay that each time.
+    return _clean(model.model_json_schema(mode=mode))
 
 
 def _clean(schema: dict[str, Any]) -> dict[str, Any]:

@@ -35,8 +35,8 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -86,14 +86,27 @@ class ServerConfig:
     backend: str | None = None
     state_dir: Path | None = None
     reap_on_start: bool = True
-    pyro_factory: Callable[[ProgressFn], Pyro] | None = field(default=None, repr=False)
 
-    def make_pyro(self, progress: ProgressFn) -> Pyro:
-        if self.pyro_factory is not None:
-            return self.pyro_factory(progress)
-        from pyro_mcp.api import Pyro
 
-        return Pyro(backend=self.backend, state_dir=self.state_dir, progress=progress, reap=False)
+class _ThreadProgress:
+    """The server's one ProgressFn: routes each event to the call whose worker
+    thread produced it (every call runs its VM work in one worker thread)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        fn: ProgressFn | None = getattr(self._local, "fn", None)
+        if fn is not None:
+            fn(event)
+
+    @contextlib.contextmanager
+    def bound(self, fn: ProgressFn) -> Iterator[None]:
+        self._local.fn = fn
+        try:
+            yield
+        finally:
+            self._local.fn = None
 
 
 class _ProgressState:
@@ -119,6 +132,9 @@ class PyroMCPServer:
 
     def __init__(self, config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
+        self._progress = _ThreadProgress()
+        self._pyro: Pyro | None = None
+        self._pyro_lock = threading.Lock()
         self.tools: dict[str, ToolSpec] = {t.name: t for t in tools_for(self.config.profile)}
         self.server: Server[Any] = Server(
             "pyro-mcp",
@@ -128,6 +144,26 @@ class PyroMCPServer:
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
         )
+        self._tool_list = self.mcp_tools()
+
+    @property
+    def pyro(self) -> Pyro:
+        """The SDK object every call uses, made on first use (server start).
+
+        Making it reaps what dead servers left (``vm_run`` VMs are bound to their
+        server's pid) when ``reap_on_start`` is set.
+        """
+        with self._pyro_lock:
+            if self._pyro is None:
+                from pyro_mcp.api import Pyro
+
+                self._pyro = Pyro(
+                    backend=self.config.backend,
+                    state_dir=self.config.state_dir,
+                    progress=self._progress,
+                    reap=self.config.reap_on_start,
+                )
+            return self._pyro
 
     # -- MCP handlers -------------------------------------------------------
     def mcp_tools(self) -> list[types.Tool]:
@@ -153,7 +189,7 @@ class PyroMCPServer:
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         del ctx, params
-        return types.ListToolsResult(tools=self.mcp_tools())
+        return types.ListToolsResult(tools=self._tool_list)
 
     async def _call_tool(
         self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
@@ -217,8 +253,8 @@ class PyroMCPServer:
 
         def work() -> ToolOutcome:
             try:
-                pyro = self.config.make_pyro(progress)
-                return spec.call(pyro, arguments, tool_ctx)
+                with self._progress.bound(progress):
+                    return spec.call(self.pyro, arguments, tool_ctx)
             except ToolCancelled:
                 return ToolOutcome.from_error(PyroError("the request was cancelled"))
             finally:
@@ -405,14 +441,6 @@ def _is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1", "[::1]") or host.startswith("127.")
 
 
-def reap_leftovers(config: ServerConfig) -> None:
-    """Delete VMs of dead servers (vm_run VMs are bound to their server's pid)."""
-    from pyro_mcp.api import Pyro
-
-    with contextlib.suppress(Exception):
-        Pyro(backend=config.backend, state_dir=config.state_dir, reap=False).reap_expired()
-
-
 def serve(
     config: ServerConfig,
     *,
@@ -427,9 +455,8 @@ def serve(
         stream=sys.stderr,
         format="pyro-mcp: %(levelname)s %(name)s: %(message)s",
     )
-    if config.reap_on_start:
-        reap_leftovers(config)
     server = PyroMCPServer(config)
+    server.pyro  # noqa: B018 - make it now: reaps leftovers of dead servers before serving
     if transport == "stdio":
         anyio.run(server.serve_stdio)
         return
