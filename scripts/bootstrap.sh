@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap debootstrap e2fsprogs gcc libc6-dev)
+DEB_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap debootstrap e2fsprogs gcc libc6-dev bubblewrap)
 declare -A PROVIDES=(
   [qemu-system-x86]=/usr/bin/qemu-system-x86_64 [qemu-utils]=/usr/bin/qemu-img
   [mmdebstrap]=/usr/bin/mmdebstrap [debootstrap]=/usr/sbin/debootstrap
   [e2fsprogs]=/usr/sbin/mkfs.ext4 [gcc]=/usr/bin/gcc [libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
+  [bubblewrap]=/usr/bin/bwrap
 )
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
