@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
-from mcp import ClientSession
+from mcp import Client, ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_helpers import PYRO, mcp_session, serve_params, structured, text_of
@@ -451,3 +451,27 @@ def test_allow_path_replaces_the_working_directory_as_root(state_dir: Path, tmp_
             )
 
     anyio.run(main)
+
+
+@pytest.mark.vm
+def test_modern_protocol_client(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
+    """The SDK's high-level Client negotiates the newest protocol era; same tools."""
+    seen: list[str | None] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        del progress, total
+        seen.append(message)
+
+    async def main() -> None:
+        async with Client(serve_params(state_dir)) as client:
+            names = [t.name for t in (await client.list_tools()).tools]
+            assert names == [t.name for t in tools_for("tasks")]
+            res = await client.call_tool(
+                "vm_run",
+                {"environment": vm_environment, "command": "sleep 2; echo modern"},
+                progress_callback=on_progress,
+            )
+            assert structured(res)["stdout"] == "modern\n"
+
+    anyio.run(main)
+    assert seen
