@@ -7,6 +7,7 @@ fixture that always cleans up and prints the guest console when a test fails.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -24,6 +25,40 @@ def _qemu_missing_reason() -> str | None:
     if shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 is not installed (run scripts/bootstrap.sh as root)"
     return None
+
+
+@functools.cache
+def available_backends() -> tuple[str, ...]:
+    """The VM backends this machine can run: qemu when QEMU is installed, gvisor when
+    runsc is installed and starts a sandbox here (probed once, cached on disk)."""
+    from pyro_mcp.vmm.gvisor import runsc_info
+
+    found = [] if _qemu_missing_reason() else ["qemu"]
+    info = runsc_info()
+    if info is not None and info.works:
+        found.append("gvisor")
+    return tuple(found)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends(*names): run this test only on these VM backends (default: all)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test (or fixture) that asks for ``backend`` runs once per available backend,
+    limited by ``@pytest.mark.backends("qemu", ...)``."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    wanted = list(marker.args) if marker else ["qemu", "gvisor"]
+    names = [b for b in wanted if b in available_backends()]
+    if names:
+        metafunc.parametrize("backend", names, ids=names)
+    else:
+        reason = f"none of the backends {wanted} is available on this machine"
+        metafunc.parametrize("backend", [pytest.param(None, marks=pytest.mark.skip(reason))])
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +83,11 @@ def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture
 def pyro(vm_environment: str, state_dir: Path, request: pytest.FixtureRequest) -> Iterator[Pyro]:
     """A Pyro on a private state dir; every VM it leaves is deleted afterwards,
-    and the guest consoles are printed if the test failed."""
-    client = Pyro(state_dir=state_dir)
+    and the guest consoles are printed if the test failed. On the backend the test
+    is parametrised with when it asks for ``backend``, else the default (auto or
+    PYRO_BACKEND)."""
+    backend = request.getfixturevalue("backend") if "backend" in request.fixturenames else None
+    client = Pyro(state_dir=state_dir, backend=backend)
     yield client
     failed = getattr(request.node, "rep_call", None)
     for info in client.list_vms():

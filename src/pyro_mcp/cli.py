@@ -109,8 +109,11 @@ def json_option(fn: F) -> F:
     "--backend",
     envvar="PYRO_BACKEND",
     default=None,
-    help="VM backend: auto (default) or qemu; or host_compat, an explicit opt-in to run "
-    "tasks and `pyro run` on the host confined by bubblewrap (no VM). Also PYRO_BACKEND.",
+    help="Backend: auto (default: qemu with KVM where KVM works, else gvisor when runsc "
+    "runs here, else qemu with TCG; `pyro doctor` says which and why), qemu (a microVM), "
+    "gvisor (a gVisor sandbox: near-native speed, no VM), or host_compat, an explicit "
+    "opt-in to run tasks and `pyro run` on the host confined by bubblewrap (no VM). "
+    "Also PYRO_BACKEND.",
 )
 def cli(backend: str | None) -> None:
     """Run commands in disposable local microVMs."""
@@ -208,6 +211,8 @@ def doctor(as_json: bool) -> None:
     backend = data["backend"]
     if backend.get("name"):
         click.echo(f"backend: {backend['name']} ({backend['acceleration']})")
+        if backend.get("reason"):
+            click.echo(f"       -> {backend['reason']}")
     else:
         click.echo(f"backend: none usable: {backend.get('error')}")
 

@@ -64,6 +64,22 @@ def _kvm() -> Check:
     )
 
 
+def _gvisor() -> Check:
+    from pyro_mcp.vmm.gvisor import RUNSC_ENV, probe_backend, runsc_info
+
+    probe = probe_backend(detailed=True)
+    if probe.binary is None:
+        return Check("gvisor", "warn", probe.reason, "; ".join(probe.advice) or None)
+    info = runsc_info()
+    where = f"{probe.binary} ({RUNSC_ENV})" if os.environ.get(RUNSC_ENV) else probe.binary
+    detail = f"{where}: runsc {probe.version or 'unknown version'}; {probe.reason}"
+    if info is not None and info.works and info.statx_compat:
+        detail += "; statx compat shim in use"
+    return Check(
+        "gvisor", "ok" if probe.available else "warn", detail, "; ".join(probe.advice) or None
+    )
+
+
 def _firecracker() -> Check:
     path = shutil.which("firecracker")
     if path:
@@ -155,6 +171,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     _python,
     _qemu,
     _kvm,
+    _gvisor,
     _firecracker,
     _agent_toolchain,
     _rootfs_tools,
@@ -182,10 +199,14 @@ def report() -> dict[str, Any]:
     try:
         from pyro_mcp.manager import VMManager
 
-        name, accel = VMManager().resolve_backend()
-        backend = {"name": name, "acceleration": accel}
+        choice = VMManager().backend_choice()
+        backend = {
+            "name": choice.name,
+            "acceleration": choice.acceleration,
+            "reason": choice.reason,
+        }
     except Exception as exc:
-        backend = {"name": None, "acceleration": None, "error": str(exc)}
+        backend = {"name": None, "acceleration": None, "reason": None, "error": str(exc)}
     return {
         "ok": all(c.status != "fail" for c in checks),
         "backend": backend,

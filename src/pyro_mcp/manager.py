@@ -46,6 +46,7 @@ from pyro_mcp.models import BootKind, ExecResult, ReapResult, VMInfo
 from pyro_mcp.pool import WarmPool
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 from pyro_mcp.state import ProcessId, read_json, write_json_atomic
+from pyro_mcp.vmm import BackendChoice, execution_mode
 
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -140,7 +141,12 @@ class VMManager:
 
     def resolve_backend(self) -> tuple[str, str]:
         """(backend name, acceleration) after automatic selection."""
-        from pyro_mcp.vmm import BACKEND_NAMES, get_backend
+        choice = self.backend_choice()
+        return choice.name, choice.acceleration
+
+    def backend_choice(self) -> BackendChoice:
+        """The backend new VMs get, its acceleration, and why (``pyro doctor`` shows it)."""
+        from pyro_mcp.vmm import BACKEND_NAMES, choose_auto, get_backend
 
         name = self._backend_name
         if name == "host_compat":
@@ -152,7 +158,14 @@ class VMManager:
             raise InvalidInputError(
                 f"unknown backend {name!r}", hint=f"choose one of: auto, {', '.join(BACKEND_NAMES)}"
             )
-        chosen = "qemu" if name == "auto" else name
+        if name == "auto":
+            try:
+                return choose_auto()
+            except BackendUnavailableError as exc:
+                raise BackendUnavailableError(
+                    exc.message, hint=f"{exc.hint}; {HOST_COMPAT_OPT_IN}"
+                ) from None
+        chosen = name
         probe = get_backend(chosen).probe()
         if not probe.available:
             raise BackendUnavailableError(
@@ -161,7 +174,7 @@ class VMManager:
                 if probe.advice
                 else f"run `pyro doctor` for details; {HOST_COMPAT_OPT_IN}",
             )
-        return chosen, probe.acceleration or "tcg"
+        return BackendChoice(chosen, probe.acceleration or "tcg", f"requested: {probe.reason}")
 
     # -- lifecycle ----------------------------------------------------------
     def create(
@@ -307,19 +320,28 @@ class VMManager:
         if env.version != record["environment_version"]:
             record["environment_version"] = env.version
         initramfs = ensure_initramfs(env.kernel.modules, progress=progress)
+        rootfs = env.rootfs
+        mounts = list(record.get("mounts") or [])
+        if record["backend"] == "gvisor":
+            from pyro_mcp.vmm.host_compat import ensure_rootfs_tree
+
+            # gVisor runs on the unpacked tree; a workspace is a bind mount of the VM's
+            # workspace/ folder (see vmm/gvisor.py), not a disk the agent mounts.
+            rootfs = ensure_rootfs_tree(env, progress)
+            mounts = []
         launch: dict[str, Any] = {
             "backend": record["backend"],
             "acceleration": record["acceleration"],
             "kernel": str(env.kernel.image),
             "initramfs": str(initramfs),
-            "rootfs": str(env.rootfs),
+            "rootfs": str(rootfs),
             "vcpu_count": record["vcpu_count"],
             "mem_mib": record["mem_mib"],
             "network": record["network"],
             "expires_at": record["expires_at"],
             "owner": record["owner"],
             "boot_timeout": DEFAULT_BOOT_TIMEOUT,
-            "mounts": list(record.get("mounts") or []),
+            "mounts": mounts,
             "restore": None,
         }
         vm_dir = self.vms_dir / record["vm_id"]
@@ -692,7 +714,7 @@ class VMManager:
             exit_code=outcome.exit_code,
             timed_out=outcome.timed_out,
             duration_ms=outcome.duration_ms,
-            execution_mode="microvm",
+            execution_mode=execution_mode(info.backend),
             backend=info.backend,
             acceleration=info.acceleration,
             boot=boot,

@@ -277,6 +277,12 @@ class Supervisor:
                 elif isinstance(item, p.Error):
                     raise InvalidInputError(item.message)
                 elif isinstance(item, ChannelClosed):
+                    # A backend that knows why its VMM ended (gVisor: a memory-limit kill)
+                    # says so instead of the bare "channel closed".
+                    explain = getattr(self.handle, "exit_reason", None)
+                    why = explain() if callable(explain) else None
+                    if why:
+                        raise GuestProtocolError(why[0], hint=why[1])
                     raise GuestProtocolError(item.reason)
         finally:
             self.channel.close_request(request_id)
