@@ -4,12 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap debootstrap e2fsprogs gcc libc6-dev bubblewrap)
+DEB_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap debootstrap e2fsprogs gcc libc6-dev bubblewrap runsc)
 declare -A PROVIDES=(
   [qemu-system-x86]=/usr/bin/qemu-system-x86_64 [qemu-utils]=/usr/bin/qemu-img
   [mmdebstrap]=/usr/bin/mmdebstrap [debootstrap]=/usr/sbin/debootstrap
   [e2fsprogs]=/usr/sbin/mkfs.ext4 [gcc]=/usr/bin/gcc [libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
-  [bubblewrap]=/usr/bin/bwrap
+  [bubblewrap]=/usr/bin/bwrap [runsc]=/usr/bin/runsc
 )
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
