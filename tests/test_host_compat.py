@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -162,6 +163,33 @@ def test_timeout_kills_the_whole_sandbox_and_keeps_the_task(hc: Pyro) -> None:
     assert not _host_sleepers("sleep\x00301") and not _host_sleepers("sleep\x00302")
     assert hc.exec_task(tid, "echo still here").stdout == "still here\n"
     assert hc.status_task(tid).status == "ready"
+
+
+def test_cancelled_exec_kills_the_sandbox(hc: Pyro, state_dir: Path) -> None:
+    tid = hc.create_task("debian:12-base").task_id
+    started = state_dir / "tasks" / tid / "workspace" / "started"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyro_mcp.cli", "task", "exec", tid, "--",
+         "sh", "-c", "touch started; exec sleep 303"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _host_sleepers("sleep\x00303")
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    deadline = time.monotonic() + 10
+    while _host_sleepers("sleep\x00303") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _host_sleepers("sleep\x00303")
+    assert hc.exec_task(tid, ["ls", "started"]).exit_code == 0
 
 
 def test_output_caps(hc: Pyro) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,42 @@ def test_timeout_kills_the_command_and_keeps_the_task(btasks: Pyro, vm_environme
     after = btasks.exec_task(info.task_id, "cat s; cat /proc/[0-9]*/comm | grep -c '^sleep$'")
     assert after.stdout == "started\n0\n"
     assert btasks.status_task(info.task_id).status == "running"
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_cancelled_exec_kills_the_command_and_keeps_the_task(
+    tasks: Pyro, vm_environment: str
+) -> None:
+    """Ctrl-C on `pyro task exec` kills the guest command; the task stays usable."""
+    tid = tasks.create_task(vm_environment).task_id
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyro_mcp.cli", "task", "exec", tid, "--",
+         "sh", "-c", "touch started; exec sleep 300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: tasks.exec_task(tid, ["ls", "started"]).exit_code == 0, "the command")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "task is kept" in err
+
+    def sleepers() -> str:
+        return tasks.exec_task(tid, "cat /proc/[0-9]*/comm | grep -c '^sleep$'").stdout
+
+    wait_for(lambda: sleepers() == "0\n", "the guest command to be killed", timeout=30)
+    assert tasks.status_task(tid).status == "running"
 
 
 def test_a_lost_vm_is_replaced_and_workspace_kept(btasks: Pyro, vm_environment: str) -> None:
