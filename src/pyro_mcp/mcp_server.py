@@ -211,6 +211,14 @@ class PyroMCPServer:
                 )
             except PyroError as exc:
                 outcome = ToolOutcome.from_error(exc)
+            except Exception as exc:  # never a traceback or a protocol error for a tool bug
+                log.exception("tools/call %s failed", params.name)
+                outcome = ToolOutcome.from_error(
+                    PyroError(
+                        f"{params.name} failed unexpectedly: {type(exc).__name__}: {exc}",
+                        hint="this is a pyro-mcp bug; the server log has the details",
+                    )
+                )
         return _to_mcp(outcome)
 
     async def _source_roots(self, ctx: ServerRequestContext[Any]) -> list[Path]:

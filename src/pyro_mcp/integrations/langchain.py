@@ -17,7 +17,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from langchain_core.tools import BaseTool, StructuredTool, ToolException
+
+try:
+    from langchain_core.tools import BaseTool, StructuredTool, ToolException
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        f"{__name__} needs langchain-core: pip install 'pyro-mcp[integrations]' ({exc})"
+    ) from exc
 
 from pyro_mcp.contract import Profile, ToolContext, ToolSpec, tools_for
 

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic_ai import Tool
-from pydantic_ai.exceptions import ToolFailed
+try:
+    from pydantic_ai import Tool
+    from pydantic_ai.exceptions import ToolFailed
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        f"{__name__} needs pydantic-ai-slim: pip install 'pyro-mcp[integrations]' ({exc})"
+    ) from exc
 
 from pyro_mcp.contract import Profile, ToolContext, ToolSpec, tools_for
 
