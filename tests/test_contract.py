@@ -183,3 +183,26 @@ def test_tool_reference_is_up_to_date() -> None:
     assert DOCS.read_text() == reference_markdown(), (
         "docs/tools.md is stale: run `uv run python -m pyro_mcp.contract > docs/tools.md`"
     )
+
+
+def test_cli_profiles_match_the_contract() -> None:
+    import click
+
+    from pyro_mcp.cli import mcp_serve
+    from pyro_mcp.contract import DEFAULT_PROFILE
+
+    (option,) = [p for p in mcp_serve.params if p.name == "profile"]
+    assert isinstance(option.type, click.Choice)
+    assert tuple(option.type.choices) == PROFILES
+    assert option.default == DEFAULT_PROFILE
+
+
+def test_cli_does_not_import_mcp_until_serving() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pyro_mcp.cli; print('mcp' in sys.modules, 'pyro_mcp.contract' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
