@@ -57,6 +57,8 @@ def test_profiles_list_their_tools_with_annotations_and_schemas(state_dir: Path)
             async with mcp_session(serve_params(state_dir, "--profile", profile)) as session:
                 tools = (await session.list_tools()).tools
                 assert [t.name for t in tools] == [t.name for t in tools_for(profile)]
+                assert session.instructions and "vm_run" in session.instructions
+                assert ("task_create" in session.instructions) == (profile != "vm-run")
                 for tool in tools:
                     ann = tool.annotations
                     assert ann is not None, tool.name

@@ -71,12 +71,20 @@ MIN_PROGRESS_GAP_S = 0.5  # at most two notifications a second
 CANCEL_CLEANUP_S = 60.0  # how long a cancelled call waits for its VM to be cleaned up
 ROOTS_TIMEOUT_S = 10.0
 
-INSTRUCTIONS = (
-    "pyro-mcp runs shell commands in disposable local Linux microVMs. Use vm_run for "
-    "almost everything: one command, one fresh VM, deleted afterwards. Use task_create + "
-    "task_exec only when several commands must share files (e.g. seed a project folder "
-    "with source_path, then build and test it). Guests have no network."
-)
+
+def instructions(tool_names: Sequence[str]) -> str:
+    """The server's instructions to the model, mentioning only tools it has."""
+    text = (
+        "pyro-mcp runs shell commands in disposable local Linux microVMs. Use vm_run for "
+        "almost everything: one command, one fresh VM, deleted afterwards."
+    )
+    if "task_create" in tool_names:
+        text += (
+            " Use task_create + task_exec only when several commands must share files "
+            "(e.g. seed a project folder with source_path, then build and test it), and "
+            "task_delete when done."
+        )
+    return text + " Guests have no network."
 
 
 @dataclass
@@ -140,7 +148,7 @@ class PyroMCPServer:
             "pyro-mcp",
             version=__version__,
             title="pyro-mcp: disposable microVMs",
-            instructions=INSTRUCTIONS,
+            instructions=instructions(list(self.tools)),
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
         )
