@@ -1,7 +1,8 @@
 """The core runtime on real VMs: exec semantics, timeouts, caps, concurrency, cleanup, TTLs.
 
 Every test boots ``debian:12-base`` (restored from its snapshot, ~0.5 s) through the
-``pyro`` fixture, on a private state folder that the fixture empties afterwards.
+``pyro`` fixture, on a private state folder that the fixture empties afterwards, once
+per VM backend usable here (``backend`` in conftest: qemu, and gvisor where runsc runs).
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(autouse=True)
-def _qemu_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These are microVM tests: pin the QEMU backend whatever `auto` would choose here
+def _on_backend(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """Run every test on each available backend, whatever `auto` would choose here
     (CLI subprocesses inherit it)."""
-    monkeypatch.setenv("PYRO_BACKEND", "qemu")
+    monkeypatch.setenv("PYRO_BACKEND", backend)
 
 
 def vmm_pids(state_dir: Path) -> list[int]:
-    """QEMU processes started for VMs under ``state_dir``."""
+    """One process per running VM under ``state_dir``: its QEMU, or its `runsc run`."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -42,7 +43,9 @@ def vmm_pids(state_dir: Path) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"qemu-system" in cmdline and str(state_dir).encode() in cmdline:
+        args = cmdline.split(b"\0")
+        is_vmm = b"qemu-system" in cmdline or (b"runsc" in args[0] and b"run" in args)
+        if is_vmm and str(state_dir).encode() in cmdline:
             pids.append(int(entry))
     return pids
 
@@ -230,6 +233,7 @@ def test_two_vms_at_once_and_clean_deletion(
     assert state_leftovers(state_dir) == []
 
 
+@pytest.mark.backends("qemu")  # gvisor: the root filesystem starts fresh (test_gvisor.py)
 def test_stop_start_keeps_the_disk(pyro: Pyro, vm_environment: str) -> None:
     vm = started_vm(pyro, vm_environment)
     m = pyro.manager
