@@ -138,6 +138,7 @@ def test_commands_are_confined(hc: Pyro, tmp_path: Path) -> None:
     assert run("echo w > /workspace/w && cat /workspace/w") == "w\n"
     # No capabilities, own PID namespace.
     assert run("grep CapEff /proc/self/status").split()[1] == "0000000000000000"
+    assert run("grep NoNewPrivs /proc/self/status").split()[1] == "1"
     assert run(f"test -d /proc/{os.getpid()} || echo other-pids") == "other-pids\n"
 
 
