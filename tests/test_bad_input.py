@@ -88,8 +88,15 @@ def test_unusable_state_folder_is_a_state_error(tmp_path: Path) -> None:
     with pytest.raises(StateError) as err:
         pyro.list_vms()
     assert err.value.hint and "PYRO_STATE_DIR" in err.value.hint
-    with pytest.raises(StateError):
-        pyro.create_vm(ENV)
+
+
+@pytest.mark.vm
+def test_create_in_an_unusable_state_folder(vm_environment: str, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(StateError) as err:
+        Pyro(state_dir=not_a_dir / "state").create_vm(vm_environment)
+    assert err.value.hint and "PYRO_STATE_DIR" in err.value.hint
 
 
 @pytest.mark.vm
