@@ -64,6 +64,7 @@ from pyro_mcp.errors import InvalidInputError
 
 CHUNK = 1 << 20
 MAX_HEADER_BYTES = 1 << 20
+MAX_TRAILING_BYTES = 16 << 20  # decompressed bytes allowed after a tar's end-of-archive
 _MAX_LINK_DEPTH = 40
 _GZIP_MAGIC = b"\x1f\x8b"
 _BZ2_MAGIC = b"BZh"
@@ -562,6 +563,7 @@ def extract_tar_stream(
                 if member is None:
                     break
                 _extract_member(tf, member, extractor, excluder)
+        _check_stream_end(stream)
     except (tarfile.TarError, EOFError, RecursionError) as exc:
         raise UnsafeSeedError(
             f"the archive is not a readable tar stream: {exc}",
@@ -571,6 +573,22 @@ def extract_tar_stream(
     extractor.finish()
     hashing.drain()
     return hashing.sha256.hexdigest()
+
+
+def _check_stream_end(stream: DecompressingReader) -> None:
+    """Decompress what follows the end-of-archive blocks, so the compressed stream's own
+    checks run (gzip's CRC and size, bzip2's block CRC, xz's check): tarfile stops
+    reading before them, and would take a damaged or truncated tail as good. A tar
+    has only padding there; more than :data:`MAX_TRAILING_BYTES` is refused."""
+    if stream.kind == "tar":
+        return
+    seen = 0
+    while data := stream.read(CHUNK):
+        seen += len(data)
+        if seen > MAX_TRAILING_BYTES:
+            raise tarfile.ReadError(
+                f"more than {MAX_TRAILING_BYTES} bytes follow the end of the archive"
+            )
 
 
 def _extract_member(
@@ -621,8 +639,11 @@ def walk_tree(root: Path, excluder: Excluder) -> Iterator[TreeEntry]:
     stack: list[tuple[str, str, Iterator[str]]] = []
 
     def push(directory: str, prefix: str) -> None:
-        with os.scandir(directory) as it:
-            names = sorted((e.name for e in it), key=os.fsencode)
+        try:
+            with os.scandir(directory) as it:
+                names = sorted((e.name for e in it), key=os.fsencode)
+        except OSError as exc:
+            raise _unreadable(directory, exc) from None
         stack.append((directory, prefix, iter(names)))
 
     push(os.fspath(root), "")
@@ -636,9 +657,13 @@ def walk_tree(root: Path, excluder: Excluder) -> Iterator[TreeEntry]:
         if excluder and excluder.matches(rel):
             continue
         path = os.path.join(directory, entry_name)
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            yield TreeEntry(rel, st, link_target=os.readlink(path))
+        try:
+            st = os.lstat(path)
+            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
+        if target is not None:
+            yield TreeEntry(rel, st, link_target=target)
         elif stat.S_ISDIR(st.st_mode):
             yield TreeEntry(rel, st)
             push(path, rel + "/")
@@ -647,6 +672,13 @@ def walk_tree(root: Path, excluder: Excluder) -> Iterator[TreeEntry]:
             yield TreeEntry(rel, st, hardlink_to=None if first == rel else first)
         else:
             yield TreeEntry(rel, st)
+
+
+def _unreadable(path: str, exc: OSError) -> InvalidInputError:
+    return InvalidInputError(
+        f"cannot read {path} in the seed source: {exc.strerror}",
+        hint="make it readable, exclude it (--exclude), or stop what changes the folder",
+    )
 
 
 def special_kind(mode: int) -> str | None:
