@@ -118,10 +118,7 @@ def assert_clean(state_dir: Path) -> None:
         20,
         "every QEMU and supervisor of the test to exit",
     )
-    leftovers = (
-        [p for p in (state_dir / "vms").glob("vm-*")] if (state_dir / "vms").exists() else []
-    )
-    assert leftovers == []
+    assert list(state_dir.glob("vms/vm-*")) == []
     assert list(state_dir.rglob("*.tmp")) == []
 
 
