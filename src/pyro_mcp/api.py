@@ -55,9 +55,9 @@ class Pyro:
         tasks and one-shot runs on the host, confined by bubblewrap, when no VM
         backend works; results then say ``execution_mode: "host_compat"``.
         """
-        self._manager = VMManager(
-            state_root=Path(state_dir) if state_dir is not None else None, backend=backend
-        )
+        root = limits.check_host_path("state_dir", state_dir) if state_dir is not None else None
+        pool_size = limits.check_int("pool_size", pool_size, 0, 8)
+        self._manager = VMManager(state_root=root, backend=backend)
         self._tasks = TaskManager(self._manager, allow_host_compat=allow_host_compat)
         self._progress = progress
         if reap:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from pyro_mcp.errors import InvalidInputError
 
@@ -51,6 +52,17 @@ def check_int(name: str, value: object, low: int, high: int, unit: str = "") -> 
             hint=f"pass a {name} in {low}..{high}",
         )
     return value
+
+
+def check_host_path(name: str, value: object) -> Path:
+    """A host path given as str or os.PathLike: not empty, no NUL byte."""
+    text = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise InvalidInputError(
+            f"{name} must be a path (a non-empty string without NUL), got {value!r}",
+            hint=f"pass {name} as a str or pathlib.Path",
+        )
+    return Path(text)
 
 
 def check_vcpu_count(value: object) -> int:

@@ -170,8 +170,15 @@ class TaskManager:
             )
         if isinstance(exclude, str):
             exclude = [exclude]
-        if not all(isinstance(p, str) for p in exclude):
-            raise InvalidInputError("exclude must be a list of glob patterns (strings)")
+        if not isinstance(exclude, Sequence) or not all(isinstance(p, str) for p in exclude):
+            raise InvalidInputError(
+                "exclude must be a list of glob patterns (strings)",
+                hint="e.g. exclude=['.git', '*.pyc']",
+            )
+        if seed_limits is not None and not isinstance(seed_limits, SeedLimits):
+            raise InvalidInputError(
+                "seed_limits must be a SeedLimits", hint="pass SeedLimits(...) or None"
+            )
         if source_path is not None:
             resolve_source(source_path)
         backend = self._choose_backend()

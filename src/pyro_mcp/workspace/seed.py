@@ -69,8 +69,16 @@ class SeedResult:
 
 def resolve_source(source_path: str | os.PathLike[str]) -> tuple[SeedMode, Path]:
     """Which kind of source this is, and its absolute path (symlinks resolved)."""
-    if not isinstance(source_path, str | os.PathLike) or not os.fspath(source_path):
-        raise InvalidInputError("source_path must be a path to a directory or a tar archive")
+    if (
+        not isinstance(source_path, str | os.PathLike)
+        or not isinstance(os.fspath(source_path), str)
+        or not os.fspath(source_path)
+        or "\x00" in os.fspath(source_path)
+    ):
+        raise InvalidInputError(
+            "source_path must be a path to a directory or a tar archive",
+            hint="pass a non-empty path (str or pathlib.Path) without NUL bytes",
+        )
     given = Path(source_path).expanduser()
     try:
         path = given.resolve(strict=True)
