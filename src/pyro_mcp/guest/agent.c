@@ -675,6 +675,10 @@ static void handle_init(uint32_t id, struct reader *r) {
                 memcpy(rp->buf, entropy, elen);
                 if (ioctl(fd, RNDADDENTROPY, rp) < 0)
                     logmsg("RNDADDENTROPY: %s", strerror(errno));
+                /* A restored snapshot starts with the snapshot's generator state:
+                 * force a reseed so every restored VM draws from the new entropy. */
+                if (ioctl(fd, RNDRESEEDCRNG) < 0)
+                    logmsg("RNDRESEEDCRNG: %s", strerror(errno));
                 free(rp);
             }
             ssize_t unused = write(fd, entropy, elen);
