@@ -8,7 +8,8 @@ the client from request to result. The SDK figure is `Pyro.run_in_vm` of the
 same command in this process. The two are interleaved so drift hits both. The
 difference of the medians is the MCP overhead (floor: <= 20 ms at p50); the
 median of the paired differences is printed too (less sensitive to load). Also
-timed: a `tools/list` round trip (the protocol alone, no VM).
+timed without a VM (so without the VM's variance): a `tools/list` round trip,
+and `vm_list_environments` over MCP versus `Pyro.list_environments`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ async def measure(runs: int, state_dir: Path) -> dict[str, Any]:
     mcp_times: list[float] = []
     sdk_times: list[float] = []
     list_times: list[float] = []
+    envs_mcp: list[float] = []
+    envs_sdk: list[float] = []
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         # warm-up: the first call of each path pays one-off costs (imports, snapshot check)
@@ -68,6 +71,14 @@ async def measure(runs: int, state_dir: Path) -> dict[str, Any]:
             t0 = time.perf_counter()
             await session.list_tools()
             list_times.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            await session.call_tool("vm_list_environments", {})
+            envs_mcp.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            await anyio.to_thread.run_sync(sdk.list_environments)
+            envs_sdk.append(time.perf_counter() - t0)
     mcp, plain = summary(mcp_times), summary(sdk_times)
     return {
         "environment": ENV,
@@ -75,6 +86,8 @@ async def measure(runs: int, state_dir: Path) -> dict[str, Any]:
         "vm_run_over_mcp": mcp,
         "run_in_vm_sdk": plain,
         "tools_list_round_trip": summary(list_times),
+        "vm_list_environments_over_mcp": summary(envs_mcp),
+        "list_environments_sdk": summary(envs_sdk),
         "mcp_overhead_p50_ms": round(mcp["p50_ms"] - plain["p50_ms"], 1),
         # each MCP run minus the SDK run right after it: cancels slow drift in load
         "paired_difference_p50_ms": round(
@@ -91,10 +104,16 @@ def main() -> None:
     Pyro(reap=False).pull_environment(ENV)
     with tempfile.TemporaryDirectory(prefix="pyro-bm-") as tmp:
         data = anyio.run(measure, opts.runs, Path(tmp))
-    for name in ("vm_run_over_mcp", "run_in_vm_sdk", "tools_list_round_trip"):
+    for name in (
+        "vm_run_over_mcp",
+        "run_in_vm_sdk",
+        "tools_list_round_trip",
+        "vm_list_environments_over_mcp",
+        "list_environments_sdk",
+    ):
         row = data[name]
         print(
-            f"{name:<24} p50 {row['p50_ms']:>8.1f} ms   "
+            f"{name:<30} p50 {row['p50_ms']:>8.1f} ms   "
             f"min {row['min_ms']:>8.1f}   max {row['max_ms']:>8.1f}"
         )
     print(
