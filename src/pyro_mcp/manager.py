@@ -322,12 +322,15 @@ class VMManager:
         initramfs = ensure_initramfs(env.kernel.modules, progress=progress)
         rootfs = env.rootfs
         mounts = list(record.get("mounts") or [])
+        agent = None
         if record["backend"] == "gvisor":
+            from pyro_mcp.guest.build import ensure_agent_binary
             from pyro_mcp.vmm.host_compat import ensure_rootfs_tree
 
-            # gVisor runs on the unpacked tree; a workspace is a bind mount of the VM's
-            # workspace/ folder (see vmm/gvisor.py), not a disk the agent mounts.
+            # gVisor runs the agent on the unpacked tree; a workspace is a bind mount of
+            # the VM's workspace/ folder (see vmm/gvisor.py), not a disk the agent mounts.
             rootfs = ensure_rootfs_tree(env, progress)
+            agent = str(ensure_agent_binary(progress))
             mounts = []
         launch: dict[str, Any] = {
             "backend": record["backend"],
@@ -335,6 +338,7 @@ class VMManager:
             "kernel": str(env.kernel.image),
             "initramfs": str(initramfs),
             "rootfs": str(rootfs),
+            "agent": agent,
             "vcpu_count": record["vcpu_count"],
             "mem_mib": record["mem_mib"],
             "network": record["network"],

@@ -87,6 +87,7 @@ class Supervisor:
             mem_mib=int(launch["mem_mib"]),
             network=bool(launch["network"]),
             acceleration=launch["acceleration"],
+            agent=Path(launch["agent"]) if launch.get("agent") else None,
         )
         restore = None
         if launch.get("restore"):

@@ -38,6 +38,9 @@ class LaunchSpec:
     network: bool = False
     acceleration: str = "tcg"
     extra_cmdline: tuple[str, ...] = ()
+    # The guest agent binary, for backends that run it directly (gvisor); VM backends
+    # boot it from the initramfs. None: the backend finds it itself.
+    agent: Path | None = None
 
 
 @dataclass(frozen=True)

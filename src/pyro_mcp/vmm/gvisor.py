@@ -68,6 +68,7 @@ NAME = "gvisor"
 EXECUTION_MODE = "gvisor_sandbox"
 RUNSC_ENV = "PYRO_RUNSC"
 PLATFORM_ENV = "PYRO_RUNSC_PLATFORM"
+FLAGS_ENV = "PYRO_RUNSC_FLAGS"  # extra runsc global flags, appended last (debugging)
 AGENT_PATH = "/.pyro/pyro-agent"
 COMPAT_SHIM_PATH = "/.pyro/compat.so"
 WORKSPACE_DIRNAME = "workspace"
@@ -445,7 +446,7 @@ def global_flags(*, root: Path, overlay_dir: Path, platform: str, rootless: bool
         "--network=none",
         f"--overlay2=root:{overlay_dir}",
         "--cpu-num-from-quota",
-        *os.environ.get("PYRO_GVISOR_EXTRA", "").split(),
+        *os.environ.get(FLAGS_ENV, "").split(),  # e.g. --debug-log=/tmp/runsc/ to debug
     ]
     if rootless:
         flags += ["--rootless", "--ignore-cgroups"]
@@ -703,9 +704,11 @@ class GvisorBackend:
                 hint="run without --network (guests have loopback only)",
             )
         info = require_runsc()
-        from pyro_mcp.guest.build import ensure_agent_binary
+        agent = spec.agent
+        if agent is None:
+            from pyro_mcp.guest.build import ensure_agent_binary
 
-        agent = ensure_agent_binary()
+            agent = ensure_agent_binary()
         compat = ensure_compat_shim() if info.statx_compat else None
         if not (spec.rootfs / "usr").is_dir():
             raise BootError(

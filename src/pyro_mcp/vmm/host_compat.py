@@ -124,13 +124,13 @@ def ensure_rootfs_tree(env: Any, progress: ProgressFn = no_progress) -> Path:
         return final
     if shutil.which("debugfs") is None:
         raise EnvironmentBuildError(
-            "debugfs is not installed (needed to unpack the environment for host_compat)",
+            "debugfs is not installed (needed to unpack the environment for host_compat/gvisor)",
             hint="install e2fsprogs: apt-get install e2fsprogs",
         )
     with FileLock(str(root / f".{final.name}.lock")):
         if (final / _READY).exists():
             return final
-        progress(ProgressEvent("host_compat", f"unpacking {env.name} for host_compat (once)"))
+        progress(ProgressEvent("rootfs", f"unpacking {env.name}'s root filesystem (once)"))
         tmp = root / f".tmp-{final.name}-{secrets.token_hex(4)}"
         tmp.mkdir(mode=0o700)
         try:
