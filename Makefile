@@ -33,6 +33,9 @@ dist-check: bootstrap
 
 bench: bootstrap
 	$(UV) run python bench/bench.py
+	$(UV) run python bench/bench_tasks.py
+	$(UV) run python bench/bench_mcp.py
+	$(UV) run python bench/bench_realwork.py
 
 clean:
 	rm -rf dist .dist-venv .pytest_cache .mypy_cache .ruff_cache
