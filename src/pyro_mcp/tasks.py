@@ -253,6 +253,8 @@ class TaskManager:
                 self._save(record)
         except BaseException:
             self._discard(record)
+            with contextlib.suppress(OSError):  # released above; nobody else knows the id
+                (self.tasks_dir / f".{task_id}.lock").unlink(missing_ok=True)
             raise
         return self._info(record)
 
