@@ -476,3 +476,69 @@ def test_missing_qemu(
     qpyro.delete_vm(running)
     assert [v for v in qpyro.list_vms()] == []
     assert_clean(state_dir)
+
+
+def task_records(state_dir: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for task_json in (state_dir / "tasks").glob("task-*/task.json"):
+        with contextlib.suppress(FileNotFoundError):
+            out[task_json.parent.name] = json.loads(task_json.read_text())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["seed", "boot"])
+def test_sigkill_of_task_create(
+    qpyro: Pyro, vm_environment: str, state_dir: Path, tmp_path: Path, stage: str
+) -> None:
+    """``pyro task create`` killed while it seeds /workspace or while the task's VM boots:
+    the next pyro call reaps the half-made task (and its VM); a task that existed
+    before is untouched and usable."""
+    existing = qpyro.create_task(vm_environment)
+    assert qpyro.exec_task(existing.task_id, "echo before > /workspace/f && sync").exit_code == 0
+    source = tmp_path / "src"
+    for i in range(40):
+        sub = source / f"d{i}"
+        sub.mkdir(parents=True)
+        for j in range(250):
+            (sub / f"f{j}").write_text(f"{i}-{j}\n")
+    env = {**os.environ, "PYRO_STATE_DIR": str(state_dir)}
+    if stage == "boot":
+        env["PYRO_SNAPSHOTS"] = "0"  # a cold boot: seconds to hit
+    proc = subprocess.Popen(
+        [str(PYRO), "task", "create", vm_environment, "--source-path", str(source)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def new_tasks() -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in task_records(state_dir).items() if k != existing.task_id}
+
+    def at_stage() -> bool:
+        assert proc.poll() is None, "task create finished before it was killed"
+        if stage == "seed":
+            return any(r["status"] == "creating" for r in new_tasks().values())
+        vms = records(state_dir)
+        return any(r["status"] == "starting" for r in vms.values())
+
+    try:
+        wait_until(at_stage, 120, f"task create to reach {stage}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert all(r["status"] == "creating" for r in new_tasks().values())  # all parse
+
+    reaped = Pyro(state_dir=state_dir, reap=False).reap_expired()  # any later pyro call does
+    assert set(reaped.reasons.values()) == {"create_interrupted"}
+    assert new_tasks() == {}
+    tasks = qpyro.list_tasks()
+    assert [t.task_id for t in tasks] == [existing.task_id]
+    assert qpyro.exec_task(existing.task_id, "cat /workspace/f").stdout == "before\n"
+    vm_ids = {v.vm_id for v in qpyro.list_vms()}
+    assert vm_ids == {qpyro.status_task(existing.task_id).vm_id}
+    qpyro.delete_task(existing.task_id)
+    assert_clean(state_dir)
