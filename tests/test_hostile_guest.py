@@ -314,6 +314,15 @@ def test_no_network_but_loopback(qpyro: Pyro, vm_environment: str) -> None:
     assert result.stdout == "lo\nrefused\n"
 
 
+def test_asking_for_a_network_is_refused(qpyro: Pyro, vm_environment: str) -> None:
+    """Networking is not silently ignored: the request is refused, nothing is created."""
+    with pytest.raises(InvalidInputError, match="networking"):
+        qpyro.create_vm(vm_environment, network=True)
+    with pytest.raises(InvalidInputError, match="networking"):
+        qpyro.run_in_vm(vm_environment, "true", network=True)
+    assert qpyro.list_vms() == []
+
+
 # ------------------------------------------------------------- host limits
 
 
