@@ -55,6 +55,7 @@ class WarmPool:
                     self._cond.wait()
                 if self._closed:
                     return
+            info = None
             try:
                 info = self.manager.create(
                     self.key.environment,
@@ -67,6 +68,8 @@ class WarmPool:
                 self.manager.exec(info.vm_id, ["true"])  # prime the VMM before first use
                 failures = 0
             except PyroError as exc:
+                if info is not None:  # e.g. the VM cap refused the start: drop the record
+                    self._discard(info.vm_id)
                 self.last_error = exc.message
                 failures += 1
                 with self._cond:
