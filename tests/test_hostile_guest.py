@@ -368,6 +368,21 @@ def test_cap_on_running_vms_counts_other_processes(
     assert qpyro.manager.running_count() == 1
 
 
+def test_a_warm_pool_refused_by_the_cap_leaves_no_records(
+    vm_environment: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(limits.MAX_VMS_ENV, "1")
+    first = _start_vm_in_other_process(state_dir, vm_environment)
+    with Pyro(
+        state_dir=state_dir, backend="qemu", pool_size=1, pool_environment=vm_environment
+    ) as pooled:
+        pool = pooled.manager.pool
+        assert pool is not None
+        wait_until(lambda: "limit" in (pool.last_error or ""), 60, "the pool to hit the cap")
+        assert [v.vm_id for v in pooled.list_vms()] == [first]
+    Pyro(state_dir=state_dir).delete_vm(first)
+
+
 def test_cap_setting_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("zero", "0", "-3", "1e3"):
         monkeypatch.setenv(limits.MAX_VMS_ENV, bad)
