@@ -72,7 +72,7 @@ def _gvisor() -> Check:
         return Check("gvisor", "warn", probe.reason, "; ".join(probe.advice) or None)
     info = runsc_info()
     where = f"{probe.binary} ({RUNSC_ENV})" if os.environ.get(RUNSC_ENV) else probe.binary
-    detail = f"{where}: runsc {probe.version or 'unknown version'}; {probe.reason}"
+    detail = f"{where} (runsc {probe.version or 'unknown version'}): {probe.reason}"
     if info is not None and info.works and info.statx_compat:
         detail += "; statx compat shim in use"
     return Check(

@@ -193,6 +193,7 @@ def _probe_cache_path(binary: str) -> Path:
             os.geteuid(),
             os.uname().release,
             os.environ.get(PLATFORM_ENV, ""),
+            os.environ.get(FLAGS_ENV, ""),
         ]
     )
     key = hashlib.sha256(material.encode()).hexdigest()[:16]
@@ -287,7 +288,7 @@ def _probe(binary: str) -> RunscInfo:
     return replace(
         info,
         works=True,
-        reason=f"runsc {version} starts sandboxes here (platform {info.platform}, {mode})",
+        reason=f"starts sandboxes here (platform {info.platform}, {mode})",
     )
 
 
@@ -341,8 +342,9 @@ def _probe_sandbox(binary: str, platform: str, rootless: bool) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def probe_backend(*, detailed: bool = False, refresh: bool = False) -> BackendProbe:
-    """``pyro doctor`` and automatic selection: is gVisor usable here, and why (not)."""
+def probe_backend(*, detailed: bool = False) -> BackendProbe:
+    """Automatic selection (cached probe) and ``pyro doctor`` (``detailed``: probes
+    again): is gVisor usable here, and why (not)."""
     binary = runsc_binary()
     if binary is None:
         override = os.environ.get(RUNSC_ENV, "").strip()
@@ -352,7 +354,7 @@ def probe_backend(*, detailed: bool = False, refresh: bool = False) -> BackendPr
             else "runsc (gVisor) is not installed"
         )
         return BackendProbe(NAME, False, None, reason, advice=(INSTALL_HINT,))
-    info = runsc_info(refresh=refresh)
+    info = runsc_info(refresh=detailed)
     if info is None:
         return BackendProbe(NAME, False, None, f"{binary} is unreadable", binary=binary)
     advice: list[str] = []
