@@ -26,9 +26,10 @@ folder:
 * no network (``--network=none``: loopback only, gVisor's own network stack);
   ``mem_mib`` is the sandbox's memory cgroup limit (Sentry + guest processes, as
   a VM's RAM holds its kernel too), ``vcpu_count`` its CPU quota, and
-  :data:`PIDS_LIMIT` host tasks (the Sentry's threads plus one stub process per
-  guest address space) its pids limit. Exceeding the memory or pids limit ends
-  the whole sandbox (the host kills it), not a single guest process.
+  :data:`PIDS_LIMIT` host tasks its pids limit (the Sentry's and gofer's threads
+  plus, on ``ptrace``, a stub process of ~20 threads per guest process: about 400
+  guest processes). Exceeding the memory or pids limit ends the whole sandbox
+  (the host kills it), not a single guest process; the exec error says which.
 
 Runsc releases from before 2023 (Debian 12 ships ``0.0~20221219``) reject
 ``AT_NO_AUTOMOUNT`` in ``statx``/``newfstatat``, which Debian 12's coreutils
