@@ -8,6 +8,7 @@ Only the guest command's output goes to stdout; progress and errors go to stderr
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -287,9 +288,18 @@ def env_inspect(environment: str, verify: bool, as_json: bool) -> None:
 def env_prune(as_json: bool) -> None:
     """Remove unused environment versions, leftovers and stale snapshots."""
     from pyro_mcp.snapshots import prune_snapshots
+    from pyro_mcp.vmm.host_compat import hostfs_root, prune_rootfs_trees
 
     try:
-        removed = list(_pyro().manager.store.prune()) + prune_snapshots()
+        store = _pyro().manager.store
+        removed = list(store.prune()) + prune_snapshots()
+        # Unpacked root filesystems (gvisor, host_compat) of images no longer installed.
+        keep = [
+            hostfs_root() / f"{os.path.basename(i.path)}-{i.rootfs_sha256[:16]}"
+            for i in store.list()
+            if i.installed and i.path and i.rootfs_sha256
+        ]
+        removed += prune_rootfs_trees(keep)
     except PyroError as exc:
         _fail(exc, as_json)
     if as_json:
