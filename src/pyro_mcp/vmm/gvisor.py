@@ -537,13 +537,18 @@ def _cgroup_parents() -> list[Path]:
     return found
 
 
-def sweep_stale_cgroups(min_age_s: float = STALE_CGROUP_AGE_S) -> list[str]:
-    """Remove empty sandbox cgroups older than ``min_age_s`` (left by a killed runsc)."""
+def sweep_stale_cgroups(
+    min_age_s: float = STALE_CGROUP_AGE_S, only: str | None = None
+) -> list[str]:
+    """Remove empty sandbox cgroups older than ``min_age_s`` (left by a killed runsc);
+    ``only``: just those of this container id."""
     removed = []
     now = time.time()
     for parent in _cgroup_parents():
         with contextlib.suppress(OSError):
             for child in parent.iterdir():
+                if only is not None and child.name != only:
+                    continue
                 try:
                     if not child.is_dir() or now - child.stat().st_mtime < min_age_s:
                         continue
