@@ -29,9 +29,15 @@ class ExecResult(BaseModel):
     exit_code: int = Field(description="The command's exit status (128+N if killed by signal N).")
     timed_out: bool = Field(description="The command hit its timeout and was killed.")
     duration_ms: int
-    execution_mode: str = Field(description="Isolation the command got, e.g. 'microvm'.")
+    execution_mode: str = Field(
+        description="Isolation the command got: 'microvm' (its own kernel in a VM), "
+        "'gvisor_sandbox' (gVisor's user-space kernel, no VM) or 'host_compat'."
+    )
     backend: str
-    acceleration: str = Field(description="'kvm' (hardware) or 'tcg' (software emulation).")
+    acceleration: str = Field(
+        description="microVMs: 'kvm' (hardware) or 'tcg' (software emulation); gvisor: "
+        "its platform ('ptrace' or 'systrap'); 'none' for host_compat."
+    )
     boot: BootKind
     cleanup: CleanupInfo | None = None
 
@@ -98,9 +104,11 @@ class TaskInfo(BaseModel):
         "the same /workspace), 'ready' (host_compat: nothing runs between commands), "
         "'creating'."
     )
-    execution_mode: str = Field(description="'microvm' or 'host_compat'.")
+    execution_mode: str = Field(description="'microvm', 'gvisor_sandbox' or 'host_compat'.")
     backend: str
-    acceleration: str = Field(description="'kvm', 'tcg', or 'none' for host_compat.")
+    acceleration: str = Field(
+        description="'kvm' or 'tcg' (microVM), the gVisor platform, or 'none' (host_compat)."
+    )
     vm_id: str | None = Field(description="The task's current VM (null for host_compat).")
     vcpu_count: int
     mem_mib: int
@@ -129,9 +137,11 @@ class TaskExecResult(BaseModel):
     exit_code: int = Field(description="The command's exit status (128+N if killed by signal N).")
     timed_out: bool = Field(description="The command hit its timeout and was killed.")
     duration_ms: int
-    execution_mode: str = Field(description="'microvm' or 'host_compat'.")
+    execution_mode: str = Field(description="'microvm', 'gvisor_sandbox' or 'host_compat'.")
     backend: str
-    acceleration: str = Field(description="'kvm', 'tcg', or 'none' for host_compat.")
+    acceleration: str = Field(
+        description="'kvm' or 'tcg' (microVM), the gVisor platform, or 'none' (host_compat)."
+    )
     boot: BootKind | None = Field(description="How the task's VM started (null for host_compat).")
 
 
