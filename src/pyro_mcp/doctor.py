@@ -87,6 +87,25 @@ def _firecracker() -> Check:
     return Check("firecracker", "ok", "not found (optional; the qemu backend is used)")
 
 
+def _host_compat() -> Check:
+    from pyro_mcp.vmm import host_compat
+
+    probe = host_compat.probe()
+    if probe.available:
+        return Check(
+            "host_compat",
+            "ok",
+            f"bubblewrap works ({probe.binary}); opt-in only: --backend host_compat "
+            "runs commands on the host kernel in namespaces, not in a VM",
+        )
+    return Check(
+        "host_compat",
+        "ok",
+        f"not available ({probe.reason}); optional, opt-in only",
+        "; ".join(probe.advice) or None,
+    )
+
+
 def _agent_toolchain() -> Check:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -172,6 +191,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     _qemu,
     _kvm,
     _gvisor,
+    _host_compat,
     _firecracker,
     _agent_toolchain,
     _rootfs_tools,
