@@ -141,3 +141,12 @@ def test_restored_vms_are_independent(pyro: Pyro, vm_environment: str) -> None:
     assert other.stdout == b"1\n"
     assert m.exec(ids[1], "echo theirs > /tmp/b-file").exit_code == 0
     assert m.exec(ids[0], "test -e /tmp/b-file; echo $?").stdout == b"1\n"
+
+
+def test_env_pull_takes_the_warm_start_snapshot(vm_environment: str, state_dir: Path) -> None:
+    data = Pyro(state_dir=state_dir, backend="qemu").pull_environment(vm_environment)
+    snapshot = data.get("snapshot")
+    assert snapshot, data
+    assert (Path(snapshot) / "meta.json").is_file()
+    result = Pyro(state_dir=state_dir, backend="qemu").run_in_vm(vm_environment, ["true"])
+    assert result.boot == "restored"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyro_mcp import limits
-from pyro_mcp.errors import VMStateError
+from pyro_mcp.errors import PyroError, VMStateError
 from pyro_mcp.manager import VMManager
 from pyro_mcp.models import (
     ExecResult,
@@ -96,8 +96,17 @@ class Pyro:
         return [asdict(info) for info in self._manager.store.list()]
 
     def pull_environment(self, environment: str, *, force: bool = False) -> dict[str, Any]:
+        """Build (or re-verify) an environment, then take its warm-start snapshot for the
+        default VM size, so the first run restores instead of booting cold."""
         env = self._manager.store.pull(environment, progress=self._progress, force=force)
-        return {"name": env.name, "version": env.version, "path": str(env.path)}
+        data: dict[str, Any] = {"name": env.name, "version": env.version, "path": str(env.path)}
+        try:
+            data["snapshot"] = self._manager.prepare(env.name, progress=self._progress)
+        except PyroError as exc:
+            # The environment is fine; a run will say the same thing with its fix.
+            data["snapshot"] = None
+            data["snapshot_error"] = str(exc)
+        return data
 
     # -- one-shot -----------------------------------------------------------
     def run_in_vm(

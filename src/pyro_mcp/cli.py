@@ -257,6 +257,10 @@ def env_pull(environment: str, force: bool, as_json: bool) -> None:
         _emit(data)
     else:
         click.echo(f"{data['name']} {data['version']} ready at {data['path']}")
+        if data.get("snapshot"):
+            click.echo(f"warm-start snapshot ready at {data['snapshot']}")
+        elif data.get("snapshot_error"):
+            click.echo(f"no warm-start snapshot: {data['snapshot_error']}", err=True)
 
 
 @env.command("inspect")

@@ -357,6 +357,37 @@ class VMManager:
                 launch["restore"] = {"directory": str(snap.directory), "key": snap.key}
         return launch
 
+    def prepare(
+        self,
+        environment: str,
+        *,
+        vcpu_count: int = limits.DEFAULT_VCPU_COUNT,
+        mem_mib: int = limits.DEFAULT_MEM_MIB,
+        progress: ProgressFn = no_progress,
+    ) -> str | None:
+        """Do ahead what a first run of this configuration needs: the environment, the
+        agent and initramfs, and (qemu) the warm-start snapshot. Returns the snapshot's
+        folder, or None where the backend has no snapshots."""
+        limits.check_vcpu_count(vcpu_count)
+        limits.check_mem_mib(mem_mib)
+        backend, accel = self.resolve_backend()
+        record: dict[str, Any] = {
+            "vm_id": "vm-000000000000",  # never created: only the launch is computed
+            "environment": environment,
+            "environment_version": "",
+            "backend": backend,
+            "acceleration": accel,
+            "vcpu_count": vcpu_count,
+            "mem_mib": mem_mib,
+            "network": False,
+            "expires_at": 0,
+            "owner": None,
+            "mounts": [],
+        }
+        launch = self._prepare_launch(record, progress)
+        restore = launch.get("restore")
+        return str(restore["directory"]) if restore else None
+
     def _spawn_supervisor(
         self, record: dict[str, Any], launch: dict[str, Any], progress: ProgressFn
     ) -> dict[str, Any]:
