@@ -174,6 +174,33 @@ def main() -> None:
             pooled()
     results["sdk_run_pooled"] = summary("SDK run_in_vm true (pooled)", pooled_times)
 
+    # MCP: `vm_run` over stdio against `pyro mcp serve` (bench_mcp.py, same VM work as the SDK)
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("bench_mcp.py")),
+                *("--runs", str(runs), "--json", out.name),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        mcp = json.loads(Path(out.name).read_text())
+    results["mcp_vm_run"] = {
+        "name": "MCP vm_run round trip (stdio)",
+        "runs": runs,
+        "p50_s": mcp["vm_run_over_mcp"]["p50_ms"] / 1000,
+        "p95_s": mcp["vm_run_over_mcp"]["p95_ms"] / 1000,
+    }
+    results["mcp_overhead_ms"] = {
+        "p50_difference": mcp["mcp_overhead_p50_ms"],
+        "paired_difference_p50": mcp["paired_difference_p50_ms"],
+        "vm_list_environments_mcp_vs_sdk_p50": [
+            mcp["vm_list_environments_over_mcp"]["p50_ms"],
+            mcp["list_environments_sdk"]["p50_ms"],
+        ],
+    }
+
     importtime = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import pyro_mcp.cli, pyro_mcp.api"],
         capture_output=True,

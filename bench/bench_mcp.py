@@ -39,6 +39,7 @@ def summary(values: list[float]) -> dict[str, float]:
         "p50_ms": round(statistics.median(values) * 1000, 1),
         "min_ms": round(ordered[0] * 1000, 1),
         "max_ms": round(ordered[-1] * 1000, 1),
+        "p95_ms": round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))] * 1000, 1),
     }
 
 

@@ -723,6 +723,8 @@ class VMManager:
         finally:
             with contextlib.suppress(NotFoundError):
                 self.delete(info.vm_id, reason="run finished")
+            if pooled is not None and self.pool is not None:
+                self.pool.replenish()
         return self.result(started, cmd, outcome, deleted=True, reason="run finished")
 
     def result(

@@ -89,12 +89,18 @@ class WarmPool:
         with self._cond:
             while self._ready:
                 info = self._ready.pop(0)
-                self._cond.notify_all()
                 with contextlib.suppress(PyroError):
                     if self.manager.status(info.vm_id).status == "running":
                         return info
                 self._discard(info.vm_id)
+                self._cond.notify_all()  # replace the dead one now
         return None
+
+    def replenish(self) -> None:
+        """Start restoring a replacement. Called once the taken VM's run is over, so the
+        restore does not compete for the CPU with the run itself."""
+        with self._cond:
+            self._cond.notify_all()
 
     def idle_count(self) -> int:
         with self._cond:
