@@ -45,7 +45,7 @@ from pyro_mcp.errors import (
 from pyro_mcp.models import BootKind, ExecResult, ReapResult, VMInfo
 from pyro_mcp.pool import WarmPool
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
-from pyro_mcp.state import ProcessId, read_json, write_json_atomic
+from pyro_mcp.state import ProcessId, read_json, record_lock, write_json_atomic
 from pyro_mcp.vmm import BackendChoice, execution_mode
 
 BASE_ENV = {
@@ -109,19 +109,10 @@ class VMManager:
     def _vm_dir(self, vm_id: str) -> Path:
         return self.vms_dir / limits.check_vm_id(vm_id)
 
-    @contextlib.contextmanager
-    def _lock(self, vm_id: str) -> Iterator[None]:
-        """Hold the VM's lifecycle lock. The id is checked before it names a file, and
-        the lock file goes once the VM is gone (also for ids that never existed)."""
+    def _lock(self, vm_id: str) -> contextlib.AbstractContextManager[None]:
+        """The VM's lifecycle lock (the id is checked before it names a file)."""
         vm_dir = self._vm_dir(vm_id)
-        lock_path = self.vms_dir / f".{vm_id}.lock"
-        try:
-            with FileLock(str(lock_path)):
-                yield
-        finally:
-            if not vm_dir.exists():
-                with contextlib.suppress(FileNotFoundError):
-                    lock_path.unlink()
+        return record_lock(self.vms_dir / f".{vm_id}.lock", vm_dir)
 
     def _load(self, vm_id: str) -> dict[str, Any]:
         vm_dir = self._vm_dir(vm_id)

@@ -47,18 +47,6 @@ def _fingerprint(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
-def spec_from_launch(launch: dict[str, Any]) -> LaunchSpec:
-    return LaunchSpec(
-        kernel=Path(launch["kernel"]),
-        initramfs=Path(launch["initramfs"]),
-        rootfs=Path(launch["rootfs"]),
-        vcpu_count=int(launch["vcpu_count"]),
-        mem_mib=int(launch["mem_mib"]),
-        network=bool(launch["network"]),
-        acceleration=str(launch["acceleration"]),
-    )
-
-
 def snapshot_key(spec: LaunchSpec, backend: str) -> str:
     from pyro_mcp.vmm.qemu import build_args, qemu_binary
 
@@ -125,7 +113,7 @@ def snapshot_for_launch(
     """
     if not snapshots_enabled() or launch["backend"] != "qemu":
         return None
-    spec = spec_from_launch(launch)
+    spec = LaunchSpec.from_launch(launch)
     key = snapshot_key(spec, launch["backend"])
     root = snapshots_root()
     directory = root / key[:24]

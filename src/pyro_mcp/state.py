@@ -11,9 +11,12 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from pyro_mcp.errors import StateError
 
@@ -53,6 +56,19 @@ def read_json(path: Path) -> dict[str, Any]:
         )
     data.pop("schema")
     return data
+
+
+@contextlib.contextmanager
+def record_lock(lock_path: Path, record_dir: Path) -> Iterator[None]:
+    """Hold a record's cross-process lifecycle lock; the lock file goes once the
+    record's folder is gone (also for ids that never existed)."""
+    try:
+        with FileLock(str(lock_path)):
+            yield
+    finally:
+        if not record_dir.exists():
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
 
 
 @dataclass(frozen=True)

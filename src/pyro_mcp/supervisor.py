@@ -79,16 +79,7 @@ class Supervisor:
         from pyro_mcp.vmm import get_backend
 
         launch = self.launch
-        spec = LaunchSpec(
-            kernel=Path(launch["kernel"]),
-            initramfs=Path(launch["initramfs"]),
-            rootfs=Path(launch["rootfs"]),
-            vcpu_count=int(launch["vcpu_count"]),
-            mem_mib=int(launch["mem_mib"]),
-            network=bool(launch["network"]),
-            acceleration=launch["acceleration"],
-            agent=Path(launch["agent"]) if launch.get("agent") else None,
-        )
+        spec = LaunchSpec.from_launch(launch)
         restore = None
         if launch.get("restore"):
             restore = SnapshotRef(Path(launch["restore"]["directory"]), launch["restore"]["key"])

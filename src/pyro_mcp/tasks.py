@@ -30,11 +30,9 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from filelock import FileLock
 
 from pyro_mcp import limits, paths
 from pyro_mcp.errors import (
@@ -55,7 +53,7 @@ from pyro_mcp.models import (
     WorkspaceSeed,
 )
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
-from pyro_mcp.state import ProcessId, read_json, write_json_atomic
+from pyro_mcp.state import ProcessId, read_json, record_lock, write_json_atomic
 from pyro_mcp.vmm import host_compat
 from pyro_mcp.vmm.base import VMPaths
 from pyro_mcp.workspace.archive import SeedLimits
@@ -95,17 +93,9 @@ class TaskManager:
     def _task_dir(self, task_id: str) -> Path:
         return self.tasks_dir / limits.check_task_id(task_id)
 
-    @contextlib.contextmanager
-    def _lock(self, task_id: str) -> Iterator[None]:
+    def _lock(self, task_id: str) -> contextlib.AbstractContextManager[None]:
         task_dir = self._task_dir(task_id)
-        lock_path = self.tasks_dir / f".{task_id}.lock"
-        try:
-            with FileLock(str(lock_path)):
-                yield
-        finally:
-            if not task_dir.exists():
-                with contextlib.suppress(FileNotFoundError):
-                    lock_path.unlink()
+        return record_lock(self.tasks_dir / f".{task_id}.lock", task_dir)
 
     def _load(self, task_id: str) -> dict[str, Any]:
         task_dir = self._task_dir(task_id)

@@ -8,9 +8,10 @@ slots in without touching them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,20 @@ class LaunchSpec:
     # The guest agent binary, for backends that run it directly (gvisor); VM backends
     # boot it from the initramfs. None: the backend finds it itself.
     agent: Path | None = None
+
+    @classmethod
+    def from_launch(cls, launch: Mapping[str, Any]) -> LaunchSpec:
+        """From the manager's ``launch.json`` record."""
+        return cls(
+            kernel=Path(launch["kernel"]),
+            initramfs=Path(launch["initramfs"]),
+            rootfs=Path(launch["rootfs"]),
+            vcpu_count=int(launch["vcpu_count"]),
+            mem_mib=int(launch["mem_mib"]),
+            network=bool(launch["network"]),
+            acceleration=str(launch["acceleration"]),
+            agent=Path(launch["agent"]) if launch.get("agent") else None,
+        )
 
 
 @dataclass(frozen=True)
