@@ -91,6 +91,21 @@ def _emit(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _finish_exec(result: Any, as_json: bool, timeout_seconds: int) -> NoReturn:
+    """Print an exec result (the command's streams, or JSON) and exit with its code."""
+    if as_json:
+        _emit(result)
+    else:
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
+        if result.stdout_truncated or result.stderr_truncated:
+            click.echo("pyro: output was truncated at its cap", err=True)
+        if result.timed_out:
+            click.echo(f"pyro: command timed out after {timeout_seconds} s", err=True)
+    sys.exit(EXIT_TIMEOUT if result.timed_out else result.exit_code)
+
+
 def _pyro(progress: StderrProgress | None = None) -> Any:
     from pyro_mcp.api import Pyro
 
@@ -181,17 +196,7 @@ def run(
         click.echo("pyro: interrupted; the VM was deleted", err=True)
         sys.exit(130)
     progress.close()
-    if as_json:
-        _emit(result)
-    else:
-        sys.stdout.write(result.stdout)
-        sys.stdout.flush()
-        sys.stderr.write(result.stderr)
-        if result.stdout_truncated or result.stderr_truncated:
-            click.echo("pyro: output was truncated at its cap", err=True)
-        if result.timed_out:
-            click.echo(f"pyro: command timed out after {timeout_seconds} s", err=True)
-    sys.exit(EXIT_TIMEOUT if result.timed_out else result.exit_code)
+    _finish_exec(result, as_json, timeout_seconds)
 
 
 @cli.command()
@@ -515,17 +520,7 @@ def task_exec(
         click.echo("pyro: interrupted; the command was killed, the task is kept", err=True)
         sys.exit(130)
     progress.close()
-    if as_json:
-        _emit(result)
-    else:
-        sys.stdout.write(result.stdout)
-        sys.stdout.flush()
-        sys.stderr.write(result.stderr)
-        if result.stdout_truncated or result.stderr_truncated:
-            click.echo("pyro: output was truncated at its cap", err=True)
-        if result.timed_out:
-            click.echo(f"pyro: command timed out after {timeout_seconds} s", err=True)
-    sys.exit(EXIT_TIMEOUT if result.timed_out else result.exit_code)
+    _finish_exec(result, as_json, timeout_seconds)
 
 
 @task.command("status")
