@@ -1,6 +1,7 @@
 # The README's two commands are `make demo` and `make test`.
 SHELL := /bin/bash
-UV ?= uv
+# uv on PATH, else the one bootstrap installed with pip (python3 -m uv).
+UV ?= $(shell command -v uv >/dev/null 2>&1 && echo uv || echo python3 -m uv)
 ENV ?= debian:12
 
 .PHONY: bootstrap demo test check lint typecheck dist-check bench clean

@@ -28,9 +28,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 
+UV=(uv)
 if ! command -v uv >/dev/null 2>&1; then
-  echo "bootstrap: installing uv from PyPI" >&2
-  python3 -m pip install --quiet --disable-pip-version-check uv \
-    || { echo "bootstrap: run: python3 -m pip install uv" >&2; exit 1; }
+  if ! python3 -m uv --version >/dev/null 2>&1; then
+    echo "bootstrap: installing uv from PyPI" >&2
+    python3 -m pip install --quiet --disable-pip-version-check uv \
+      || { echo "bootstrap: run: python3 -m pip install uv" >&2; exit 1; }
+  fi
+  command -v uv >/dev/null 2>&1 || UV=(python3 -m uv)
 fi
-uv sync --frozen --quiet
+"${UV[@]}" sync --frozen --quiet
