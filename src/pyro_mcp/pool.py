@@ -65,7 +65,8 @@ class WarmPool:
                     owner_pid=os.getpid(),
                 )
                 info = self.manager.start(info.vm_id)
-                self.manager.exec(info.vm_id, ["true"])  # prime the VMM before first use
+                for _ in range(3):  # prime the VMM (TCG translation cache) before first use
+                    self.manager.exec(info.vm_id, ["true"])
                 failures = 0
             except PyroError as exc:
                 if info is not None:  # e.g. the VM cap refused the start: drop the record
