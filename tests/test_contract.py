@@ -206,3 +206,26 @@ def test_cli_does_not_import_mcp_until_serving() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_task_exec_tool_passes_cwd_and_env(vm_environment: str, state_dir: Path) -> None:
+    pyro = Pyro(state_dir=state_dir, backend="qemu", reap=False)
+    created = get_tool("task_create").call(pyro, {"environment": vm_environment})
+    assert created.ok, created.text
+    task_id = created.structured["task_id"]
+    try:
+        ran = get_tool("task_exec").call(
+            pyro,
+            {"task_id": task_id, "command": 'echo "$PWD $GREETING"', "cwd": "/tmp"}
+            | {"env": ["GREETING=hello=world"]},
+        )
+        assert ran.ok, ran.text
+        assert ran.structured["stdout"] == "/tmp hello=world\n"
+        default = get_tool("task_exec").call(pyro, {"task_id": task_id, "command": "pwd"})
+        assert default.structured["stdout"] == "/workspace\n"
+        bad = get_tool("task_exec").call(
+            pyro, {"task_id": task_id, "command": "true", "env": ["NOEQUALS"]}
+        )
+        assert not bad.ok and bad.structured["error"]["code"] == "invalid_input"
+    finally:
+        pyro.delete_task(task_id)

@@ -217,6 +217,21 @@ class TaskExecInput(_Input):
     task_id: str = _task_id()
     command: str = _command()
     timeout_seconds: int = _timeout_seconds()
+    cwd: str = Field(
+        default=limits.TASK_WORKSPACE,
+        description="Absolute guest folder to run in; files in /workspace persist.",
+        min_length=1,
+        max_length=4096,
+        pattern=r"^/",
+    )
+    env: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Extra environment variables as 'NAME=value' strings, e.g. ['DEBUG=1']; "
+            "they win over the login profile."
+        ),
+        max_length=limits.MAX_ENV_ENTRIES,
+    )
 
 
 class TaskIdInput(_Input):
@@ -614,9 +629,27 @@ def _run_task_create(pyro: Pyro, args: TaskCreateInput, ctx: ToolContext) -> Tas
     )
 
 
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidInputError(
+                f"env entry {pair!r} is not NAME=value", hint="write it as 'NAME=value'"
+            )
+        env[name] = value
+    return env
+
+
 def _run_task_exec(pyro: Pyro, args: TaskExecInput, ctx: ToolContext) -> TaskExecResult:
     del ctx
-    return pyro.exec_task(args.task_id, args.command, timeout_seconds=args.timeout_seconds)
+    return pyro.exec_task(
+        args.task_id,
+        args.command,
+        timeout_seconds=args.timeout_seconds,
+        cwd=args.cwd,
+        env=_env_pairs(args.env),
+    )
 
 
 def _run_task_status(pyro: Pyro, args: TaskIdInput, ctx: ToolContext) -> TaskInfo:
