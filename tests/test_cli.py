@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import state_leftovers, vmm_pids, wait_until
 from pyro_mcp._version import __version__
 from pyro_mcp.api import Pyro
 from pyro_mcp.models import ExecResult
@@ -56,29 +57,6 @@ def cli(
         check=False,
         stdin=subprocess.DEVNULL,
     )
-
-
-def vmm_pids(state_dir: Path) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and str(state_dir).encode() in cmdline:
-            pids.append(int(entry))
-    return pids
-
-
-def state_leftovers(state_dir: Path) -> list[str]:
-    """What is left of VMs in the state folder: their folders and their lock files
-    (the folder-wide ``.start.lock`` is not a VM's)."""
-    vms = state_dir / "vms"
-    if not vms.exists():
-        return []
-    return sorted(p.name for p in vms.iterdir() if p.name.startswith(("vm-", ".vm-")))
 
 
 def assert_clean(state_dir: Path) -> None:
@@ -256,15 +234,6 @@ def test_vm_list_shows_sdk_vms(vm_environment: str, state_dir: Path) -> None:
     assert_clean(state_dir)
 
 
-def _wait_for(predicate: object, timeout: float, what: str) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def _spawn_run(state_dir: Path, environment: str, command: Sequence[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*pyro_argv(), "run", environment, "--", *command],
@@ -299,14 +268,14 @@ def test_signalled_run_mid_command_is_reaped(
     notices its owner died and removes QEMU and the VM folder."""
     proc = _spawn_run(state_dir, vm_environment, ["sleep", "60"])
     try:
-        _wait_for(lambda: _vm_running(state_dir), 120, "the VM to run")
+        wait_until(lambda: _vm_running(state_dir), 120, "the VM to run")
         assert len(vmm_pids(state_dir)) == 1
         time.sleep(0.5)  # the command is running now
     finally:
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == returncode
-    _wait_for(lambda: not vmm_pids(state_dir), 15, "QEMU to exit")
-    _wait_for(lambda: not state_leftovers(state_dir), 15, "the VM folder to go")
+    wait_until(lambda: not vmm_pids(state_dir), 15, "QEMU to exit")
+    wait_until(lambda: not state_leftovers(state_dir), 15, "the VM folder to go")
     listed = cli(state_dir, "vm", "list", "--json")
     assert json.loads(listed.stdout) == []
 
@@ -317,7 +286,7 @@ def test_sigkilled_run_during_boot_is_reaped(vm_environment: str, state_dir: Pat
     waiting for it, or else the next invocation does."""
     proc = _spawn_run(state_dir, vm_environment, ["true"])
     try:
-        _wait_for(
+        wait_until(
             lambda: any((state_dir / "vms").glob("vm-*/launch.json")), 120, "the VM to launch"
         )
     finally:
@@ -333,4 +302,4 @@ def test_sigkilled_run_during_boot_is_reaped(vm_environment: str, state_dir: Pat
     if not clean():  # killed before the supervisor started: the next invocation reaps
         listed = cli(state_dir, "vm", "list", "--json")
         assert json.loads(listed.stdout) == []
-        _wait_for(clean, 30, "QEMU and the VM folder to go")
+        wait_until(clean, 30, "QEMU and the VM folder to go")

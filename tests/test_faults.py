@@ -18,12 +18,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers import qemu_pids, supervisor_pids, wait_until
 from pyro_mcp.api import Pyro
 from pyro_mcp.environments.store import EnvironmentStore
 from pyro_mcp.errors import (
@@ -61,45 +62,6 @@ def qpyro(vm_environment: str, state_dir: Path) -> Iterator[Pyro]:
 
 
 # --------------------------------------------------------------------- helpers
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
-        time.sleep(0.05)
-
-
-def qemu_pids(state_dir: Path) -> list[int]:
-    """QEMU processes whose command line names a file under ``state_dir``."""
-    found = []
-    needle = str(state_dir).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and needle in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def supervisor_pids(state_dir: Path) -> list[int]:
-    found = []
-    needle = str(state_dir).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"pyro_mcp.supervisor" in cmdline and needle in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def records(state_dir: Path) -> dict[str, dict[str, Any]]:

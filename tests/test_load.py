@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import pytest
 
+from helpers import qemu_pids, supervisor_pids
 from mcp_helpers import PYRO, mcp_session, serve_params, structured
 from pyro_mcp.api import Pyro
 from pyro_mcp.models import TaskExecResult
@@ -57,26 +58,11 @@ print(json.dumps({"stdout": r.stdout, "stderr": r.stderr, "exit_code": r.exit_co
 """
 
 
-def leftover_processes(state_dir: Path) -> list[int]:
-    found = []
-    needle = str(state_dir).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmdline and (b"qemu-system" in cmdline or b"pyro_mcp.supervisor" in cmdline):
-            found.append(int(entry.name))
-    return found
-
-
 def wait_for_no_leftovers(state_dir: Path) -> None:
     """Deletion returns once the VMM is dead; its supervisor exits right after."""
     deadline = time.monotonic() + 20
-    while leftover_processes(state_dir):
-        assert time.monotonic() < deadline, f"still running: {leftover_processes(state_dir)}"
+    while leftover := qemu_pids(state_dir) + supervisor_pids(state_dir):
+        assert time.monotonic() < deadline, f"still running: {leftover}"
         time.sleep(0.05)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import state_leftovers, vmm_pids, wait_until
 from pyro_mcp.api import Pyro
 from pyro_mcp.errors import NotFoundError, VMStateError
 from pyro_mcp.manager import ExecOutcome
@@ -31,41 +32,6 @@ def _on_backend(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """Run every test on each available backend, whatever `auto` would choose here
     (CLI subprocesses inherit it)."""
     monkeypatch.setenv("PYRO_BACKEND", backend)
-
-
-def vmm_pids(state_dir: Path) -> list[int]:
-    """One process per running VM under ``state_dir``: its QEMU, or its `runsc run`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        args = cmdline.split(b"\0")
-        is_vmm = b"qemu-system" in cmdline or (b"runsc" in args[0] and b"run" in args)
-        if is_vmm and str(state_dir).encode() in cmdline:
-            pids.append(int(entry))
-    return pids
-
-
-def state_leftovers(state_dir: Path) -> list[str]:
-    """What is left of VMs in the state folder: their folders and their lock files
-    (the folder-wide ``.start.lock`` is not a VM's)."""
-    vms = state_dir / "vms"
-    if not vms.exists():
-        return []
-    return sorted(p.name for p in vms.iterdir() if p.name.startswith(("vm-", ".vm-")))
-
-
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def started_vm(pyro: Pyro, environment: str, ttl_seconds: int = 600) -> str:
