@@ -45,7 +45,13 @@ from pyro_mcp.errors import (
 from pyro_mcp.models import BootKind, ExecResult, ReapResult, VMInfo
 from pyro_mcp.pool import WarmPool
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
-from pyro_mcp.state import ProcessId, read_json, record_lock, write_json_atomic
+from pyro_mcp.state import (
+    ProcessId,
+    read_json,
+    record_lock,
+    remove_orphan_locks,
+    write_json_atomic,
+)
 from pyro_mcp.vmm import BackendChoice, execution_mode
 
 BASE_ENV = {
@@ -656,11 +662,7 @@ class VMManager:
             with contextlib.suppress(NotFoundError, InvalidInputError):
                 self.delete(vm_id, reason=reason)
                 reasons[vm_id] = reason
-        # Lock files of VMs that are gone (e.g. reaped by their own supervisor).
-        with contextlib.suppress(OSError):
-            for lock_path in self.vms_dir.glob(".vm-*.lock"):
-                if not (self.vms_dir / lock_path.name[1:-5]).exists():
-                    lock_path.unlink(missing_ok=True)
+        remove_orphan_locks(self.vms_dir, "vm-")
         return ReapResult(reaped=sorted(reasons), reasons=reasons)
 
     # -- one-shot -----------------------------------------------------------

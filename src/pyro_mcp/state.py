@@ -71,6 +71,15 @@ def record_lock(lock_path: Path, record_dir: Path) -> Iterator[None]:
                 lock_path.unlink()
 
 
+def remove_orphan_locks(folder: Path, prefix: str) -> None:
+    """Remove ``.<prefix>*.lock`` files in ``folder`` whose record folder is gone
+    (e.g. a VM reaped by its own supervisor)."""
+    with contextlib.suppress(OSError):
+        for lock_path in folder.glob(f".{prefix}*.lock"):
+            if not (folder / lock_path.name[1:-5]).exists():
+                lock_path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class ProcessId:
     """A process named by pid *and* start time, so a reused pid is not mistaken for it."""

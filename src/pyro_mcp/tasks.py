@@ -53,7 +53,13 @@ from pyro_mcp.models import (
     WorkspaceSeed,
 )
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
-from pyro_mcp.state import ProcessId, read_json, record_lock, write_json_atomic
+from pyro_mcp.state import (
+    ProcessId,
+    read_json,
+    record_lock,
+    remove_orphan_locks,
+    write_json_atomic,
+)
 from pyro_mcp.vmm import host_compat
 from pyro_mcp.vmm.base import VMPaths
 from pyro_mcp.workspace.archive import SeedLimits
@@ -549,10 +555,7 @@ class TaskManager:
             with contextlib.suppress(NotFoundError, InvalidInputError):
                 self.delete(task_id)
                 reasons[task_id] = reason
-        with contextlib.suppress(OSError):
-            for lock_path in self.tasks_dir.glob(".task-*.lock"):
-                if not (self.tasks_dir / lock_path.name[1:-5]).exists():
-                    lock_path.unlink(missing_ok=True)
+        remove_orphan_locks(self.tasks_dir, "task-")
         return ReapResult(reaped=sorted(reasons), reasons=reasons)
 
     # -- one-shot in host_compat ---------------------------------------------
