@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.api import Pyro
+from pyro_mcp.records import VMRecord
 from pyro_mcp.state import read_json
 
 ENV = os.environ.get("PYRO_BENCH_ENV", "debian:12-base")
@@ -139,9 +140,10 @@ def main() -> None:
     manager.exec(info.vm_id, ["true"])
     rtt = timed(lambda: manager.exec(info.vm_id, ["true"]), max(20, runs))
     results["exec_round_trip"] = summary("exec true on a running VM", rtt)
-    record = read_json(state / "vms" / info.vm_id / "vm.json")
-    vmm_pid = record["vmm"]["pid"]
-    sup_pid = record["supervisor"]["pid"]
+    runtime = VMRecord.from_dict(read_json(state / "vms" / info.vm_id / "vm.json")).runtime
+    assert runtime.vmm is not None and runtime.supervisor is not None
+    vmm_pid = runtime.vmm.pid
+    sup_pid = runtime.supervisor.pid
     results["rss_restored_vm_mib"] = {
         "vmm_rss": round(rss_kib(vmm_pid) / 1024, 1),
         "vmm_peak": round(rss_kib(vmm_pid, "VmHWM") / 1024, 1),
@@ -159,7 +161,7 @@ def main() -> None:
     results["concurrent_4_runs"] = summary("4 concurrent run_in_vm (wall)", timed(concurrent, 3))
 
     with Pyro(state_dir=state, pool_size=1, pool_environment=ENV) as pooled_pyro:
-        pool = pooled_pyro.manager.pool
+        pool = pooled_pyro.pool
         assert pool is not None
 
         def pooled() -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.api import Pyro
-from pyro_mcp.manager import BASE_ENV
+from pyro_mcp.commands import BASE_ENV
 
 ENV = os.environ.get("PYRO_BENCH_ENV", "debian:12")
 NATIVE_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else "python3"

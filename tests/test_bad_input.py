@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from pyro_mcp.api import Pyro
+from pyro_mcp.commands import ExecOptions
 from pyro_mcp.errors import InvalidInputError, NotFoundError, PyroError, StateError, VMStateError
 
 ENV = "debian:12-base"
@@ -115,7 +116,7 @@ def test_bad_exec_arguments_leave_the_vm_alone(pyro: Pyro, vm_environment: str) 
         lambda: pyro.exec_vm(vm, "true", env={"1BAD": "x"}),
         lambda: pyro.exec_vm(vm, "true", cwd="relative"),
         lambda: pyro.exec_vm(vm, "true", stdout_cap=0),
-        lambda: pyro.manager.exec(vm, "true", timeout_seconds=-1),
+        lambda: pyro.manager.exec(vm, "true", ExecOptions.checked(timeout_seconds=-1)),
     ]
     for call in bad:
         with pytest.raises(InvalidInputError):
@@ -123,7 +124,7 @@ def test_bad_exec_arguments_leave_the_vm_alone(pyro: Pyro, vm_environment: str) 
         assert pyro.status_vm(vm).status == "running"
     # A cwd that does not exist in the guest is the guest's error, not a crash.
     with pytest.raises(PyroError):
-        pyro.manager.exec(vm, "true", cwd="/no/such/dir")
+        pyro.manager.exec(vm, "true", ExecOptions.checked(cwd="/no/such/dir"))
     result = pyro.exec_vm(vm, "echo fine")
     assert result.stdout == "fine\n"
     assert result.cleanup is not None and result.cleanup.deleted

@@ -26,6 +26,7 @@ import pytest
 
 from helpers import qemu_pids, supervisor_pids, wait_until
 from pyro_mcp.api import Pyro
+from pyro_mcp.commands import ExecOptions
 from pyro_mcp.environments.store import EnvironmentStore
 from pyro_mcp.errors import (
     BackendUnavailableError,
@@ -218,7 +219,7 @@ def test_sigkill_of_qemu_under_a_running_vm(
 
     def in_flight() -> None:
         try:
-            outcome["result"] = m.exec(vm_id, "sleep 300", timeout_seconds=600)
+            outcome["result"] = m.exec(vm_id, "sleep 300", ExecOptions.checked(timeout_seconds=600))
         except PyroError as exc:
             outcome["error"] = exc
 
@@ -378,11 +379,13 @@ def test_full_state_disk(vm_environment: str, small_state_dir: Path) -> None:
     vm_id = started_vm(pyro, vm_environment)
     m = pyro.manager
     out = m.exec(
-        vm_id, "dd if=/dev/zero of=/root/big bs=1M count=32 conv=fsync", timeout_seconds=60
+        vm_id,
+        "dd if=/dev/zero of=/root/big bs=1M count=32 conv=fsync",
+        ExecOptions.checked(timeout_seconds=60),
     )
     assert not out.timed_out
     assert out.exit_code != 0 and b"Input/output error" in out.stderr, out.stderr
-    alive = m.exec(vm_id, "echo alive", timeout_seconds=60)
+    alive = m.exec(vm_id, "echo alive", ExecOptions.checked(timeout_seconds=60))
     assert alive.stdout == b"alive\n"
     for rec in records(state).values():  # every record still parses
         assert rec["status"] in ("created", "running")

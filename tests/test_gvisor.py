@@ -19,6 +19,7 @@ import pytest
 from pyro_mcp.api import Pyro
 from pyro_mcp.errors import BackendUnavailableError, GuestProtocolError
 from pyro_mcp.manager import VMManager
+from pyro_mcp.records import VMRecord
 from pyro_mcp.state import read_json
 from pyro_mcp.vmm import EXECUTION_MODES, execution_mode
 from pyro_mcp.vmm import gvisor as g
@@ -240,8 +241,9 @@ def test_supervisor_crash_takes_the_sandbox_down_and_is_reaped(
     pyro.start_vm(vm)
     vm_dir = state_dir / "vms" / vm
     assert pyro.manager.exec(vm, "sleep 300 &").exit_code == 0
-    record = read_json(vm_dir / "vm.json")
-    os.kill(record["supervisor"]["pid"], signal.SIGKILL)
+    supervisor = VMRecord.from_dict(read_json(vm_dir / "vm.json")).runtime.supervisor
+    assert supervisor is not None
+    os.kill(supervisor.pid, signal.SIGKILL)
     # runsc run dies with its supervisor; the --attached sandbox and its gofer with it.
     wait_for(lambda: sandbox_pids(vm_dir) == [], 15, "the sandbox to exit with its supervisor")
     assert pyro.status_vm(vm).status == "stopped"

@@ -31,6 +31,7 @@ import pytest
 from helpers import qemu_pids, wait_until
 from pyro_mcp import limits
 from pyro_mcp.api import Pyro
+from pyro_mcp.commands import ExecOptions
 from pyro_mcp.errors import (
     GuestProtocolError,
     InvalidInputError,
@@ -149,9 +150,11 @@ def test_fork_bomb_in_the_foreground_is_killed_at_its_timeout(
     vm_id = started_vm(qpyro, vm_environment)
     with Ticker() as ticker:
         started = time.monotonic()
-        bomb = m.exec(vm_id, "bash -c ':(){ :|:& };:; sleep 100'", timeout_seconds=5)
+        bomb = m.exec(
+            vm_id, "bash -c ':(){ :|:& };:; sleep 100'", ExecOptions.checked(timeout_seconds=5)
+        )
         elapsed = time.monotonic() - started
-        after = m.exec(vm_id, "echo alive", timeout_seconds=60)
+        after = m.exec(vm_id, "echo alive", ExecOptions.checked(timeout_seconds=60))
     assert bomb.timed_out and bomb.exit_code == 137
     assert elapsed < 5 + SLACK_S
     assert (after.exit_code, after.stdout) == (0, b"alive\n")
@@ -170,9 +173,11 @@ def test_memory_hog_is_killed_by_the_guest_oom_killer(
     vm_id = started_vm(qpyro, vm_environment)
     with Ticker() as ticker:
         started = time.monotonic()
-        hog = m.exec(vm_id, "head -c 600m /dev/zero | tail", timeout_seconds=120)
+        hog = m.exec(
+            vm_id, "head -c 600m /dev/zero | tail", ExecOptions.checked(timeout_seconds=120)
+        )
         elapsed = time.monotonic() - started
-        after = m.exec(vm_id, "echo alive", timeout_seconds=60)
+        after = m.exec(vm_id, "echo alive", ExecOptions.checked(timeout_seconds=60))
     assert hog.exit_code != 0 and not hog.timed_out, hog
     assert elapsed < 120 + SLACK_S
     assert (after.exit_code, after.stdout) == (0, b"alive\n")
@@ -193,14 +198,16 @@ def test_disk_filler_is_bounded_by_the_image(
     overlay = state_dir / "vms" / vm_id / "disk.qcow2"
     with Ticker() as ticker:
         fill = m.exec(
-            vm_id, "dd if=/dev/zero of=/root/fill bs=1M; sync; df -k /", timeout_seconds=300
+            vm_id,
+            "dd if=/dev/zero of=/root/fill bs=1M; sync; df -k /",
+            ExecOptions.checked(timeout_seconds=300),
         )
     assert not fill.timed_out
     assert b"No space left on device" in fill.stderr, fill.stderr
     used = overlay.stat().st_blocks * 512
     assert overlay.stat().st_size <= image_bytes + (64 << 20)
     assert used <= image_bytes + (64 << 20)
-    after = m.exec(vm_id, "rm /root/fill && echo alive", timeout_seconds=60)
+    after = m.exec(vm_id, "rm /root/fill && echo alive", ExecOptions.checked(timeout_seconds=60))
     assert (after.exit_code, after.stdout) == (0, b"alive\n")
     ticker.assert_responsive()
     qpyro.delete_vm(vm_id)
@@ -223,8 +230,7 @@ def test_100_mb_of_stdout_is_truncated_at_the_cap(
         out = m.exec(
             vm_id,
             "head -c 100000000 /dev/zero; echo done >&2",
-            timeout_seconds=120,
-            stdout_cap=cap,
+            ExecOptions.checked(timeout_seconds=120, stdout_cap=cap),
         )
         elapsed = time.monotonic() - started
     assert (out.exit_code, out.timed_out) == (0, False)
@@ -353,7 +359,7 @@ def test_a_warm_pool_refused_by_the_cap_leaves_no_records(
     with Pyro(
         state_dir=state_dir, backend="qemu", pool_size=1, pool_environment=vm_environment
     ) as pooled:
-        pool = pooled.manager.pool
+        pool = pooled.pool
         assert pool is not None
         wait_until(lambda: "limit" in (pool.last_error or ""), 60, "the pool to hit the cap")
         assert [v.vm_id for v in pooled.list_vms()] == [first]
@@ -401,7 +407,7 @@ def test_garbage_on_the_agent_channel_fails_that_vm_only(
         m.exec(
             victim,
             HIJACK + "while :; do head -c 4096 /dev/urandom; sleep 0.2; done > /dev/vport0p1",
-            timeout_seconds=20,
+            ExecOptions.checked(timeout_seconds=20),
         )
     assert time.monotonic() - started < 20 + SLACK_S
     assert "protocol" in caught.value.message or "did not finish" in caught.value.message
@@ -454,7 +460,7 @@ def test_forged_frames_cannot_exceed_the_host_side_caps(
     )
     cap = 1 << 20
     with Ticker() as ticker:
-        out = m.exec(vm_id, script, timeout_seconds=30, stdout_cap=cap)
+        out = m.exec(vm_id, script, ExecOptions.checked(timeout_seconds=30, stdout_cap=cap))
     assert out.exit_code == 7  # the forged EXIT: the guest owns its own results
     assert out.stdout_truncated and out.stdout == b"A" * cap
     assert peak_rss_kib(supervisor) < 128 * 1024

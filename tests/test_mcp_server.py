@@ -26,7 +26,8 @@ def _vm_records(state_dir: Path) -> list[dict[str, Any]]:
     out = []
     for vm_json in sorted((state_dir / "vms").glob("vm-*/vm.json")):
         try:
-            out.append(json.loads(vm_json.read_text()))
+            data = json.loads(vm_json.read_text())
+            out.append({**data["config"], **data["runtime"]})
         except (OSError, ValueError):
             continue  # mid-write or mid-delete
     return out

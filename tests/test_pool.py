@@ -12,7 +12,7 @@ from pyro_mcp.errors import PyroError
 
 def test_pooled_runs_use_fresh_vms_once(vm_environment: str, state_dir: Path) -> None:
     with Pyro(state_dir=state_dir, pool_size=1, pool_environment=vm_environment) as pyro:
-        pool = pyro.manager.pool
+        pool = pyro.pool
         assert pool is not None
         assert pool.wait_ready(120), pool.last_error
         first = pyro.run_in_vm(vm_environment, "echo one > /root/marker; cat /root/marker")

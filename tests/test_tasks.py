@@ -24,7 +24,7 @@ import pytest
 
 from pyro_mcp.api import Pyro
 from pyro_mcp.errors import InvalidInputError, NotFoundError
-from pyro_mcp.state import ProcessId, read_json
+from pyro_mcp.state import read_json
 from pyro_mcp.workspace.archive import UnsafeSeedError
 
 pytestmark = pytest.mark.vm
@@ -312,8 +312,7 @@ def test_failed_seed_leaves_nothing(
 
 def test_tasks_are_reaped_at_their_ttl(tasks: Pyro, vm_environment: str, state_dir: Path) -> None:
     info = tasks.create_task(vm_environment, ttl_seconds=10)
-    vm_record = read_json(state_dir / "vms" / str(info.vm_id) / "vm.json")
-    vmm = ProcessId.from_dict(vm_record["vmm"])
+    vmm = tasks.manager.records.load(str(info.vm_id)).runtime.vmm
     assert vmm is not None and vmm.alive()
     time.sleep(max(0.0, info.expires_at - time.time()) + 1.0)
     reaped = tasks.reap_expired()

@@ -19,10 +19,11 @@ import pytest
 
 from helpers import state_leftovers, vmm_pids, wait_until
 from pyro_mcp.api import Pyro
+from pyro_mcp.commands import ExecOptions
 from pyro_mcp.errors import NotFoundError, VMStateError
 from pyro_mcp.manager import ExecOutcome
 from pyro_mcp.progress import no_progress
-from pyro_mcp.state import read_json, write_json_atomic
+from pyro_mcp.state import read_json
 
 pytestmark = pytest.mark.vm
 
@@ -83,7 +84,7 @@ def test_string_is_login_shell_and_callers_env_wins(pyro: Pyro, vm_environment: 
     assert out(seen).splitlines()[1].startswith("/from/profile:")
     # ... but what the caller passes wins over it.
     env = {"FROM_PROFILE": "caller", "PATH": "/caller/bin:/usr/bin:/bin"}
-    won = m.exec(vm, 'echo "$FROM_PROFILE"; echo "$PATH"', env=env)
+    won = m.exec(vm, 'echo "$FROM_PROFILE"; echo "$PATH"', ExecOptions.checked(env=env))
     assert out(won) == "caller\n/caller/bin:/usr/bin:/bin\n"
     # A list is the exact argv: no shell, no profile, no expansion.
     exact = m.exec(vm, ["sh", "-c", 'echo "[$FROM_PROFILE]"'])
@@ -111,7 +112,9 @@ def test_missing_program_exits_127(pyro: Pyro, vm_environment: str) -> None:
 def test_timeout_kills_the_whole_process_group(pyro: Pyro, vm_environment: str) -> None:
     vm = started_vm(pyro, vm_environment)
     m = pyro.manager
-    timed = m.exec(vm, "sleep 100 & echo $! > /tmp/pid; sleep 100", timeout_seconds=2)
+    timed = m.exec(
+        vm, "sleep 100 & echo $! > /tmp/pid; sleep 100", ExecOptions.checked(timeout_seconds=2)
+    )
     assert timed.timed_out
     assert timed.exit_code == 128 + signal.SIGKILL
     # The backgrounded sleep was in the command's process group: it is gone too
@@ -219,8 +222,9 @@ def test_ttl_reaping(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
     reaped_by_itself = started_vm(pyro, vm_environment, ttl_seconds=10)
     orphan = started_vm(pyro, vm_environment, ttl_seconds=10)
     assert len(vmm_pids(state_dir)) == 2
-    record = read_json(state_dir / "vms" / orphan / "vm.json")
-    os.kill(record["supervisor"]["pid"], signal.SIGKILL)
+    supervisor = pyro.manager.records.load(orphan).runtime.supervisor
+    assert supervisor is not None
+    os.kill(supervisor.pid, signal.SIGKILL)
     # QEMU dies with its supervisor; the VM now shows as stopped, not running.
     wait_until(lambda: len(vmm_pids(state_dir)) == 1, 10, "the orphan's QEMU to exit")
     assert pyro.status_vm(orphan).status == "stopped"
@@ -229,7 +233,7 @@ def test_ttl_reaping(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
     expires_at = max(pyro.status_vm(v).expires_at for v in (reaped_by_itself, orphan))
     # A command still running when the TTL ends is cut off, with an error naming the TTL.
     with pytest.raises(VMStateError) as cut_off:
-        pyro.manager.exec(reaped_by_itself, "sleep 60", timeout_seconds=60)
+        pyro.manager.exec(reaped_by_itself, "sleep 60", ExecOptions.checked(timeout_seconds=60))
     assert "TTL" in cut_off.value.message
     assert cut_off.value.hint
     wait_until(lambda: time.time() > expires_at + 0.5, 20, "the TTL to pass")
@@ -257,8 +261,8 @@ def test_supervisor_whose_creator_vanished_during_boot(
     m = pyro.manager
     vm = m.create(vm_environment, owner_pid=os.getpid() if ephemeral else None).vm_id
     vm_dir = state_dir / "vms" / vm
-    launch = m._prepare_launch(read_json(vm_dir / "vm.json"), no_progress)
-    write_json_atomic(vm_dir / "launch.json", launch)
+    launch, _ = m._prepare_launch(m.records.load(vm), no_progress)
+    launch.write(vm_dir / "launch.json")
     read_end, write_end = os.pipe()
     os.close(read_end)  # the creator is gone before the VM is ready
     with (vm_dir / "supervisor.log").open("ab") as log:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyro_mcp import limits
+from pyro_mcp.commands import ExecOptions
 from pyro_mcp.errors import PyroError, VMStateError
 from pyro_mcp.manager import VMManager
 from pyro_mcp.models import (
@@ -31,6 +32,7 @@ from pyro_mcp.progress import ProgressFn, no_progress
 from pyro_mcp.tasks import TaskManager
 
 if TYPE_CHECKING:
+    from pyro_mcp.pool import WarmPool
     from pyro_mcp.workspace.archive import SeedLimits
 
 
@@ -60,29 +62,35 @@ class Pyro:
         self._manager = VMManager(state_root=root, backend=backend)
         self._tasks = TaskManager(self._manager, allow_host_compat=allow_host_compat)
         self._progress = progress
+        self._pool: WarmPool | None = None
         if reap:
-            with contextlib.suppress(Exception):
-                self._manager.reap_expired()
-            with contextlib.suppress(Exception):
-                self._tasks.reap_expired()
+            # Leftovers of dead processes; a reap that fails (e.g. a record of another
+            # pyro-mcp version) must not stop this one from working.
+            with contextlib.suppress(PyroError, OSError):
+                self.reap_expired()
         if pool_size:
             from pyro_mcp.environments.catalog import get_spec
             from pyro_mcp.pool import PoolKey, WarmPool
 
             key = PoolKey(get_spec(pool_environment).name)
-            self._manager.pool = WarmPool(self._manager, key, pool_size)
+            self._pool = WarmPool(self._manager, key, pool_size)
 
     def close(self) -> None:
         """Tear down idle pool VMs now (they would die with this process anyway)."""
-        if self._manager.pool is not None:
-            self._manager.pool.close()
-            self._manager.pool = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def __enter__(self) -> Pyro:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def pool(self) -> WarmPool | None:
+        """The warm pool of one-shot VMs, if ``pool_size`` > 0."""
+        return self._pool
 
     @property
     def manager(self) -> VMManager:
@@ -119,40 +127,45 @@ class Pyro:
         timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
         ttl_seconds: int = limits.DEFAULT_TTL_SECONDS,
         network: bool = False,
-        cwd: str = "/root",
+        cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
     ) -> ExecResult:
         """Run one command in a fresh VM that is always deleted afterwards.
 
-        ``command`` is a shell string (run by ``sh -lc``) or an exact argv list.
+        ``command`` is a shell string (run by ``sh -lc``) or an exact argv list;
+        ``cwd=None`` is the environment's own working directory (``/root``).
         """
-        if self._tasks.selects_host_compat():
-            return self._tasks.run_host_compat(
-                environment,
-                command,
-                timeout_seconds=timeout_seconds,
-                cwd=cwd,
-                env=env,
-                stdout_cap=stdout_cap,
-                stderr_cap=stderr_cap,
-                progress=self._progress,
-            )
-        return self._manager.run(
-            environment,
-            command,
-            vcpu_count=vcpu_count,
-            mem_mib=mem_mib,
-            timeout_seconds=timeout_seconds,
-            ttl_seconds=ttl_seconds,
-            network=network,
+        cmd = limits.check_command(command)
+        opts = ExecOptions.checked(
             cwd=cwd,
             env=env,
+            timeout_seconds=timeout_seconds,
             stdout_cap=stdout_cap,
             stderr_cap=stderr_cap,
-            progress=self._progress,
         )
+        if self._tasks.selects_host_compat():
+            return self._tasks.run_host_compat(environment, cmd, opts, progress=self._progress)
+        pooled = None
+        if self._pool is not None and not network:
+            limits.check_ttl(ttl_seconds)
+            pooled = self._pool.take(environment, vcpu_count, mem_mib)
+        try:
+            return self._manager.run(
+                environment,
+                cmd,
+                opts,
+                vcpu_count=vcpu_count,
+                mem_mib=mem_mib,
+                ttl_seconds=ttl_seconds,
+                network=network,
+                vm=pooled,
+                progress=self._progress,
+            )
+        finally:
+            if pooled is not None and self._pool is not None:
+                self._pool.replenish()  # after the run, so the restore does not compete
 
     # -- lifecycle ----------------------------------------------------------
     def create_vm(
@@ -182,7 +195,7 @@ class Pyro:
         command: str | Sequence[str],
         *,
         timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
-        cwd: str = "/root",
+        cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
@@ -193,11 +206,13 @@ class Pyro:
         """
         # Bad arguments or a VM that is not running leave the VM alone.
         cmd = limits.check_command(command)
-        limits.check_env(env)
-        limits.check_cwd(cwd)
-        limits.check_timeout(timeout_seconds)
-        limits.check_output_cap("stdout_cap", stdout_cap)
-        limits.check_output_cap("stderr_cap", stderr_cap)
+        opts = ExecOptions.checked(
+            cwd=cwd,
+            env=env,
+            timeout_seconds=timeout_seconds,
+            stdout_cap=stdout_cap,
+            stderr_cap=stderr_cap,
+        )
         info = self._manager.status(vm_id)
         if info.status != "running":
             raise VMStateError(
@@ -205,18 +220,9 @@ class Pyro:
                 hint="start it with start_vm first",
             )
         try:
-            outcome = self._manager.exec(
-                vm_id,
-                cmd,
-                cwd=cwd,
-                env=env,
-                timeout_seconds=timeout_seconds,
-                stdout_cap=stdout_cap,
-                stderr_cap=stderr_cap,
-                progress=self._progress,
-            )
+            outcome = self._manager.exec(vm_id, cmd, opts, progress=self._progress)
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(PyroError):
                 self._manager.delete(vm_id, reason="exec finished")
         return self._manager.result(info, cmd, outcome, deleted=True, reason="exec finished")
 
@@ -234,12 +240,35 @@ class Pyro:
         return self._manager.list()
 
     def network_info_vm(self, vm_id: str) -> NetworkInfo:
+        """The network interfaces the guest really has (asked of the running guest)."""
         info = self._manager.status(vm_id)
+        if info.status != "running":
+            return NetworkInfo(
+                vm_id=vm_id,
+                network_enabled=info.network,
+                interfaces=[],
+                detail=f"the VM is {info.status}; start it to see its interfaces",
+            )
+        outcome = self._manager.exec(
+            vm_id, ["cat", "/proc/net/dev"], ExecOptions.checked(timeout_seconds=10)
+        )
+        if outcome.exit_code != 0:
+            raise VMStateError(
+                f"could not read the guest's interfaces: {outcome.stderr.decode(errors='replace')}",
+                hint="the environment needs `cat`; check the VM with `pyro vm status`",
+            )
+        interfaces = [
+            line.split(":", 1)[0].strip()
+            for line in outcome.stdout.decode(errors="replace").splitlines()[2:]
+            if ":" in line
+        ]
+        detail = (
+            "guest networking is off: the guest has loopback only"
+            if interfaces == ["lo"]
+            else f"the guest has {', '.join(interfaces) or 'no interfaces'}"
+        )
         return NetworkInfo(
-            vm_id=vm_id,
-            network_enabled=info.network,
-            interfaces=["lo"],
-            detail="guest networking is off: the guest has loopback only",
+            vm_id=vm_id, network_enabled=info.network, interfaces=interfaces, detail=detail
         )
 
     # -- tasks --------------------------------------------------------------
@@ -285,23 +314,22 @@ class Pyro:
         command: str | Sequence[str],
         *,
         timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
-        cwd: str = limits.TASK_WORKSPACE,
+        cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
     ) -> TaskExecResult:
-        """Run one command in the task (cwd /workspace by default); files persist
-        for the next. A command that times out is killed; the task stays."""
-        return self._tasks.exec(
-            task_id,
-            command,
-            timeout_seconds=timeout_seconds,
+        """Run one command in the task (``cwd=None``: /workspace); files persist for
+        the next. A command that times out is killed; the task stays."""
+        cmd = limits.check_command(command)
+        opts = ExecOptions.checked(
             cwd=cwd,
             env=env,
+            timeout_seconds=timeout_seconds,
             stdout_cap=stdout_cap,
             stderr_cap=stderr_cap,
-            progress=self._progress,
         )
+        return self._tasks.exec(task_id, cmd, opts, progress=self._progress)
 
     def status_task(self, task_id: str) -> TaskInfo:
         return self._tasks.status(task_id)
@@ -315,8 +343,7 @@ class Pyro:
 
     def reap_expired(self) -> ReapResult:
         """Remove VMs and tasks past their TTL, and leftovers of dead processes."""
-        vms = self._manager.reap_expired()
+        reasons = self._manager.reap_expired()
         tasks = self._tasks.reap_expired()
-        return ReapResult(
-            reaped=sorted([*vms.reaped, *tasks.reaped]), reasons={**vms.reasons, **tasks.reasons}
-        )
+        reasons.update(tasks.reasons)
+        return ReapResult(reaped=sorted(reasons), reasons=reasons)

@@ -220,3 +220,28 @@ def check_cwd(cwd: object) -> str:
         )
     _utf8_len(cwd, "cwd")
     return cwd
+
+
+def parse_env_pairs(pairs: Sequence[str], *, what: str = "env") -> dict[str, str]:
+    """``["NAME=value", ...]`` (the CLI's ``--env`` and the MCP tools' ``env``) as a dict."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidInputError(
+                f"{what} entry {pair!r} is not NAME=value", hint="write it as NAME=value"
+            )
+        env[name] = value
+    return check_env(env)
+
+
+def check_network(network: object) -> bool:
+    """``network`` is a boolean; guest networking itself is not available yet."""
+    if not isinstance(network, bool):
+        raise InvalidInputError("network must be true or false")
+    if network:
+        raise InvalidInputError(
+            "guest networking is not available yet in this version of pyro-mcp",
+            hint="run without network (guests have loopback only)",
+        )
+    return network

@@ -1,36 +1,33 @@
-"""VM lifecycle and state: create, start, exec, stop, delete, list, reap.
+"""VM lifecycle: create, start, exec, stop, delete, list, reap.
 
-Each VM is one folder under ``<state>/vms/<vm_id>`` holding its record
-(``vm.json``, atomic and versioned), its disk overlay and the sockets of its
-supervisor. Lifecycle changes hold the VM's file lock; execs go straight to
-the supervisor, which runs several at once.
+Each VM is one folder under ``<state>/vms/<vm_id>`` holding its typed record
+(``vm.json``, see :mod:`pyro_mcp.records`), its launch record, its disks and
+the sockets of its supervisor. Lifecycle changes hold the VM's file lock;
+execs go straight to the supervisor (:mod:`pyro_mcp.control`), which runs
+several at once. Nothing here names a backend: what differs between backends
+lives behind :mod:`pyro_mcp.vmm`.
 """
 
 from __future__ import annotations
 
-import base64
 import builtins
 import contextlib
-import errno
-import json
 import os
-import secrets
 import select
-import shlex
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from pyro_mcp import limits, paths
+from pyro_mcp import control, limits, paths
+from pyro_mcp.commands import VM_DEFAULT_CWD, ExecOptions, build_argv
 from pyro_mcp.errors import (
     BackendUnavailableError,
     BootError,
@@ -42,26 +39,12 @@ from pyro_mcp.errors import (
     StateError,
     VMStateError,
 )
-from pyro_mcp.models import BootKind, ExecResult, ReapResult, VMInfo
-from pyro_mcp.pool import WarmPool
+from pyro_mcp.models import BootKind, CleanupInfo, ExecResult, VMInfo
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
-from pyro_mcp.state import (
-    ProcessId,
-    read_json,
-    record_lock,
-    remove_orphan_locks,
-    write_json_atomic,
-)
+from pyro_mcp.records import RecordStore, VMConfig, VMRecord, VMRuntime, state_dir_error
+from pyro_mcp.state import ProcessId, read_json
 from pyro_mcp.vmm import BackendChoice, execution_mode
 
-BASE_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/root",
-    "USER": "root",
-    "LOGNAME": "root",
-    "LANG": "C.UTF-8",
-    "TERM": "dumb",
-}
 DEFAULT_BOOT_TIMEOUT = 90.0
 HOST_COMPAT_OPT_IN = (
     "or, without a VM, opt in to running on this host confined by bubblewrap (weaker "
@@ -80,15 +63,6 @@ class ExecOutcome:
     duration_ms: int
 
 
-def build_argv(command: str | list[str], env: Mapping[str, str]) -> list[str]:
-    """A string runs under ``sh -lc``; the caller's env is re-exported after the
-    login profile so it wins over what the profile sets (PATH above all)."""
-    if isinstance(command, list):
-        return command
-    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
-    return ["sh", "-lc", exports + command]
-
-
 class VMManager:
     def __init__(
         self,
@@ -99,9 +73,16 @@ class VMManager:
     ) -> None:
         self.state_root = state_root or paths.state_dir()
         self.vms_dir = self.state_root / "vms"
+        self.records: RecordStore[VMRecord] = RecordStore(
+            self.vms_dir,
+            kind="VM",
+            filename="vm.json",
+            decode=VMRecord.from_dict,
+            check_id=limits.check_vm_id,
+            list_hint="list VMs with `pyro vm list`",
+        )
         self._store = store
         self._backend_name = backend or os.environ.get("PYRO_BACKEND") or "auto"
-        self.pool: WarmPool | None = None
 
     # -- helpers ------------------------------------------------------------
     @property
@@ -111,30 +92,6 @@ class VMManager:
 
             self._store = EnvironmentStore()
         return self._store
-
-    def _vm_dir(self, vm_id: str) -> Path:
-        return self.vms_dir / limits.check_vm_id(vm_id)
-
-    def _lock(self, vm_id: str) -> contextlib.AbstractContextManager[None]:
-        """The VM's lifecycle lock (the id is checked before it names a file)."""
-        vm_dir = self._vm_dir(vm_id)
-        return record_lock(self.vms_dir / f".{vm_id}.lock", vm_dir)
-
-    def _load(self, vm_id: str) -> dict[str, Any]:
-        vm_dir = self._vm_dir(vm_id)
-        try:
-            return read_json(vm_dir / "vm.json")
-        except FileNotFoundError:
-            raise NotFoundError(
-                f"VM {vm_id} does not exist (it may have been deleted or reaped after its TTL)",
-                hint="list VMs with `pyro vm list`",
-            ) from None
-
-    def _save(self, record: dict[str, Any]) -> None:
-        try:
-            write_json_atomic(self.vms_dir / record["vm_id"] / "vm.json", record)
-        except OSError as exc:  # e.g. a full disk: the old record is still intact
-            raise _state_dir_error(self.vms_dir, exc) from exc
 
     def resolve_backend(self) -> tuple[str, str]:
         """(backend name, acceleration) after automatic selection."""
@@ -153,7 +110,8 @@ class VMManager:
             )
         if name != "auto" and name not in BACKEND_NAMES:
             raise InvalidInputError(
-                f"unknown backend {name!r}", hint=f"choose one of: auto, {', '.join(BACKEND_NAMES)}"
+                f"unknown backend {name!r}",
+                hint=f"choose one of: auto, {', '.join(BACKEND_NAMES)}, host_compat",
             )
         if name == "auto":
             try:
@@ -162,16 +120,15 @@ class VMManager:
                 raise BackendUnavailableError(
                     exc.message, hint=f"{exc.hint}; {HOST_COMPAT_OPT_IN}"
                 ) from None
-        chosen = name
-        probe = get_backend(chosen).probe()
+        probe = get_backend(name).probe()
         if not probe.available:
             raise BackendUnavailableError(
-                f"backend {chosen} is not usable here: {probe.reason}",
+                f"backend {name} is not usable here: {probe.reason}",
                 hint="; ".join([*probe.advice, HOST_COMPAT_OPT_IN])
                 if probe.advice
                 else f"run `pyro doctor` for details; {HOST_COMPAT_OPT_IN}",
             )
-        return BackendChoice(chosen, probe.acceleration or "tcg", f"requested: {probe.reason}")
+        return BackendChoice(name, probe.acceleration or "tcg", f"requested: {probe.reason}")
 
     # -- lifecycle ----------------------------------------------------------
     def create(
@@ -183,7 +140,7 @@ class VMManager:
         ttl_seconds: int = limits.DEFAULT_TTL_SECONDS,
         network: bool = False,
         owner_pid: int | None = None,
-        mounts: Sequence[Mapping[str, Any]] = (),
+        mounts: Sequence[control.MountSpec] = (),
     ) -> VMInfo:
         """Define a VM (no boot yet). Validates everything before writing anything."""
         from pyro_mcp.environments.catalog import get_spec
@@ -192,87 +149,69 @@ class VMManager:
         limits.check_vcpu_count(vcpu_count)
         limits.check_mem_mib(mem_mib)
         limits.check_ttl(ttl_seconds)
-        if not isinstance(network, bool):
-            raise InvalidInputError("network must be true or false")
-        if network:
-            raise InvalidInputError(
-                "guest networking is not available yet in this version of pyro-mcp",
-                hint="run without --network (guests have loopback only)",
-            )
+        limits.check_network(network)
         backend, accel = self.resolve_backend()
         owner = ProcessId.of(owner_pid) if owner_pid is not None else None
-        try:
-            paths.ensure_private_dir(self.vms_dir)
-        except OSError as exc:
-            raise _state_dir_error(self.vms_dir, exc) from exc
-        vm_id = f"vm-{secrets.token_hex(6)}"
+        vm_id, _ = self.records.create_folder()
         now = time.time()
-        record: dict[str, Any] = {
-            "vm_id": vm_id,
-            "environment": spec.name,
-            "environment_version": spec.version,
-            "status": "created",
-            "vcpu_count": vcpu_count,
-            "mem_mib": mem_mib,
-            "network": network,
-            "ttl_seconds": ttl_seconds,
-            "created_at": now,
-            "expires_at": now + ttl_seconds,
-            "backend": backend,
-            "acceleration": accel,
-            "boot": None,
-            "owner": owner.to_dict() if owner else None,
-            "supervisor": None,
-            "vmm": None,
-            "detail": None,
-            "mounts": [dict(m) for m in mounts],  # done by the guest agent at INIT
-        }
-        vm_dir = self.vms_dir / vm_id
+        record = VMRecord(
+            VMConfig(
+                vm_id=vm_id,
+                environment=spec.name,
+                vcpu_count=vcpu_count,
+                mem_mib=mem_mib,
+                network=network,
+                ttl_seconds=ttl_seconds,
+                created_at=now,
+                expires_at=now + ttl_seconds,
+                backend=backend,
+                acceleration=accel,
+                owner=owner,
+                mounts=tuple(mounts),
+            ),
+            VMRuntime(environment_version=spec.version),
+        )
         try:
-            vm_dir.mkdir(mode=0o700)
-        except OSError as exc:
-            raise _state_dir_error(self.vms_dir, exc) from exc
-        try:
-            self._save(record)
+            self.records.save(record)
         except BaseException:
-            shutil.rmtree(vm_dir, ignore_errors=True)
+            self.records.remove(vm_id)
             raise
         return self._info(record)
 
     def start(self, vm_id: str, progress: ProgressFn = no_progress) -> VMInfo:
-        with self._lock(vm_id):
-            record = self._load(vm_id)
-            if record["status"] == "running" and self._supervisor_alive(record):
+        with self.records.lock(vm_id):
+            record = self.records.load(vm_id)
+            if record.runtime.status == "running" and self._supervisor_alive(record):
                 raise VMStateError(f"VM {vm_id} is already running")
-            if time.time() >= record["expires_at"]:
+            if time.time() >= record.config.expires_at:
                 raise VMStateError(
                     f"VM {vm_id} has outlived its TTL", hint="delete it and create a new one"
                 )
-            launch = self._prepare_launch(record, progress)
+            launch, version = self._prepare_launch(record, progress)
             with self._vm_slot(vm_id):
-                starter = ProcessId.of(os.getpid())
-                record["status"] = "starting"
-                record["starter"] = starter.to_dict() if starter else None
-                self._save(record)
+                record = record.with_runtime(
+                    status="starting",
+                    starter=ProcessId.of(os.getpid()),
+                    environment_version=version,
+                )
+                self.records.save(record)
             try:
                 try:
                     ready = self._spawn_supervisor(record, launch, progress)
                 except OSError as exc:
-                    raise _state_dir_error(self.vms_dir / vm_id, exc) from exc
+                    raise state_dir_error(self.vms_dir / vm_id, exc) from exc
             except PyroError as exc:
-                record["status"] = "failed"
-                record["detail"] = exc.message
                 with contextlib.suppress(StateError):
-                    self._save(record)
+                    self.records.save(record.with_runtime(status="failed", detail=exc.message))
                 raise
-            record.update(
+            record = record.with_runtime(
                 status="running",
-                boot=ready["boot"],
-                supervisor=ready["supervisor_id"],
-                vmm=ready.get("vmm"),
+                boot=ready.boot,
+                supervisor=ready.supervisor,
+                vmm=ready.vmm,
                 detail=None,
             )
-            self._save(record)
+            self.records.save(record)
             return self._info(record)
 
     @contextlib.contextmanager
@@ -294,33 +233,30 @@ class VMManager:
     def running_count(self, exclude: str | None = None) -> int:
         """VMs of this state folder that are running or being started by a live process."""
         count = 0
-        for vm_dir in self._vm_dirs():
-            if vm_dir.name == exclude:
+        for record in self.records.records():
+            if record.record_id == exclude:
                 continue
-            try:
-                record = read_json(vm_dir / "vm.json")
-            except (FileNotFoundError, StateError):
+            runtime = record.runtime
+            if runtime.status not in ("running", "starting"):
                 continue
-            if record.get("status") not in ("running", "starting"):
-                continue
-            starter = ProcessId.from_dict(record.get("starter"))
+            starter = runtime.starter
             if self._supervisor_alive(record) or (
-                record.get("status") == "starting" and starter is not None and starter.alive()
+                runtime.status == "starting" and starter is not None and starter.alive()
             ):
                 count += 1
         return count
 
-    def _prepare_launch(self, record: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+    def _prepare_launch(self, record: VMRecord, progress: ProgressFn) -> tuple[control.Launch, str]:
+        """The launch record for ``record`` and the environment version it boots."""
         from pyro_mcp.guest.build import ensure_initramfs
 
-        env = self.store.ensure(record["environment"], progress=progress)
-        if env.version != record["environment_version"]:
-            record["environment_version"] = env.version
+        config = record.config
+        env = self.store.ensure(config.environment, progress=progress)
         initramfs = ensure_initramfs(env.kernel.modules, progress=progress)
         rootfs = env.rootfs
-        mounts = list(record.get("mounts") or [])
+        mounts = config.mounts
         agent = None
-        if record["backend"] == "gvisor":
+        if config.backend == "gvisor":
             from pyro_mcp.guest.build import ensure_agent_binary
             from pyro_mcp.vmm.host_compat import ensure_rootfs_tree
 
@@ -328,31 +264,32 @@ class VMManager:
             # the VM's workspace/ folder (see vmm/gvisor.py), not a disk the agent mounts.
             rootfs = ensure_rootfs_tree(env, progress)
             agent = str(ensure_agent_binary(progress))
-            mounts = []
-        launch: dict[str, Any] = {
-            "backend": record["backend"],
-            "acceleration": record["acceleration"],
-            "kernel": str(env.kernel.image),
-            "initramfs": str(initramfs),
-            "rootfs": str(rootfs),
-            "agent": agent,
-            "vcpu_count": record["vcpu_count"],
-            "mem_mib": record["mem_mib"],
-            "network": record["network"],
-            "expires_at": record["expires_at"],
-            "owner": record["owner"],
-            "boot_timeout": DEFAULT_BOOT_TIMEOUT,
-            "mounts": mounts,
-            "restore": None,
-        }
-        vm_dir = self.vms_dir / record["vm_id"]
+            mounts = ()
+        launch = control.Launch(
+            backend=config.backend,
+            acceleration=config.acceleration,
+            kernel=str(env.kernel.image),
+            initramfs=str(initramfs),
+            rootfs=str(rootfs),
+            agent=agent,
+            vcpu_count=config.vcpu_count,
+            mem_mib=config.mem_mib,
+            network=config.network,
+            expires_at=config.expires_at,
+            owner=config.owner,
+            boot_timeout=DEFAULT_BOOT_TIMEOUT,
+            mounts=mounts,
+        )
+        vm_dir = self.vms_dir / config.vm_id
         if not (vm_dir / "disk.qcow2").exists():
             from pyro_mcp.snapshots import snapshot_for_launch
 
-            snap = snapshot_for_launch(launch, progress=progress)
+            snap = snapshot_for_launch(launch.to_dict(), progress=progress)
             if snap is not None:
-                launch["restore"] = {"directory": str(snap.directory), "key": snap.key}
-        return launch
+                launch = control.Launch(
+                    **{**launch.__dict__, "restore": (str(snap.directory), snap.key)}
+                )
+        return launch, env.version
 
     def prepare(
         self,
@@ -368,29 +305,28 @@ class VMManager:
         limits.check_vcpu_count(vcpu_count)
         limits.check_mem_mib(mem_mib)
         backend, accel = self.resolve_backend()
-        record: dict[str, Any] = {
-            "vm_id": "vm-000000000000",  # never created: only the launch is computed
-            "environment": environment,
-            "environment_version": "",
-            "backend": backend,
-            "acceleration": accel,
-            "vcpu_count": vcpu_count,
-            "mem_mib": mem_mib,
-            "network": False,
-            "expires_at": 0,
-            "owner": None,
-            "mounts": [],
-        }
-        launch = self._prepare_launch(record, progress)
-        restore = launch.get("restore")
-        return str(restore["directory"]) if restore else None
+        config = VMConfig(
+            vm_id="vm-000000000000",  # never created: only the launch is computed
+            environment=environment,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            network=False,
+            ttl_seconds=0,
+            created_at=0,
+            expires_at=0,
+            backend=backend,
+            acceleration=accel,
+        )
+        launch, _ = self._prepare_launch(VMRecord(config, VMRuntime()), progress)
+        return launch.restore[0] if launch.restore else None
 
     def _spawn_supervisor(
-        self, record: dict[str, Any], launch: dict[str, Any], progress: ProgressFn
-    ) -> dict[str, Any]:
-        vm_dir = self.vms_dir / record["vm_id"]
-        write_json_atomic(vm_dir / "launch.json", launch)
-        progress(ProgressEvent("boot", f"booting {record['environment']} ({record['vm_id']})"))
+        self, record: VMRecord, launch: control.Launch, progress: ProgressFn
+    ) -> control.Ready:
+        vm_id = record.record_id
+        vm_dir = self.vms_dir / vm_id
+        launch.write(vm_dir / "launch.json")
+        progress(ProgressEvent("boot", f"booting {record.config.environment} ({vm_id})"))
         log = (vm_dir / "supervisor.log").open("ab")
         try:
             proc = subprocess.Popen(
@@ -404,13 +340,13 @@ class VMManager:
         finally:
             log.close()
         assert proc.stdout is not None
-        deadline = time.monotonic() + float(launch["boot_timeout"]) + 15
+        deadline = time.monotonic() + launch.boot_timeout + 15
         line = b""
         try:
             while not line.endswith(b"\n"):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise BootError(f"VM {record['vm_id']} did not become ready in time")
+                    raise BootError(f"VM {vm_id} did not become ready in time")
                 readable, _, _ = select.select([proc.stdout], [], [], min(remaining, 5.0))
                 if not readable:
                     progress(ProgressEvent("boot", "waiting for the guest agent"))
@@ -424,99 +360,93 @@ class VMManager:
             raise
         finally:
             proc.stdout.close()
-        try:
-            ready = json.loads(line)
-        except ValueError:
+        if not line:
             _kill_process_group(proc.pid)
             tail = _tail_file(vm_dir / "supervisor.log")
             raise BootError(
                 f"the VM supervisor failed to start: {tail or 'no output'}",
                 details={"console_tail": _tail_file(vm_dir / "console.log")},
-            ) from None
-        if not ready.get("ok"):
+            )
+        try:
+            event = control.decode_event(line)
+        except VMStateError:
+            _kill_process_group(proc.pid)
+            raise
+        if isinstance(event, control.Ready):
+            return event
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=15)
-            err = ready.get("error") or {}
-            details = dict(err.get("details") or {})
-            details.setdefault("console_tail", _tail_file(vm_dir / "console.log"))
-            error_type = (
-                BackendUnavailableError if err.get("code") == "backend_unavailable" else BootError
-            )
-            raise error_type(
-                err.get("message", "boot failed"), hint=err.get("hint"), details=details
-            )
-        sup = ProcessId.of(proc.pid)
-        ready["supervisor_id"] = sup.to_dict() if sup else None
-        return dict(ready)
+        if isinstance(event, control.Failed):
+            error = event.error
+            error.details.setdefault("console_tail", _tail_file(vm_dir / "console.log"))
+            raise error
+        _kill_process_group(proc.pid)
+        raise BootError(f"the VM supervisor answered {type(event).__name__} at start-up")
 
     def exec(
         self,
         vm_id: str,
         command: str | Sequence[str],
+        options: ExecOptions | None = None,
         *,
-        cwd: str = "/root",
-        env: Mapping[str, str] | None = None,
-        timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
-        stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
-        stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        default_cwd: str = VM_DEFAULT_CWD,
         progress: ProgressFn = no_progress,
     ) -> ExecOutcome:
+        """Run one command in a running VM. ``options`` come validated
+        (:meth:`ExecOptions.checked`); their ``cwd=None`` means ``default_cwd``."""
         cmd = limits.check_command(command)
-        user_env = limits.check_env(env)
-        limits.check_cwd(cwd)
-        limits.check_timeout(timeout_seconds)
-        limits.check_output_cap("stdout_cap", stdout_cap)
-        limits.check_output_cap("stderr_cap", stderr_cap)
-        record = self._load(vm_id)
-        if record["status"] != "running" or not self._supervisor_alive(record):
+        opts = options or ExecOptions()
+        record = self.records.load(vm_id)
+        if record.runtime.status != "running" or not self._supervisor_alive(record):
             raise VMStateError(
                 f"VM {vm_id} is not running (status: {self._effective_status(record)[0]})",
                 hint="start it first, or use run_in_vm for a one-shot command",
             )
-        full_env = {**BASE_ENV, **user_env}
-        request = {
-            "op": "exec",
-            "argv": build_argv(cmd, user_env),
-            "cwd": cwd,
-            "env": [f"{k}={v}" for k, v in full_env.items()],
-            "timeout_ms": timeout_seconds * 1000,
-            "stdout_cap": stdout_cap,
-            "stderr_cap": stderr_cap,
-        }
+        request = control.ExecRequest(
+            argv=tuple(build_argv(cmd, opts.env)),
+            cwd=opts.cwd_or(default_cwd),
+            env=opts.guest_env(),
+            timeout_ms=opts.timeout_seconds * 1000,
+            stdout_cap=opts.stdout_cap,
+            stderr_cap=opts.stderr_cap,
+        )
         for event in self._control(vm_id, request):
-            if event.get("event") == "heartbeat":
-                elapsed = event.get("elapsed_ms", 0) / 1000
+            if isinstance(event, control.Heartbeat):
+                elapsed = event.elapsed_ms / 1000
                 progress(ProgressEvent("exec", f"command running ({elapsed:.0f} s)", elapsed, None))
                 continue
-            if not event.get("ok"):
-                error = _error_from(event.get("error") or {})
+            if isinstance(event, control.Failed):
+                error = event.error
                 if isinstance(error, GuestProtocolError):
                     error = _ttl_error(record) or error
                 raise error
-            return ExecOutcome(
-                exit_code=int(event["exit_code"]),
-                stdout=base64.b64decode(event["stdout_b64"]),
-                stderr=base64.b64decode(event["stderr_b64"]),
-                stdout_truncated=bool(event["stdout_truncated"]),
-                stderr_truncated=bool(event["stderr_truncated"]),
-                timed_out=bool(event["timed_out"]),
-                duration_ms=int(event["duration_ms"]),
-            )
+            if isinstance(event, control.ExecDone):
+                return ExecOutcome(
+                    exit_code=event.exit_code,
+                    stdout=event.stdout,
+                    stderr=event.stderr,
+                    stdout_truncated=event.stdout_truncated,
+                    stderr_truncated=event.stderr_truncated,
+                    timed_out=event.timed_out,
+                    duration_ms=event.duration_ms,
+                )
+            raise VMStateError(f"VM {vm_id}'s supervisor answered {type(event).__name__}")
         raise _ttl_error(record) or GuestProtocolError(
             f"VM {vm_id} stopped while running the command"
         )
 
-    def _control(self, vm_id: str, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _control(self, vm_id: str, request: control.Request) -> Iterator[control.Event]:
         """Send one request to the VM's supervisor and yield its events."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             try:
-                sock.connect(str(self._vm_dir(vm_id) / "ctl.sock"))
+                sock.connect(str(self.records.folder(vm_id) / "ctl.sock"))
             except OSError as exc:
                 raise VMStateError(
                     f"VM {vm_id} is not reachable ({exc.strerror})",
                     hint="check `pyro vm status`; delete and recreate it if it is broken",
                 ) from None
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            sock.sendall(control.encode(request))
             buf = b""
             while True:
                 chunk = sock.recv(1 << 20)
@@ -525,50 +455,47 @@ class VMManager:
                 buf += chunk
                 while b"\n" in buf:
                     line, _, buf = buf.partition(b"\n")
-                    yield json.loads(line)
+                    yield control.decode_event(line)
         finally:
             sock.close()
 
     def stop(self, vm_id: str) -> VMInfo:
-        with self._lock(vm_id):
-            record = self._load(vm_id)
+        with self.records.lock(vm_id):
+            record = self.records.load(vm_id)
             self._stop_supervisor(record)
-            record["status"] = "stopped"
-            record["detail"] = "stopped by request"
-            self._save(record)
+            record = record.with_runtime(status="stopped", detail="stopped by request")
+            self.records.save(record)
             return self._info(record)
 
     def delete(self, vm_id: str, reason: str = "deleted") -> None:
-        vm_dir = self._vm_dir(vm_id)
-        with self._lock(vm_id):
+        vm_dir = self.records.folder(vm_id)
+        with self.records.lock(vm_id):
             try:
-                record = read_json(vm_dir / "vm.json")
-            except FileNotFoundError:
+                record: VMRecord | None = self.records.load(vm_id)
+            except NotFoundError:
                 if not vm_dir.exists():
-                    raise NotFoundError(
-                        f"VM {vm_id} does not exist (it may have been deleted or reaped)",
-                        hint="list VMs with `pyro vm list`",
-                    ) from None
+                    raise self.records.not_found(vm_id) from None
                 record = None
             except StateError:
                 record = None
             if record is not None:
+                # "deleted": the supervisor leaves the folder alone, it is removed here.
                 self._stop_supervisor(record, wait_exit=False, reason="deleted")
-            shutil.rmtree(vm_dir, ignore_errors=True)
+            self.records.remove(vm_id)
 
     def _stop_supervisor(
-        self, record: dict[str, Any], *, wait_exit: bool = True, reason: str = "stopped"
+        self, record: VMRecord, *, wait_exit: bool = True, reason: str = "stopped"
     ) -> None:
         """Stop the VM's supervisor and VMM. ``wait_exit=False`` (used when the folder
         is about to be removed) returns once the VMM is dead, while the supervisor
         finishes exiting on its own."""
-        sup = ProcessId.from_dict(record.get("supervisor"))
-        vmm = ProcessId.from_dict(record.get("vmm"))
+        sup = record.runtime.supervisor
+        vmm = record.runtime.vmm
         if sup is not None and sup.alive():
             acknowledged = False
-            with contextlib.suppress(PyroError, OSError, ValueError):
-                for event in self._control(record["vm_id"], {"op": "shutdown", "reason": reason}):
-                    acknowledged = bool(event.get("ok"))
+            with contextlib.suppress(PyroError, OSError):
+                for event in self._control(record.record_id, control.ShutdownRequest(reason)):
+                    acknowledged = isinstance(event, control.Ok)
                     break
             if wait_exit or not acknowledged:
                 deadline = time.monotonic() + 5
@@ -584,116 +511,82 @@ class VMManager:
                 time.sleep(0.01)
 
     # -- queries ------------------------------------------------------------
-    def _supervisor_alive(self, record: dict[str, Any]) -> bool:
-        sup = ProcessId.from_dict(record.get("supervisor"))
+    def _supervisor_alive(self, record: VMRecord) -> bool:
+        sup = record.runtime.supervisor
         return sup is not None and sup.alive()
 
-    def _effective_status(self, record: dict[str, Any]) -> tuple[str, str | None]:
-        status = record["status"]
+    def _effective_status(self, record: VMRecord) -> tuple[str, str | None]:
+        status = record.runtime.status
         if status in ("running", "starting") and not self._supervisor_alive(record):
             reason = None
-            with contextlib.suppress(FileNotFoundError, StateError):
-                reason = read_json(self.vms_dir / record["vm_id"] / "exit.json").get("reason")
+            with contextlib.suppress(FileNotFoundError, StateError, InvalidInputError):
+                exit_file = self.records.folder(record.record_id) / "exit.json"
+                reason = read_json(exit_file).get("reason")
             return "stopped", f"the VM exited ({reason or 'supervisor gone'})"
-        return status, record.get("detail")
+        return status, record.runtime.detail
 
-    def _info(self, record: dict[str, Any]) -> VMInfo:
+    def _info(self, record: VMRecord) -> VMInfo:
         status, detail = self._effective_status(record)
+        config, runtime = record.config, record.runtime
         return VMInfo(
-            vm_id=record["vm_id"],
-            environment=record["environment"],
-            environment_version=record["environment_version"],
+            vm_id=config.vm_id,
+            environment=config.environment,
+            environment_version=runtime.environment_version,
             status=status,  # type: ignore[arg-type]
-            vcpu_count=record["vcpu_count"],
-            mem_mib=record["mem_mib"],
-            network=record["network"],
-            ttl_seconds=record["ttl_seconds"],
-            created_at=record["created_at"],
-            expires_at=record["expires_at"],
-            backend=record["backend"],
-            acceleration=record["acceleration"],
-            boot=record.get("boot"),
+            vcpu_count=config.vcpu_count,
+            mem_mib=config.mem_mib,
+            network=config.network,
+            ttl_seconds=config.ttl_seconds,
+            created_at=config.created_at,
+            expires_at=config.expires_at,
+            backend=config.backend,
+            acceleration=config.acceleration,
+            boot=runtime.boot,  # type: ignore[arg-type]
             detail=detail,
         )
 
     def status(self, vm_id: str) -> VMInfo:
-        return self._info(self._load(vm_id))
+        return self._info(self.records.load(vm_id))
 
     def list(self) -> builtins.list[VMInfo]:
-        out = []
-        for vm_dir in sorted(self._vm_dirs()):
-            with contextlib.suppress(FileNotFoundError, StateError):
-                out.append(self._info(read_json(vm_dir / "vm.json")))
-        return out
+        return [self._info(record) for record in self.records.records()]
 
-    def _vm_dirs(self) -> builtins.list[Path]:
-        try:
-            return [d for d in self.vms_dir.iterdir() if d.is_dir() and d.name.startswith("vm-")]
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise _state_dir_error(self.vms_dir, exc) from exc
+    def reap_expired(self) -> dict[str, str]:
+        """Delete VMs past their TTL, ephemeral VMs whose owner died, and debris.
+        Returns the ids removed, with why."""
 
-    def reap_expired(self) -> ReapResult:
-        """Delete VMs past their TTL, ephemeral VMs whose owner died, and debris."""
-        reasons: dict[str, str] = {}
-        now = time.time()
-        for vm_dir in self._vm_dirs():
-            vm_id = vm_dir.name
-            try:
-                record = read_json(vm_dir / "vm.json")
-            except FileNotFoundError:
-                # A folder without a record is a half-created VM (or one mid-reap).
-                with contextlib.suppress(OSError):
-                    if now - vm_dir.stat().st_mtime > 60:
-                        shutil.rmtree(vm_dir, ignore_errors=True)
-                        reasons[vm_id] = "incomplete"
-                continue
-            except StateError:
-                continue
-            owner = ProcessId.from_dict(record.get("owner"))
-            reason = None
-            if now >= float(record["expires_at"]):
-                reason = "ttl_expired"
-            elif record.get("owner") is not None and (owner is None or not owner.alive()):
-                reason = "owner_exited"
-            if reason is None:
-                continue
-            with contextlib.suppress(NotFoundError, InvalidInputError):
-                self.delete(vm_id, reason=reason)
-                reasons[vm_id] = reason
-        remove_orphan_locks(self.vms_dir, "vm-")
-        return ReapResult(reaped=sorted(reasons), reasons=reasons)
+        def why(record: VMRecord, now: float) -> str | None:
+            if now >= record.config.expires_at:
+                return "ttl_expired"
+            owner = record.config.owner
+            if owner is not None and not owner.alive():
+                return "owner_exited"
+            return None
+
+        return self.records.reap(why, lambda vm_id, reason: self.delete(vm_id, reason=reason))
 
     # -- one-shot -----------------------------------------------------------
     def run(
         self,
         environment: str,
         command: str | Sequence[str],
+        options: ExecOptions | None = None,
         *,
         vcpu_count: int = limits.DEFAULT_VCPU_COUNT,
         mem_mib: int = limits.DEFAULT_MEM_MIB,
-        timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
         ttl_seconds: int = limits.DEFAULT_TTL_SECONDS,
         network: bool = False,
-        cwd: str = "/root",
-        env: Mapping[str, str] | None = None,
-        stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
-        stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        vm: VMInfo | None = None,
         progress: ProgressFn = no_progress,
     ) -> ExecResult:
-        """Create, start, exec, and always delete — even on error or Ctrl-C."""
+        """Create, start, exec, and always delete — even on error or Ctrl-C.
+
+        ``vm`` is an already started VM of this configuration (from a warm pool)
+        to use instead of creating one; it is deleted all the same.
+        """
         cmd = limits.check_command(command)
-        limits.check_env(env)
-        limits.check_cwd(cwd)
-        limits.check_timeout(timeout_seconds)
-        limits.check_output_cap("stdout_cap", stdout_cap)
-        limits.check_output_cap("stderr_cap", stderr_cap)
-        pooled = None
-        if self.pool is not None and not network:
-            limits.check_ttl(ttl_seconds)
-            pooled = self.pool.take(environment, vcpu_count, mem_mib)
-        info = pooled or self.create(
+        limits.check_ttl(ttl_seconds)
+        info = vm or self.create(
             environment,
             vcpu_count=vcpu_count,
             mem_mib=mem_mib,
@@ -702,22 +595,11 @@ class VMManager:
             owner_pid=os.getpid(),
         )
         try:
-            started = pooled or self.start(info.vm_id, progress=progress)
-            outcome = self.exec(
-                info.vm_id,
-                cmd,
-                cwd=cwd,
-                env=env,
-                timeout_seconds=timeout_seconds,
-                stdout_cap=stdout_cap,
-                stderr_cap=stderr_cap,
-                progress=progress,
-            )
+            started = vm or self.start(info.vm_id, progress=progress)
+            outcome = self.exec(info.vm_id, cmd, options, progress=progress)
         finally:
             with contextlib.suppress(NotFoundError):
                 self.delete(info.vm_id, reason="run finished")
-            if pooled is not None and self.pool is not None:
-                self.pool.replenish()
         return self.result(started, cmd, outcome, deleted=True, reason="run finished")
 
     def result(
@@ -729,8 +611,6 @@ class VMManager:
         deleted: bool | None,
         reason: str = "",
     ) -> ExecResult:
-        from pyro_mcp.models import CleanupInfo
-
         boot: BootKind = info.boot or "cold"
         return ExecResult(
             vm_id=info.vm_id,
@@ -752,38 +632,14 @@ class VMManager:
         )
 
 
-def _error_from(error: dict[str, Any]) -> PyroError:
-    code = error.get("code")
-    message = str(error.get("message", "the VM reported an error"))
-    hint = error.get("hint")
-    if code == "invalid_input":
-        return InvalidInputError(message, hint=hint)
-    if code == "guest_protocol_error":
-        return GuestProtocolError(message, hint=hint)
-    return PyroError(message, hint=hint)
-
-
-def _ttl_error(record: dict[str, Any]) -> VMStateError | None:
+def _ttl_error(record: VMRecord) -> VMStateError | None:
     """The error to report when a VM vanished mid-command because its TTL ran out."""
-    if time.time() < float(record["expires_at"]):
+    if time.time() < record.config.expires_at:
         return None
     return VMStateError(
-        f"VM {record['vm_id']} reached its TTL ({record['ttl_seconds']} s) while the command"
-        " ran, and was deleted",
+        f"VM {record.record_id} reached its TTL ({record.config.ttl_seconds} s) while the "
+        "command ran, and was deleted",
         hint="create the VM with a larger ttl_seconds, or run shorter commands",
-    )
-
-
-def _state_dir_error(path: Path, exc: OSError) -> StateError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StateError(
-            f"the VM state folder {path} is full: {exc.strerror or exc}",
-            hint="free space there (delete VMs and tasks you no longer need), "
-            "or set PYRO_STATE_DIR to a folder with room",
-        )
-    return StateError(
-        f"the VM state folder {path} is unusable: {exc.strerror or exc}",
-        hint="set PYRO_STATE_DIR to a writable folder",
     )
 
 

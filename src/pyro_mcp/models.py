@@ -15,10 +15,10 @@ class CleanupInfo(BaseModel):
     reason: str = Field(description="Why the VM was (not) removed, e.g. 'run finished'.")
 
 
-class ExecResult(BaseModel):
-    """One command's outcome. A non-zero exit code is a normal result, not an error."""
+class CommandResult(BaseModel):
+    """What every command's outcome says: output, exit status, where it ran.
+    A non-zero exit code is a normal result, not an error."""
 
-    vm_id: str
     environment: str
     environment_version: str
     command: str | list[str] = Field(description="The command as given.")
@@ -38,6 +38,12 @@ class ExecResult(BaseModel):
         description="microVMs: 'kvm' (hardware) or 'tcg' (software emulation); gvisor: "
         "its platform ('ptrace' or 'systrap'); 'none' for host_compat."
     )
+
+
+class ExecResult(CommandResult):
+    """One command's outcome in a VM of its own."""
+
+    vm_id: str
     boot: BootKind
     cleanup: CleanupInfo | None = None
 
@@ -122,26 +128,11 @@ class TaskInfo(BaseModel):
     detail: str | None = None
 
 
-class TaskExecResult(BaseModel):
-    """One command's outcome in a task: ExecResult's shape with task_id, without cleanup."""
+class TaskExecResult(CommandResult):
+    """One command's outcome in a task."""
 
     task_id: str
-    vm_id: str | None
-    environment: str
-    environment_version: str
-    command: str | list[str] = Field(description="The command as given.")
-    stdout: str
-    stderr: str
-    stdout_truncated: bool = Field(description="stdout exceeded its cap and was cut.")
-    stderr_truncated: bool = Field(description="stderr exceeded its cap and was cut.")
-    exit_code: int = Field(description="The command's exit status (128+N if killed by signal N).")
-    timed_out: bool = Field(description="The command hit its timeout and was killed.")
-    duration_ms: int
-    execution_mode: str = Field(description="'microvm', 'gvisor_sandbox' or 'host_compat'.")
-    backend: str
-    acceleration: str = Field(
-        description="'kvm' or 'tcg' (microVM), the gVisor platform, or 'none' (host_compat)."
-    )
+    vm_id: str | None = Field(description="The task's VM (null for host_compat).")
     boot: BootKind | None = Field(description="How the task's VM started (null for host_compat).")
 
 

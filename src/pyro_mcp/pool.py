@@ -1,8 +1,10 @@
-"""Optional warm pool for long-lived processes (``pyro mcp serve``, an SDK ``Pyro`` kept open).
+"""Optional warm pool for long-lived processes (an SDK ``Pyro`` kept open).
 
-The pool keeps N VMs restored, started and warmed up (one throwaway command, so
+Owned by the SDK facade (:class:`pyro_mcp.api.Pyro`), not the VM manager: the
+pool keeps N VMs restored, started and warmed up (three throwaway commands, so
 the VMM's translation cache is primed) for one configuration. A one-shot run
-takes one, uses it once, and a background thread restores its replacement.
+takes one (``VMManager.run(..., vm=...)``), uses it once, and a background
+thread restores its replacement once the run is over.
 Pool VMs are bound to this process: their supervisors kill them when it exits
 or dies, and :meth:`WarmPool.close` tears down the idle ones at once.
 """
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyro_mcp import limits
-from pyro_mcp.errors import PyroError
+from pyro_mcp.errors import InvalidInputError, PyroError
 from pyro_mcp.models import VMInfo
 
 if TYPE_CHECKING:
@@ -35,7 +37,7 @@ class PoolKey:
 class WarmPool:
     def __init__(self, manager: VMManager, key: PoolKey, size: int) -> None:
         if not 0 <= size <= 8:
-            raise PyroError("pool size must be between 0 and 8")
+            raise InvalidInputError("pool size must be between 0 and 8")
         self.manager = manager
         self.key = key
         self.size = size
@@ -102,10 +104,6 @@ class WarmPool:
         restore does not compete for the CPU with the run itself."""
         with self._cond:
             self._cond.notify_all()
-
-    def idle_count(self) -> int:
-        with self._cond:
-            return len(self._ready)
 
     def wait_ready(self, timeout: float) -> bool:
         """Block until the pool is full (tests and benchmarks)."""

@@ -20,7 +20,7 @@ from filelock import FileLock
 
 from pyro_mcp.errors import StateError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: records split into config and runtime (pyro_mcp.records)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

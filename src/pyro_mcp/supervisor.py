@@ -2,26 +2,21 @@
 
 The manager starts it detached (``python -m pyro_mcp.supervisor VM_DIR``). It
 starts the VMM, waits for the guest agent's readiness signal (never a fixed
-sleep), then serves clients on ``VM_DIR/ctl.sock`` with newline-delimited JSON,
-so a VM outlives the ``pyro`` process that created it and can be used from
-several processes. It enforces the TTL and, for ephemeral VMs, dies with its
-owner; the VMM dies with it (PR_SET_PDEATHSIG), so nothing outlives both.
+sleep), then serves clients on ``VM_DIR/ctl.sock`` with the control protocol
+of :mod:`pyro_mcp.control`, so a VM outlives the ``pyro`` process that created
+it and can be used from several processes. It enforces the TTL and, for
+ephemeral VMs, dies with its owner; the VMM dies with it (PR_SET_PDEATHSIG),
+so nothing outlives both. Closing a connection while an exec runs kills that
+command.
 
-Control protocol (one request per connection):
-  -> {"op": "exec", "argv": [...], "cwd": str, "env": ["K=V", ...],
-      "timeout_ms": int, "stdout_cap": int, "stderr_cap": int}
-  <- {"event": "heartbeat", "elapsed_ms": int}   (every second while running)
-  <- {"event": "result", "ok": true, "exit_code": ..., "stdout_b64": ..., ...}
-  -> {"op": "ping"} / {"op": "shutdown"}
-  <- {"event": "result", "ok": true}
-Closing the connection while an exec runs kills that command.
+After a command's timeout (or a cancel) the agent gets :data:`HOST_GRACE_S` to
+report the command's end, and more while it keeps answering PING (a guest
+under heavy load is slow, not dead), up to :data:`MAX_GRACE_S`.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import os
 import queue
 import secrets
@@ -33,21 +28,23 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-from pyro_mcp.errors import GuestProtocolError, InvalidInputError, PyroError
+from pyro_mcp import control as c
+from pyro_mcp.errors import BootError, GuestProtocolError, InvalidInputError, PyroError
 from pyro_mcp.guest import protocol as p
 from pyro_mcp.guest.channel import AgentChannel, ChannelClosed
 from pyro_mcp.state import ProcessId, write_json_atomic
 from pyro_mcp.vmm.base import LaunchSpec, SnapshotRef, VMPaths
 
-HOST_GRACE_S = 10.0  # extra time the host gives the agent beyond a command's timeout
-MAX_REQUEST_BYTES = 1 << 20
+HOST_GRACE_S = 10.0  # time the agent gets to report a command's end after its timeout
+LIVENESS_PING_S = 2.0  # past the grace: how often the agent is asked whether it is alive
+LIVENESS_ANSWER_S = 10.0  # ...and how long it may take to answer before it counts as hung
+MAX_GRACE_S = 120.0  # never wait longer than this past the timeout, alive or not
 
 
-def _send(conn: socket.socket, obj: dict[str, Any]) -> bool:
+def _send(conn: socket.socket, message: c.Message) -> bool:
     try:
-        conn.sendall(json.dumps(obj).encode() + b"\n")
+        conn.sendall(c.encode(message))
         return True
     except OSError:
         return False
@@ -63,42 +60,109 @@ def _client_gone(conn: socket.socket) -> bool:
         return True
 
 
+class _Grace:
+    """When to give up on a command whose timeout (or cancel) has passed.
+
+    Before ``start + timeout + HOST_GRACE_S`` nothing happens. After it, the agent is
+    pinged every :data:`LIVENESS_PING_S`; while it answers within
+    :data:`LIVENESS_ANSWER_S` the wait goes on, up to :data:`MAX_GRACE_S` past the
+    moment the command should have ended.
+    """
+
+    def __init__(self, channel: AgentChannel, end: float | None) -> None:
+        self.channel = channel
+        self.end = end  # when the command should be over (monotonic), None: no timeout
+        self._ping: tuple[int, queue.Queue[p.Message | ChannelClosed], float] | None = None
+        self._last_answer = 0.0
+
+    def restart(self, end: float) -> None:
+        """The command was cancelled at ``end``: the grace counts from there."""
+        self.end = end if self.end is None else min(self.end, end)
+
+    def check(self, now: float) -> None:
+        """Raise GuestProtocolError once the agent counts as hung or the bound is hit."""
+        if self.end is None or now < self.end + HOST_GRACE_S:
+            return
+        if now > self.end + MAX_GRACE_S:
+            self.close()
+            raise GuestProtocolError(
+                f"the guest agent did not finish the command {MAX_GRACE_S:.0f} s after its timeout",
+                hint="the VM is overloaded or broken; delete it",
+            )
+        if self._ping is not None:
+            request_id, answers, sent = self._ping
+            try:
+                answers.get_nowait()
+                answered = True
+            except queue.Empty:
+                answered = False
+            if answered:
+                self.channel.close_request(request_id)
+                self._ping = None
+                self._last_answer = now
+            elif now - sent > LIVENESS_ANSWER_S:
+                self.close()
+                raise GuestProtocolError(
+                    "the guest agent stopped answering after the command's timeout",
+                    hint="the VM is overloaded or broken; delete it",
+                )
+        if self._ping is None and now - self._last_answer >= LIVENESS_PING_S:
+            request_id, answers = self.channel.open()
+            self.channel.send(request_id, p.Ping())
+            self._ping = (request_id, answers, now)
+
+    def close(self) -> None:
+        if self._ping is not None:
+            self.channel.close_request(self._ping[0])
+            self._ping = None
+
+
 class Supervisor:
     def __init__(self, vm_dir: Path) -> None:
         self.vm_dir = vm_dir
         self.paths = VMPaths(vm_dir)
-        self.launch = json.loads((vm_dir / "launch.json").read_text())
+        self.launch = c.Launch.read(vm_dir / "launch.json")
         self.ctl_path = vm_dir / "ctl.sock"
         self.stop_event = threading.Event()
+        self._stop_lock = threading.Lock()
         self.stop_reason = "stopped"
         self._wake_r, self._wake_w = os.pipe()
         self.channel: AgentChannel | None = None
 
     # -- boot ---------------------------------------------------------------
-    def boot(self) -> dict[str, Any]:
+    def boot(self) -> c.Ready:
         from pyro_mcp.vmm import get_backend
 
         launch = self.launch
-        spec = LaunchSpec.from_launch(launch)
-        restore = None
-        if launch.get("restore"):
-            restore = SnapshotRef(Path(launch["restore"]["directory"]), launch["restore"]["key"])
-        backend = get_backend(launch["backend"])
+        spec = LaunchSpec(
+            kernel=Path(launch.kernel),
+            initramfs=Path(launch.initramfs),
+            rootfs=Path(launch.rootfs),
+            vcpu_count=launch.vcpu_count,
+            mem_mib=launch.mem_mib,
+            network=launch.network,
+            acceleration=launch.acceleration,
+            agent=Path(launch.agent) if launch.agent else None,
+        )
+        restore = (
+            SnapshotRef(Path(launch.restore[0]), launch.restore[1]) if launch.restore else None
+        )
+        backend = get_backend(launch.backend)
         started = time.monotonic()
-        boot_timeout = float(launch.get("boot_timeout", 60.0))
+        boot_timeout = launch.boot_timeout
         self.handle = backend.start(spec, self.paths, restore=restore, timeout=boot_timeout)
         try:
             self.channel = AgentChannel(self.handle)
             remaining = boot_timeout - (time.monotonic() - started)
             if restore is None:
                 self.channel.wait_hello(timeout=max(1.0, remaining))
-            mounts = tuple(p.Mount(**m) for m in launch.get("mounts", []))
+            mounts = tuple(p.Mount(m.source, m.target, m.fstype, m.readonly) for m in launch.mounts)
             reply = self.channel.call(
                 p.Init(time.time_ns(), secrets.token_bytes(256), mounts),
                 timeout=max(1.0, boot_timeout - (time.monotonic() - started)),
             )
             if isinstance(reply, p.Error):
-                raise GuestProtocolError(f"guest initialisation failed: {reply.message}")
+                raise BootError(f"guest initialisation failed: {reply.message}")
         except PyroError as exc:
             exc.details.setdefault("console_tail", self.handle.console_tail())
             self.handle.kill()
@@ -106,16 +170,21 @@ class Supervisor:
         except BaseException:
             self.handle.kill()
             raise
-        vmm = ProcessId.of(self.handle.pid)
-        return {
-            "vmm": vmm.to_dict() if vmm else None,
-            "boot": "restored" if restore else "cold",
-            "boot_ms": int((time.monotonic() - started) * 1000),
-        }
+        return c.Ready(
+            boot="restored" if restore else "cold",
+            boot_ms=int((time.monotonic() - started) * 1000),
+            supervisor=ProcessId.of(os.getpid()),
+            vmm=ProcessId.of(self.handle.pid),
+        )
 
     def request_stop(self, reason: str) -> None:
-        self.stop_reason = reason
-        self.stop_event.set()
+        """Stop serving; the first reason given wins (a VMM that exits because a
+        shutdown request killed it must not turn "deleted" into "vmm_exited")."""
+        with self._stop_lock:
+            if self.stop_event.is_set():
+                return
+            self.stop_reason = reason
+            self.stop_event.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
@@ -131,8 +200,8 @@ class Supervisor:
         return listener
 
     def serve(self, listener: socket.socket) -> None:
-        expires_at = float(self.launch.get("expires_at") or 0)
-        owner = ProcessId.from_dict(self.launch.get("owner"))
+        expires_at = self.launch.expires_at
+        owner = self.launch.owner
         try:
             while not self.stop_event.is_set():
                 readable, _, _ = select.select([listener.fileno(), self._wake_r], [], [], 0.2)
@@ -141,20 +210,14 @@ class Supervisor:
                         conn, _ = listener.accept()
                         conn.setblocking(True)
                         threading.Thread(target=self._client, args=(conn,), daemon=True).start()
-                if self.stop_event.is_set():
-                    break
                 if self.handle.poll() is not None:
-                    self.stop_reason = "vmm_exited"
-                    break
-                if self.channel is not None and self.channel.closed_reason is not None:
-                    self.stop_reason = "agent_channel_closed"
-                    break
-                if expires_at and time.time() >= expires_at:
-                    self.stop_reason = "ttl_expired"
-                    break
-                if owner is not None and not owner.alive():
-                    self.stop_reason = "owner_exited"
-                    break
+                    self.request_stop("vmm_exited")
+                elif self.channel is not None and self.channel.closed_reason is not None:
+                    self.request_stop("agent_channel_closed")
+                elif expires_at and time.time() >= expires_at:
+                    self.request_stop("ttl_expired")
+                elif owner is not None and not owner.alive():
+                    self.request_stop("owner_exited")
         finally:
             listener.close()
             with contextlib.suppress(FileNotFoundError):
@@ -170,50 +233,44 @@ class Supervisor:
                     if not chunk:
                         return
                     buf += chunk
-                    if len(buf) > MAX_REQUEST_BYTES:
+                    if len(buf) > c.MAX_LINE_BYTES:
                         raise InvalidInputError("control request too large")
                 conn.settimeout(None)
-                request = json.loads(buf.partition(b"\n")[0])
-                op = request.get("op")
-                if op == "ping":
-                    _send(conn, {"event": "result", "ok": True})
-                elif op == "shutdown":
-                    # Kill the VMM before answering: once the caller hears back,
-                    # the guest is gone; this process exits right after.
+                request = c.decode_request(buf.partition(b"\n")[0])
+                if isinstance(request, c.PingRequest):
+                    _send(conn, c.Ok())
+                elif isinstance(request, c.ShutdownRequest):
+                    # The reason first (it decides what is left in the folder), then
+                    # kill the VMM before answering: once the caller hears back, the
+                    # guest is gone; this process exits right after.
+                    self.request_stop(request.reason or "stopped")
                     self.handle.kill()
-                    _send(conn, {"event": "result", "ok": True})
-                    self.request_stop(str(request.get("reason") or "stopped"))
-                elif op == "exec":
-                    self._exec(conn, request)
+                    _send(conn, c.Ok())
                 else:
-                    raise InvalidInputError(f"unknown control operation {op!r}")
+                    self._exec(conn, request)
             except PyroError as exc:
-                _send(conn, {"event": "result", "ok": False, "error": exc.to_dict()})
-            except (ValueError, KeyError, TypeError) as exc:
-                error = {"code": "invalid_input", "message": f"bad control request: {exc}"}
-                _send(conn, {"event": "result", "ok": False, "error": error})
+                _send(conn, c.Failed(exc))
             except OSError:
                 pass
 
-    def _exec(self, conn: socket.socket, request: dict[str, Any]) -> None:
+    def _exec(self, conn: socket.socket, request: c.ExecRequest) -> None:
         assert self.channel is not None
         message = p.Exec(
-            argv=tuple(request["argv"]),
-            cwd=str(request["cwd"]),
-            env=tuple(request["env"]),
-            timeout_ms=int(request["timeout_ms"]),
-            stdout_cap=int(request["stdout_cap"]),
-            stderr_cap=int(request["stderr_cap"]),
+            argv=request.argv,
+            cwd=request.cwd,
+            env=request.env,
+            timeout_ms=request.timeout_ms,
+            stdout_cap=request.stdout_cap,
+            stderr_cap=request.stderr_cap,
         )
         request_id, q = self.channel.open()
         # The caps are enforced here too: a compromised agent must not grow this process.
         streams = {p.STDOUT: bytearray(), p.STDERR: bytearray()}
         caps = {p.STDOUT: message.stdout_cap, p.STDERR: message.stderr_cap}
         cut = {p.STDOUT: False, p.STDERR: False}
-        stdout, stderr = streams[p.STDOUT], streams[p.STDERR]
         started = time.monotonic()
-        host_deadline = (
-            started + message.timeout_ms / 1000 + HOST_GRACE_S if message.timeout_ms else None
+        grace = _Grace(
+            self.channel, started + message.timeout_ms / 1000 if message.timeout_ms else None
         )
         last_beat = last_check = started
         cancelled = False
@@ -231,16 +288,11 @@ class Supervisor:
                     if not cancelled and _client_gone(conn):
                         cancelled = True
                         self.channel.send(request_id, p.Signal(signal.SIGKILL))
-                        host_deadline = now + HOST_GRACE_S
-                    if host_deadline is not None and now > host_deadline:
-                        raise GuestProtocolError(
-                            "the guest agent did not finish the command after its timeout",
-                            hint="the VM may be overloaded or broken; delete it",
-                        )
+                        grace.restart(now)
+                    grace.check(now)
                     if now - last_beat >= 1.0 and not cancelled:
                         last_beat = now
-                        elapsed = int((now - started) * 1000)
-                        _send(conn, {"event": "heartbeat", "elapsed_ms": elapsed})
+                        _send(conn, c.Heartbeat(int((now - started) * 1000)))
                 if item is None:
                     continue
                 if isinstance(item, p.Output):
@@ -252,18 +304,16 @@ class Supervisor:
                 elif isinstance(item, p.Exit):
                     _send(
                         conn,
-                        {
-                            "event": "result",
-                            "ok": True,
-                            "exit_code": item.exit_code,
-                            "signal": item.signal,
-                            "timed_out": item.timed_out,
-                            "stdout_truncated": item.stdout_truncated or cut[p.STDOUT],
-                            "stderr_truncated": item.stderr_truncated or cut[p.STDERR],
-                            "duration_ms": item.duration_ms,
-                            "stdout_b64": base64.b64encode(stdout).decode(),
-                            "stderr_b64": base64.b64encode(stderr).decode(),
-                        },
+                        c.ExecDone(
+                            exit_code=item.exit_code,
+                            signal=item.signal,
+                            timed_out=item.timed_out,
+                            stdout_truncated=item.stdout_truncated or cut[p.STDOUT],
+                            stderr_truncated=item.stderr_truncated or cut[p.STDERR],
+                            duration_ms=item.duration_ms,
+                            stdout=bytes(streams[p.STDOUT]),
+                            stderr=bytes(streams[p.STDERR]),
+                        ),
                     )
                     return
                 elif isinstance(item, p.Error):
@@ -277,6 +327,7 @@ class Supervisor:
                         raise GuestProtocolError(why[0], hint=why[1])
                     raise GuestProtocolError(item.reason)
         finally:
+            grace.close()
             self.channel.close_request(request_id)
 
     # -- teardown -----------------------------------------------------------
@@ -305,35 +356,33 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     vm_dir = Path(args[0])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the creator's terminal is not ours
-    sup = Supervisor(vm_dir)
-    signal.signal(signal.SIGTERM, lambda *_: sup.request_stop("terminated"))
-    ready_out = os.fdopen(os.dup(1), "w")
+    ready_out = os.fdopen(os.dup(1), "wb")
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
         os.dup2(devnull, fd)
+    sup: Supervisor | None = None
     try:
-        info = sup.boot()
-    except PyroError as exc:
-        ready_out.write(json.dumps({"ok": False, "error": exc.to_dict()}) + "\n")
-        ready_out.close()
-        return 1
+        sup = Supervisor(vm_dir)
+        signal.signal(signal.SIGTERM, lambda *_: sup.request_stop("terminated") if sup else None)
+        ready = sup.boot()
     except Exception as exc:
-        error = {"code": "boot_failed", "message": f"VM start failed: {exc!r}"}
-        ready_out.write(json.dumps({"ok": False, "error": error}) + "\n")
-        ready_out.close()
-        sup.shutdown()
+        error = exc if isinstance(exc, PyroError) else BootError(f"VM start failed: {exc!r}")
+        with contextlib.suppress(OSError):
+            ready_out.write(c.encode(c.Failed(error)))
+            ready_out.close()
+        if sup is not None and not isinstance(exc, PyroError):
+            sup.shutdown()
         return 1
     try:
         serve_thread = threading.Thread(target=sup.serve, args=(sup.listen(),), daemon=True)
         serve_thread.start()
-        info["supervisor"] = {"pid": os.getpid()}
         try:
-            ready_out.write(json.dumps({"ok": True, **info}) + "\n")
+            ready_out.write(c.encode(ready))
             ready_out.close()
         except OSError:
             # The creator died before learning the VM is ready; an ephemeral VM is
             # reaped now rather than at the next pyro invocation.
-            sup.request_stop("owner_exited" if sup.launch.get("owner") else "creator_exited")
+            sup.request_stop("owner_exited" if sup.launch.owner else "creator_exited")
         while serve_thread.is_alive():
             serve_thread.join(0.5)
     finally:

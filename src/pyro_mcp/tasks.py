@@ -30,11 +30,14 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pyro_mcp import limits, paths
+from pyro_mcp.commands import ExecOptions, build_argv
+from pyro_mcp.control import MountSpec
 from pyro_mcp.errors import (
     BackendUnavailableError,
     InvalidInputError,
@@ -43,7 +46,7 @@ from pyro_mcp.errors import (
     StateError,
     VMStateError,
 )
-from pyro_mcp.manager import BASE_ENV, ExecOutcome, VMManager, build_argv
+from pyro_mcp.manager import ExecOutcome, VMManager
 from pyro_mcp.models import (
     ExecResult,
     ReapResult,
@@ -68,12 +71,7 @@ from pyro_mcp.workspace.seed import build_workspace_image, resolve_source, seed_
 HOST_COMPAT = host_compat.NAME
 #: Backends whose /workspace is a host folder (bind mount) rather than a disk image.
 DIRECTORY_BACKENDS = frozenset({"gvisor", HOST_COMPAT})
-WORKSPACE_MOUNT = {
-    "source": "/dev/vdb",
-    "target": limits.TASK_WORKSPACE,
-    "fstype": "ext4",
-    "readonly": False,
-}
+WORKSPACE_MOUNT = MountSpec("/dev/vdb", limits.TASK_WORKSPACE, "ext4", readonly=False)
 INCOMPLETE_GRACE_S = 60.0
 
 
@@ -157,13 +155,7 @@ class TaskManager:
         limits.check_vcpu_count(vcpu_count)
         limits.check_mem_mib(mem_mib)
         limits.check_ttl(ttl_seconds)
-        if not isinstance(network, bool):
-            raise InvalidInputError("network must be true or false")
-        if network:
-            raise InvalidInputError(
-                "guest networking is not available yet in this version of pyro-mcp",
-                hint="create the task without --network (guests have loopback only)",
-            )
+        limits.check_network(network)
         if isinstance(exclude, str):
             exclude = [exclude]
         if not isinstance(exclude, Sequence) or not all(isinstance(p, str) for p in exclude):
@@ -305,22 +297,14 @@ class TaskManager:
         self,
         task_id: str,
         command: str | Sequence[str],
+        options: ExecOptions | None = None,
         *,
-        timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
-        cwd: str = limits.TASK_WORKSPACE,
-        env: Mapping[str, str] | None = None,
-        stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
-        stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
         progress: ProgressFn = no_progress,
     ) -> TaskExecResult:
         """Run one command in the task (default cwd /workspace). A timeout or a
         cancel kills the command; the task stays."""
         cmd = limits.check_command(command)
-        user_env = limits.check_env(env)
-        limits.check_cwd(cwd)
-        limits.check_timeout(timeout_seconds)
-        limits.check_output_cap("stdout_cap", stdout_cap)
-        limits.check_output_cap("stderr_cap", stderr_cap)
+        opts = options or ExecOptions()
         record = self._load(task_id)
         if record["status"] == "creating":
             raise VMStateError(
@@ -332,19 +316,14 @@ class TaskManager:
                 hint="create a new task",
             )
         if record["backend"] == HOST_COMPAT:
-            outcome = self._exec_host_compat(
-                record, cmd, user_env, cwd, timeout_seconds, stdout_cap, stderr_cap, progress
-            )
+            outcome = self._exec_host_compat(record, cmd, opts, progress)
         else:
             record = self._ensure_vm(task_id, record, progress)
             outcome = self.vms.exec(
                 record["vm_id"],
                 cmd,
-                cwd=cwd,
-                env=user_env,
-                timeout_seconds=timeout_seconds,
-                stdout_cap=stdout_cap,
-                stderr_cap=stderr_cap,
+                opts,
+                default_cwd=limits.TASK_WORKSPACE,
                 progress=progress,
             )
         return TaskExecResult(
@@ -418,11 +397,7 @@ class TaskManager:
         self,
         record: dict[str, Any],
         cmd: str | list[str],
-        user_env: dict[str, str],
-        cwd: str,
-        timeout_seconds: int,
-        stdout_cap: int,
-        stderr_cap: int,
+        opts: ExecOptions,
         progress: ProgressFn,
     ) -> ExecOutcome:
         rootfs = Path(record["hostfs"] or "")
@@ -432,12 +407,12 @@ class TaskManager:
         data = host_compat.run(
             rootfs,
             self.tasks_dir / record["task_id"] / "workspace",
-            build_argv(cmd, user_env),
-            cwd=cwd,
-            env={**BASE_ENV, **user_env},
-            timeout_seconds=timeout_seconds,
-            stdout_cap=stdout_cap,
-            stderr_cap=stderr_cap,
+            build_argv(cmd, opts.env),
+            cwd=opts.cwd_or(limits.TASK_WORKSPACE),
+            env=dict(item.split("=", 1) for item in opts.guest_env()),
+            timeout_seconds=opts.timeout_seconds,
+            stdout_cap=opts.stdout_cap,
+            stderr_cap=opts.stderr_cap,
         )
         return ExecOutcome(**data)
 
@@ -563,49 +538,27 @@ class TaskManager:
         self,
         environment: str,
         command: str | Sequence[str],
+        options: ExecOptions | None = None,
         *,
-        timeout_seconds: int = limits.DEFAULT_TIMEOUT_SECONDS,
-        cwd: str = "/root",
-        env: Mapping[str, str] | None = None,
-        stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
-        stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
         progress: ProgressFn = no_progress,
     ) -> ExecResult:
         """``run_in_vm``'s counterpart when the user opted in to host_compat: a
         throwaway host_compat task, always deleted."""
-        from pyro_mcp.models import CleanupInfo
+        from pyro_mcp.models import CleanupInfo, CommandResult
 
         cmd = limits.check_command(command)
+        opts = options or ExecOptions()
+        if opts.cwd is None:  # a one-shot run's default is a VM's, not a task's
+            opts = replace(opts, cwd="/root")
         info = self.create(environment, ttl_seconds=limits.MIN_TTL_SECONDS * 6, progress=progress)
         try:
-            result = self.exec(
-                info.task_id,
-                cmd,
-                timeout_seconds=timeout_seconds,
-                cwd=cwd,
-                env=env,
-                stdout_cap=stdout_cap,
-                stderr_cap=stderr_cap,
-                progress=progress,
-            )
+            result = self.exec(info.task_id, cmd, opts, progress=progress)
         finally:
             with contextlib.suppress(NotFoundError):
                 self.delete(info.task_id)
         return ExecResult(
             vm_id=info.task_id,
-            environment=result.environment,
-            environment_version=result.environment_version,
-            command=result.command,
-            stdout=result.stdout,
-            stderr=result.stderr,
-            stdout_truncated=result.stdout_truncated,
-            stderr_truncated=result.stderr_truncated,
-            exit_code=result.exit_code,
-            timed_out=result.timed_out,
-            duration_ms=result.duration_ms,
-            execution_mode=result.execution_mode,
-            backend=result.backend,
-            acceleration=result.acceleration,
+            **result.model_dump(include=set(CommandResult.model_fields)),
             boot="cold",
             cleanup=CleanupInfo(deleted=True, reason="run finished"),
         )

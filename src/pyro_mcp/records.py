@@ -1,0 +1,322 @@
+"""One record store for VMs and tasks: typed records in private folders.
+
+Each record lives in ``<root>/<id>/<filename>`` (written atomically, schema
+checked on read, see :mod:`pyro_mcp.state`) beside whatever else belongs to it
+(disks, sockets, logs). Lifecycle changes hold the record's cross-process lock
+``<root>/.<id>.lock``. The store knows nothing of what a record means: the VM
+and task managers give it a codec (``to_dict``/``from_dict``) and, for
+reaping, a function that says why a record should go.
+
+OS errors on the state folder are translated here, once, into
+:class:`~pyro_mcp.errors.StateError` with one wording.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from pyro_mcp import paths
+from pyro_mcp.control import MountSpec
+from pyro_mcp.errors import InvalidInputError, NotFoundError, StateError
+from pyro_mcp.state import (
+    ProcessId,
+    read_json,
+    record_lock,
+    remove_orphan_locks,
+    write_json_atomic,
+)
+
+INCOMPLETE_GRACE_S = 60.0  # a folder without a record younger than this is being created
+
+
+class Codec(Protocol):
+    """What a record type provides to be stored."""
+
+    @property
+    def record_id(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Codec)
+
+
+def state_dir_error(path: Path, exc: OSError) -> StateError:
+    """The one translation of an OS error on pyro's state folder."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StateError(
+            f"the state folder {path} is full: {exc.strerror or exc}",
+            hint="free space there (delete VMs and tasks you no longer need), "
+            "or set PYRO_STATE_DIR to a folder with room",
+        )
+    return StateError(
+        f"the state folder {path} is unusable: {exc.strerror or exc}",
+        hint="check its permissions, or set PYRO_STATE_DIR to a writable folder",
+    )
+
+
+class RecordStore(Generic[R]):
+    """Typed records of one kind (``vm`` or ``task``) under one folder."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        kind: str,
+        filename: str,
+        decode: Callable[[dict[str, Any]], R],
+        check_id: Callable[[str], str],
+        list_hint: str,
+    ) -> None:
+        self.root = root
+        self.kind = kind  # "VM" or "task": used in messages
+        self.prefix = f"{kind.lower()}-"
+        self.filename = filename
+        self._decode = decode
+        self._check_id = check_id
+        self.list_hint = list_hint
+
+    # -- naming ---------------------------------------------------------------
+    def folder(self, record_id: str) -> Path:
+        """The record's folder (the id is validated before it names a path)."""
+        return self.root / self._check_id(record_id)
+
+    def new_id(self) -> str:
+        return f"{self.prefix}{secrets.token_hex(6)}"
+
+    def lock(self, record_id: str) -> contextlib.AbstractContextManager[None]:
+        """The record's lifecycle lock; its file goes once the record's folder is gone."""
+        folder = self.folder(record_id)
+        return record_lock(self.root / f".{record_id}.lock", folder)
+
+    # -- create / read / write --------------------------------------------------
+    def create_folder(self) -> tuple[str, Path]:
+        """A fresh id and its new private folder."""
+        try:
+            paths.ensure_private_dir(self.root)
+            record_id = self.new_id()
+            folder = self.root / record_id
+            folder.mkdir(mode=0o700)
+        except OSError as exc:
+            raise state_dir_error(self.root, exc) from exc
+        return record_id, folder
+
+    def _decode_checked(self, data: dict[str, Any], where: Path) -> R:
+        try:
+            return self._decode(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(
+                f"state file {where} is malformed: {exc}",
+                hint=f"it was written by another pyro-mcp version; remove {where.parent}",
+            ) from None
+
+    def not_found(self, record_id: str, why: str = "") -> NotFoundError:
+        return NotFoundError(
+            f"{self.kind} {record_id} does not exist"
+            + (why or " (it may have been deleted, or reaped after its TTL)"),
+            hint=self.list_hint,
+        )
+
+    def load(self, record_id: str) -> R:
+        path = self.folder(record_id) / self.filename
+        try:
+            data = read_json(path)
+        except FileNotFoundError:
+            raise self.not_found(record_id) from None
+        return self._decode_checked(data, path)
+
+    def save(self, record: R) -> None:
+        """Atomic: on failure (e.g. a full disk) the previous record is still intact."""
+        path = self.root / record.record_id / self.filename
+        try:
+            write_json_atomic(path, record.to_dict())
+        except OSError as exc:
+            raise state_dir_error(self.root, exc) from exc
+
+    def remove(self, record_id: str) -> None:
+        shutil.rmtree(self.folder(record_id), ignore_errors=True)
+
+    # -- enumeration ----------------------------------------------------------
+    def folders(self) -> list[Path]:
+        try:
+            return sorted(
+                d for d in self.root.iterdir() if d.is_dir() and d.name.startswith(self.prefix)
+            )
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise state_dir_error(self.root, exc) from exc
+
+    def read_folder(self, folder: Path) -> R | None:
+        """The record in ``folder``; None if it has none yet or it is unreadable."""
+        path = folder / self.filename
+        with contextlib.suppress(FileNotFoundError, StateError, InvalidInputError):
+            return self._decode_checked(read_json(path), path)
+        return None
+
+    def records(self) -> Iterator[R]:
+        for folder in self.folders():
+            record = self.read_folder(folder)
+            if record is not None:
+                yield record
+
+    # -- reaping --------------------------------------------------------------
+    def reap(
+        self,
+        why: Callable[[R, float], str | None],
+        delete: Callable[[str, str], None],
+    ) -> dict[str, str]:
+        """Delete every record ``why`` names a reason for (via ``delete(id, reason)``),
+        folders that never got a record, and lock files whose record is gone."""
+        reasons: dict[str, str] = {}
+        now = time.time()
+        for folder in self.folders():
+            record_id = folder.name
+            path = folder / self.filename
+            try:
+                record = self._decode_checked(read_json(path), path)
+            except FileNotFoundError:
+                # A folder without a record is a half-created one (or one mid-reap).
+                with contextlib.suppress(OSError):
+                    if now - folder.stat().st_mtime > INCOMPLETE_GRACE_S:
+                        shutil.rmtree(folder, ignore_errors=True)
+                        reasons[record_id] = "incomplete"
+                continue
+            except StateError:
+                continue
+            reason = why(record, now)
+            if reason is None:
+                continue
+            with contextlib.suppress(NotFoundError, InvalidInputError):
+                delete(record_id, reason)
+                reasons[record_id] = reason
+        remove_orphan_locks(self.root, self.prefix)
+        return reasons
+
+
+# ------------------------------------------------------------------ VM records
+
+
+def _process(data: Any) -> ProcessId | None:
+    return None if data is None else ProcessId.from_dict(data)
+
+
+def _proc_dict(pid: ProcessId | None) -> dict[str, int] | None:
+    return pid.to_dict() if pid else None
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    """What a VM was created as; never changes after create."""
+
+    vm_id: str
+    environment: str
+    vcpu_count: int
+    mem_mib: int
+    network: bool
+    ttl_seconds: int
+    created_at: float
+    expires_at: float
+    backend: str
+    acceleration: str
+    owner: ProcessId | None = None  # an ephemeral VM dies with this process
+    mounts: tuple[MountSpec, ...] = ()  # done by the guest agent at INIT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vm_id": self.vm_id,
+            "environment": self.environment,
+            "vcpu_count": self.vcpu_count,
+            "mem_mib": self.mem_mib,
+            "network": self.network,
+            "ttl_seconds": self.ttl_seconds,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "backend": self.backend,
+            "acceleration": self.acceleration,
+            "owner": _proc_dict(self.owner),
+            "mounts": [m.to_dict() for m in self.mounts],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VMConfig:
+        return cls(
+            vm_id=str(d["vm_id"]),
+            environment=str(d["environment"]),
+            vcpu_count=int(d["vcpu_count"]),
+            mem_mib=int(d["mem_mib"]),
+            network=bool(d["network"]),
+            ttl_seconds=int(d["ttl_seconds"]),
+            created_at=float(d["created_at"]),
+            expires_at=float(d["expires_at"]),
+            backend=str(d["backend"]),
+            acceleration=str(d["acceleration"]),
+            owner=_process(d.get("owner")),
+            mounts=tuple(MountSpec.from_dict(m) for m in d.get("mounts", [])),
+        )
+
+
+@dataclass(frozen=True)
+class VMRuntime:
+    """What a VM is doing now; changes with its lifecycle."""
+
+    status: str = "created"  # created | starting | running | stopped | failed
+    environment_version: str = ""
+    boot: str | None = None  # cold | restored | pooled
+    supervisor: ProcessId | None = None
+    vmm: ProcessId | None = None
+    starter: ProcessId | None = None  # the process starting it (status "starting")
+    detail: str | None = None  # why it stopped or failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "environment_version": self.environment_version,
+            "boot": self.boot,
+            "supervisor": _proc_dict(self.supervisor),
+            "vmm": _proc_dict(self.vmm),
+            "starter": _proc_dict(self.starter),
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VMRuntime:
+        if d["status"] not in ("created", "starting", "running", "stopped", "failed"):
+            raise ValueError(f"unknown VM status {d['status']!r}")
+        return cls(
+            status=str(d["status"]),
+            environment_version=str(d["environment_version"]),
+            boot=d.get("boot"),
+            supervisor=_process(d.get("supervisor")),
+            vmm=_process(d.get("vmm")),
+            starter=_process(d.get("starter")),
+            detail=d.get("detail"),
+        )
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    config: VMConfig
+    runtime: VMRuntime
+
+    @property
+    def record_id(self) -> str:
+        return self.config.vm_id
+
+    def with_runtime(self, **changes: Any) -> VMRecord:
+        return VMRecord(self.config, replace(self.runtime, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "runtime": self.runtime.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VMRecord:
+        return cls(VMConfig.from_dict(d["config"]), VMRuntime.from_dict(d["runtime"]))
