@@ -3,10 +3,12 @@ leftovers, and waiting for a condition."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def pids_matching(state_dir: Path, match: Callable[[bytes], bool]) -> list[int]:
@@ -59,3 +61,10 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
         time.sleep(0.05)
+
+
+def vm_record_fields(path: Path) -> dict[str, Any]:
+    """A VM record file (``vm.json``) as one flat dict of its config and runtime fields,
+    read without pyro's own reader (so tests see what is on disk)."""
+    data = json.loads(path.read_text())
+    return {**data["config"], **data["runtime"]}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import state_leftovers, vmm_pids, wait_until
+from helpers import state_leftovers, vm_record_fields, vmm_pids, wait_until
 from pyro_mcp._version import __version__
 from pyro_mcp.api import Pyro
 from pyro_mcp.models import ExecResult
@@ -248,9 +248,9 @@ def _spawn_run(state_dir: Path, environment: str, command: Sequence[str]) -> sub
 def _vm_running(state_dir: Path) -> bool:
     for record in (state_dir / "vms").glob("vm-*/vm.json"):
         try:
-            if json.loads(record.read_text()).get("status") == "running":
+            if vm_record_fields(record).get("status") == "running":
                 return True
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             continue
     return False
 

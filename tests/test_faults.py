@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from helpers import qemu_pids, supervisor_pids, wait_until
+from helpers import qemu_pids, supervisor_pids, vm_record_fields, wait_until
 from pyro_mcp.api import Pyro
 from pyro_mcp.commands import ExecOptions
 from pyro_mcp.environments.store import EnvironmentStore
@@ -70,7 +70,7 @@ def records(state_dir: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for vm_json in (state_dir / "vms").glob("vm-*/vm.json"):
         with contextlib.suppress(FileNotFoundError):  # removed while we looked
-            out[vm_json.parent.name] = json.loads(vm_json.read_text())
+            out[vm_json.parent.name] = vm_record_fields(vm_json)
     return out
 
 
@@ -86,8 +86,7 @@ def assert_clean(state_dir: Path) -> None:
 
 
 def record_of(state_dir: Path, vm_id: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((state_dir / "vms" / vm_id / "vm.json").read_text())
-    return data
+    return vm_record_fields(state_dir / "vms" / vm_id / "vm.json")
 
 
 def pid_alive(data: dict[str, Any] | None) -> bool:

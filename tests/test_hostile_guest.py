@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import resource
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from helpers import qemu_pids, wait_until
+from helpers import qemu_pids, vm_record_fields, wait_until
 from pyro_mcp import limits
 from pyro_mcp.api import Pyro
 from pyro_mcp.commands import ExecOptions
@@ -105,8 +104,7 @@ class Ticker:
 
 
 def record(state_dir: Path, vm_id: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((state_dir / "vms" / vm_id / "vm.json").read_text())
-    return data
+    return vm_record_fields(state_dir / "vms" / vm_id / "vm.json")
 
 
 def peak_rss_kib(pid: int) -> int:

@@ -17,6 +17,7 @@ import pytest
 from mcp import Client, ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
+from helpers import vm_record_fields
 from mcp_helpers import PYRO, mcp_session, serve_params, structured, text_of
 from pyro_mcp.api import Pyro
 from pyro_mcp.contract import PROFILES, tools_for
@@ -26,9 +27,8 @@ def _vm_records(state_dir: Path) -> list[dict[str, Any]]:
     out = []
     for vm_json in sorted((state_dir / "vms").glob("vm-*/vm.json")):
         try:
-            data = json.loads(vm_json.read_text())
-            out.append({**data["config"], **data["runtime"]})
-        except (OSError, ValueError):
+            out.append(vm_record_fields(vm_json))
+        except (OSError, ValueError, KeyError):
             continue  # mid-write or mid-delete
     return out
 
