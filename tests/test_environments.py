@@ -6,6 +6,7 @@ build the real ``debian:12-base`` once per session (root + mmdebstrap/debootstra
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import gzip
 import json
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
+import pyro_mcp.environments as package
 from pyro_mcp.environments import kernel as kernel_mod
 from pyro_mcp.environments import rootfs as rootfs_mod
 from pyro_mcp.environments.apt import (
@@ -788,3 +790,38 @@ def test_make_image_free_space(tmp_path: Path) -> None:
     assert stats.free_bytes >= 64 * 1024 * 1024
     assert stats.free_bytes < 64 * 1024 * 1024 * 1.25
     assert image.stat().st_blocks * 512 < image.stat().st_size  # sparse
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_environment_modules_import_without_a_circle() -> None:
+    """Every import between the package's modules, deferred ones included, points one way."""
+    folder = Path(package.__file__).parent
+    prefix = "pyro_mcp.environments."
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {n[len(prefix) :] for n in names if n.startswith(prefix)}
+        graph[path.stem] = {d for d in deps if (folder / f"{d}.py").exists()}
+    assert graph["__init__"] == set()
+    assert graph["tools"] == graph["catalog"] == graph["apt"] == set()
+    done: set[str] = set()
+
+    def visit(module: str, chain: tuple[str, ...]) -> None:
+        assert module not in chain, " -> ".join((*chain, module))
+        if module in done:
+            return
+        for dep in graph[module]:
+            visit(dep, (*chain, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())
