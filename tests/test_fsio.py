@@ -36,6 +36,8 @@ def test_mode_follows_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640
+    write_bytes_atomic(tmp_path / "tool", b"#!/bin/sh\n", mode=0o755)
+    assert (tmp_path / "tool").stat().st_mode & 0o777 == 0o755
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path) -> None:

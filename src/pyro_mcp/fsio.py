@@ -35,15 +35,18 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``.
 
-    The file gets the mode a plain ``open(path, "w")`` would (0666 less the umask).
+    The file gets ``mode`` exactly, or by default the mode a plain
+    ``open(path, "w")`` would (0666 less the umask).
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -22,7 +22,6 @@ entry point).
 from __future__ import annotations
 
 import lzma
-import os
 import shutil
 import struct
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from pyro_mcp.environments.tools import is_root, run_tool, tail_lines
 from pyro_mcp.errors import EnvironmentBuildError
+from pyro_mcp.fsio import write_bytes_atomic
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -378,9 +378,7 @@ def extract_vmlinux(image: Path, dest: Path) -> Path:
             ) from None
         elf = proc.stdout
     _check_elf(elf, image)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(elf)
-    os.replace(tmp, dest)
+    write_bytes_atomic(dest, elf)
     return dest
 
 
