@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from filelock import FileLock
@@ -113,3 +115,31 @@ def test_prune_leaves_the_trees_of_a_busy_install(tmp_path: Path) -> None:
         assert store.prune() == []  # a build of other_team:box is running
     assert store.prune() == [str(stale)]
     assert tree.exists()
+
+
+def test_pyro_env_prune_removes_what_the_store_no_longer_uses(tmp_path: Path) -> None:
+    """The command end to end, on a private cache: leftovers and stale trees go, the
+    current install and its tree stay."""
+    cache = tmp_path / "cache"
+    store = make_store(cache)
+    base = store.ensure(BASE)
+    base_tree = fake_tree(store, base)
+    custom = store.ensure(OTHER)  # its tree would go: the CLI's own keep list is the catalog
+    stale_tree = hostfs_root(cache) / tree_dirname(base.path.name, "0" * 64)
+    stale_tree.mkdir(parents=True)
+    leftover = store.environments_dir / ".tmp-debian%3A12@1.0.0-0123abcd"
+    leftover.mkdir()
+    env = {**os.environ, "PYRO_CACHE_DIR": str(cache), "PYRO_STATE_DIR": str(tmp_path / "st")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyro_mcp.cli", "env", "prune", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)["removed"]) == {str(leftover), str(stale_tree)}
+    for kept in (base.rootfs, base_tree, custom.rootfs):
+        assert kept.exists(), kept
