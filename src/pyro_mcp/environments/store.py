@@ -242,7 +242,7 @@ class EnvironmentStore:
         running right now) are left alone.
         """
         removed: list[str] = []
-        kept: list[Path] = []
+        kept: dict[Path, str] = {}  # install -> its image's sha256
         busy: list[Path] = []
         groups: dict[str, list[Path]] = {}
         if self.environments_dir.is_dir():
@@ -255,16 +255,15 @@ class EnvironmentStore:
                 continue
             try:
                 keep = _installs_to_keep(entries)
+                kept.update(keep)
                 for entry in entries:
-                    if entry in keep:
-                        kept.append(entry)
-                    else:
+                    if entry not in keep:
                         remove_tree(entry)
                         removed.append(str(entry))
             finally:
                 lock.release()
         removed += prune_rootfs_trees(
-            [keep_tree for entry in kept for keep_tree in _tree_names(entry)],
+            [tree_dirname(entry.name, sha256) for entry, sha256 in kept.items()],
             root=hostfs_root(self.root),
             keep_prefixes=[f"{entry.name}-" for entry in busy],
         )
@@ -395,9 +394,10 @@ def _lock_slug(entry_name: str) -> str:
     return name[:200]
 
 
-def _installs_to_keep(entries: Iterable[Path]) -> set[Path]:
-    """The current intact install of each name among ``entries`` (one lock's folders)."""
-    newest: dict[str, tuple[tuple[str, int], Path]] = {}
+def _installs_to_keep(entries: Iterable[Path]) -> dict[Path, str]:
+    """The current intact install of each name among ``entries`` (one lock's folders),
+    with the sha256 of its image."""
+    newest: dict[str, tuple[tuple[str, int], Path, str]] = {}
     for entry in entries:
         if entry.name.startswith(TMP_PREFIX) or not entry.is_dir():
             continue
@@ -420,15 +420,8 @@ def _installs_to_keep(entries: Iterable[Path]) -> set[Path]:
         built_at = manifest.get("built_at")
         rank = (built_at if isinstance(built_at, str) else "", entry.stat().st_mtime_ns)
         if name not in newest or rank > newest[name][0]:
-            newest[name] = (rank, entry)
-    return {entry for _rank, entry in newest.values()}
-
-
-def _tree_names(install: Path) -> builtins.list[str]:
-    manifest, _problems = _read_env_manifest(install, {})
-    if manifest is None:
-        return []
-    return [tree_dirname(install.name, str(manifest["files"][ROOTFS_NAME]["sha256"]))]
+            newest[name] = (rank, entry, str(manifest["files"][ROOTFS_NAME]["sha256"]))
+    return {entry: sha256 for _rank, entry, sha256 in newest.values()}
 
 
 __all__ = [
