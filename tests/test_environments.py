@@ -6,6 +6,7 @@ build the real ``debian:12-base`` once per session (root + mmdebstrap/debootstra
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import gzip
 import json
@@ -22,27 +23,28 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
-from pyro_mcp.environments import (
-    CATALOG,
-    EnvironmentSpec,
-    EnvironmentStore,
-    KernelArtifact,
-    extract_vmlinux,
-    get_spec,
-    validate_name,
-)
+import pyro_mcp.environments as package
 from pyro_mcp.environments import kernel as kernel_mod
 from pyro_mcp.environments import rootfs as rootfs_mod
-from pyro_mcp.environments import store as store_mod
-from pyro_mcp.environments.kernel import KernelBuild, module_load_order, read_modinfo
-from pyro_mcp.environments.rootfs import (
+from pyro_mcp.environments.apt import (
     debian_mirror_lines,
     parse_deb822_sources,
     parse_one_line_sources,
     read_apt_sources,
 )
-from pyro_mcp.environments.store import KernelCache, check_files, describe_files
+from pyro_mcp.environments.catalog import CATALOG, EnvironmentSpec, get_spec, validate_name
+from pyro_mcp.environments.integrity import check_files, hash_files
+from pyro_mcp.environments.kernel import (
+    KernelArtifact,
+    KernelBuild,
+    extract_vmlinux,
+    module_load_order,
+    read_modinfo,
+)
+from pyro_mcp.environments.kernel_cache import KernelCache, KernelFetcher
+from pyro_mcp.environments.store import EnvironmentStore, KernelProvider
 from pyro_mcp.errors import EnvironmentBuildError, InvalidInputError, NotFoundError
+from pyro_mcp.fsio import sha256_file
 from pyro_mcp.progress import ProgressEvent
 
 BASE = "debian:12-base"
@@ -58,7 +60,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def fake_kernel_factory(root: Path) -> store_mod.KernelProvider:
+def fake_kernel_factory(root: Path) -> KernelProvider:
     folder = root / "fake-kernel"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vmlinuz").write_bytes(b"kernel")
@@ -132,7 +134,7 @@ def test_catalog_entries() -> None:
     build = set(CATALOG["debian:12-build"].packages)
     assert set(CATALOG["debian:12"].packages) <= build
     assert {"build-essential", "make", "pkg-config"} <= build
-    assert get_spec("debian:12").install_dirname == "debian_12-1.0.0"
+    assert get_spec("debian:12").install_dirname == "debian%3A12@1.0.0"
 
 
 @pytest.mark.parametrize(
@@ -390,7 +392,7 @@ def test_extract_vmlinux_gzip(tmp_path: Path) -> None:
         extract_vmlinux(tmp_path / "bad", tmp_path / "x")
 
 
-def fake_fetcher(release: str, calls: list[str]) -> store_mod.KernelFetcher:
+def fake_fetcher(release: str, calls: list[str]) -> KernelFetcher:
     def fetch(out: Path, progress: Any) -> KernelBuild:
         calls.append(release)
         (out / "modules").mkdir(parents=True)
@@ -451,7 +453,7 @@ def test_kernel_cache_prune_keeps_current(cache: Path) -> None:
 
 def test_check_files_modes(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(b"hello world")
-    files = describe_files(tmp_path, ["a"])
+    files = hash_files(tmp_path, ["a"])[0]
     first = check_files(tmp_path, files, {}, "auto")
     assert first.problems == [] and first.rehashed == ["a"]
     fps = first.fingerprints
@@ -481,7 +483,7 @@ def test_ensure_builds_once_and_installs_atomically(cache: Path) -> None:
     rec = Recorder()
     env = store.ensure(BASE, rec)
     assert builds(log) == [f"{os.getpid()} {BASE}"]
-    assert env.path == cache / "environments" / "debian_12-base-1.0.0"
+    assert env.path == cache / "environments" / "debian%3A12-base@1.0.0"
     assert env.rootfs == env.path / "rootfs.ext4"
     assert env.rootfs.stat().st_mode & 0o222 == 0  # read-only base image
     assert env.kernel.release == "6.1.0-0-fake"
@@ -490,8 +492,8 @@ def test_ensure_builds_once_and_installs_atomically(cache: Path) -> None:
     assert manifest["name"] == BASE and manifest["version"] == "1.0.0"
     entry = manifest["files"]["rootfs.ext4"]
     assert entry["size"] == env.rootfs.stat().st_size
-    assert entry["sha256"] == store_mod.sha256_file(env.rootfs) == env.rootfs_sha256
-    assert [p.name for p in (cache / "environments").iterdir()] == ["debian_12-base-1.0.0"]
+    assert entry["sha256"] == sha256_file(env.rootfs) == env.rootfs_sha256
+    assert [p.name for p in (cache / "environments").iterdir()] == ["debian%3A12-base@1.0.0"]
     assert any(e.stage == "rootfs" for e in rec.events)
     again = store.ensure(BASE)
     assert again.path == env.path and builds(log) == builds(log)[:1]
@@ -539,7 +541,7 @@ def test_corruption_detected_and_rebuilt(cache: Path, damage: str) -> None:
     assert len(builds(log)) == 2
     assert any("damaged" in m for m in rec.messages())
     assert store.inspect(BASE, verify=True).verified is True
-    assert fixed.rootfs_sha256 == store_mod.sha256_file(fixed.rootfs)
+    assert fixed.rootfs_sha256 == sha256_file(fixed.rootfs)
     assert not [p for p in (cache / "environments").iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -571,23 +573,36 @@ def test_prune_removes_leftovers_but_not_running_builds(cache: Path) -> None:
     store = make_store(cache)
     env = store.ensure(BASE)
     envs = cache / "environments"
-    crashed = envs / ".tmp-debian_12-base-0123abcd"
+    crashed = envs / ".tmp-debian%3A12-base@1.0.0-0123abcd"
     crashed.mkdir()
     (crashed / "rootfs.ext4").write_bytes(b"partial")
-    old = envs / "debian_12-0.9.0"
-    old.mkdir()
-    (old / "manifest.json").write_text(json.dumps({"name": "debian:12", "version": "0.9.0"}))
-    busy = envs / ".tmp-debian_12-build-89abcdef"
+    old = envs / "debian%3A12@0.9.0"  # a catalog name at a version the catalog left behind
+    shutil.copytree(env.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "version": "0.9.0"}))
+    busy = envs / ".tmp-debian%3A12-build@1.0.0-89abcdef"
     busy.mkdir()
     stale_kernel = cache / "kernels" / "6.1.0-1-old"
     stale_kernel.mkdir(parents=True)
     (cache / "kernels" / "current.json").write_text(json.dumps({"release": "6.1.0-2-new"}))
-    holder = FileLock(str(cache / "locks" / "env-debian_12-build.lock"))
-    with holder:
+    # A build by a pyro-mcp of the earlier layout holds the lock that layout named.
+    legacy_busy = envs / ".tmp-debian_12-build-0badc0de"
+    legacy_busy.mkdir()
+    holders = [
+        FileLock(str(cache / "locks" / name))
+        for name in ("env-debian%3A12-build.lock", "env-debian_12-build.lock")
+    ]
+    for holder in holders:
+        holder.acquire()
+    try:
         removed = set(store.prune())
+    finally:
+        for holder in holders:
+            holder.release()
     assert removed == {str(crashed), str(old), str(stale_kernel)}
-    assert busy.exists() and env.rootfs.exists()
-    assert set(store.prune()) == {str(busy)}
+    assert busy.exists() and legacy_busy.exists() and env.rootfs.exists()
+    assert set(store.prune()) == {str(busy), str(legacy_busy)}
+    assert store.ensure(BASE).rootfs_sha256 == env.rootfs_sha256  # not rebuilt
 
 
 def _concurrent_ensure(root: str, log: str, out: Any) -> None:
@@ -609,7 +624,7 @@ def test_two_processes_build_once(cache: Path) -> None:
         assert p.exitcode == 0
     results = {out.get(timeout=5), out.get(timeout=5)}
     assert len(builds(log)) == 1
-    assert results == {str(cache / "environments" / "debian_12-base-1.0.0" / "rootfs.ext4")}
+    assert results == {str(cache / "environments" / "debian%3A12-base@1.0.0" / "rootfs.ext4")}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
@@ -621,7 +636,7 @@ def test_root_build_in_user_cache_is_handed_back(cache: Path) -> None:
         env.path,
         env.rootfs,
         env.path / "manifest.json",
-        cache / "locks" / "env-debian_12-base.lock",
+        cache / "locks" / "env-debian%3A12-base.lock",
     ):
         assert path.stat().st_uid == 4321, path
 
@@ -775,3 +790,38 @@ def test_make_image_free_space(tmp_path: Path) -> None:
     assert stats.free_bytes >= 64 * 1024 * 1024
     assert stats.free_bytes < 64 * 1024 * 1024 * 1.25
     assert image.stat().st_blocks * 512 < image.stat().st_size  # sparse
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_environment_modules_import_without_a_circle() -> None:
+    """Every import between the package's modules, deferred ones included, points one way."""
+    folder = Path(package.__file__).parent
+    prefix = "pyro_mcp.environments."
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {n[len(prefix) :] for n in names if n.startswith(prefix)}
+        graph[path.stem] = {d for d in deps if (folder / f"{d}.py").exists()}
+    assert graph["__init__"] == set()
+    assert graph["tools"] == graph["catalog"] == graph["apt"] == set()
+    done: set[str] = set()
+
+    def visit(module: str, chain: tuple[str, ...]) -> None:
+        assert module not in chain, " -> ".join((*chain, module))
+        if module in done:
+            return
+        for dep in graph[module]:
+            visit(dep, (*chain, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())

@@ -296,8 +296,8 @@ def env_inspect(environment: str, verify: bool, as_json: bool) -> None:
 @json_option
 def env_prune(as_json: bool) -> None:
     """Remove unused environment versions, leftovers and stale snapshots."""
+    from pyro_mcp.environments.tree import hostfs_root, prune_rootfs_trees
     from pyro_mcp.snapshots import prune_snapshots
-    from pyro_mcp.vmm.host_compat import hostfs_root, prune_rootfs_trees
 
     try:
         store = _pyro().manager.store

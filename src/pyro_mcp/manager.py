@@ -257,8 +257,8 @@ class VMManager:
         mounts = config.mounts
         agent = None
         if config.backend == "gvisor":
+            from pyro_mcp.environments.tree import ensure_rootfs_tree
             from pyro_mcp.guest.build import ensure_agent_binary
-            from pyro_mcp.vmm.host_compat import ensure_rootfs_tree
 
             # gVisor runs the agent on the unpacked tree; a workspace is a bind mount of
             # the VM's workspace/ folder (see vmm/gvisor.py), not a disk the agent mounts.

@@ -8,7 +8,9 @@ point release: bump it whenever a change to the recipe or to
 
 from __future__ import annotations
 
+import hashlib
 import re
+import string
 from dataclasses import dataclass
 
 from pyro_mcp.errors import InvalidInputError, NotFoundError
@@ -34,13 +36,13 @@ class EnvironmentSpec:
 
     @property
     def slug(self) -> str:
-        """The name as a file-name component (``debian:12`` -> ``debian_12``)."""
+        """The name as a file-name component (``debian:12`` -> ``debian%3A12``)."""
         return slug_of(self.name)
 
     @property
     def install_dirname(self) -> str:
-        """Folder name of an install of this spec: ``<slug>-<version>``."""
-        return f"{self.slug}-{self.version}"
+        """Folder name of an install of this spec (``debian%3A12@1.0.0``)."""
+        return install_folder_name(self.name, self.version)
 
 
 _BASE_PACKAGES: tuple[str, ...] = ()
@@ -73,9 +75,50 @@ CATALOG: dict[str, EnvironmentSpec] = {
 }
 
 
-def slug_of(name: str) -> str:
-    """File-name form of a (validated) environment name."""
-    return name.replace(":", "_")
+# --------------------------------------------------------------------------- folder names
+
+_SLUG_SAFE = frozenset(string.ascii_letters + string.digits + ".-")
+#: Longer escaped names are cut and completed by ``%~`` + 32 hex digits of their sha256,
+#: so an install's folder, and the temp and lock names built on it, stay under 255 bytes.
+SLUG_MAX_LENGTH = 100
+_LONG_MARK = "%~"
+#: Between the name and the version in an install's folder name; never inside a slug.
+VERSION_SEPARATOR = "@"
+
+
+def slug_of(text: str) -> str:
+    """File-name form of an environment name (or version), one-to-one.
+
+    Each UTF-8 byte outside ``[A-Za-z0-9.-]``, and a leading ``.``, becomes ``%XX``
+    (``debian:12`` -> ``debian%3A12``). Escaping ``%`` itself makes the mapping
+    injective (``a_b:c`` -> ``a%5Fb%3Ac``, ``a:b_c`` -> ``a%3Ab%5Fc``), and a slug is
+    a safe path component: never empty, ``.``, ``..`` or hidden, no ``/`` and no
+    :data:`VERSION_SEPARATOR`. Names that escape to more than
+    :data:`SLUG_MAX_LENGTH` characters end in a digest instead (``%~`` appears in
+    no plain slug).
+    """
+    if not text:
+        raise InvalidInputError("an environment name or version cannot be empty")
+    out: list[str] = []
+    for i, char in enumerate(text):
+        if char in _SLUG_SAFE and not (i == 0 and char == "."):
+            out.append(char)
+        else:
+            out.extend(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+    slug = "".join(out)
+    if len(slug) <= SLUG_MAX_LENGTH:
+        return slug
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    keep = SLUG_MAX_LENGTH - len(_LONG_MARK) - len(digest)
+    head = slug[:keep]
+    if "%" in head[-2:]:  # do not end on half an escape
+        head = head[: head.rindex("%")]
+    return f"{head}{_LONG_MARK}{digest}"
+
+
+def install_folder_name(name: str, version: str) -> str:
+    """``<slug of name>@<slug of version>``: one folder per (name, version), one-to-one."""
+    return f"{slug_of(name)}{VERSION_SEPARATOR}{slug_of(version)}"
 
 
 def validate_name(name: str) -> str:

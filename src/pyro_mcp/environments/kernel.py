@@ -14,14 +14,14 @@ Dependencies come from ``modules.dep`` when the package ships one, else from
 each module's own ``.modinfo`` ``depends=`` field (the Debian package leaves
 ``modules.dep`` to ``depmod`` at install time, and ``kmod`` need not be present).
 
-Caching, locking and verification live in :mod:`pyro_mcp.environments.store`;
-:func:`ensure_kernel` is the entry point.
+This module only fetches and unpacks; caching, locking and verification live in
+:mod:`pyro_mcp.environments.kernel_cache` (``KernelCache(root).ensure()`` is the
+entry point).
 """
 
 from __future__ import annotations
 
 import lzma
-import os
 import shutil
 import struct
 import subprocess
@@ -29,9 +29,10 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from pyro_mcp.environments.tools import is_root, run_tool, tail_lines
 from pyro_mcp.errors import EnvironmentBuildError
+from pyro_mcp.fsio import write_bytes_atomic
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -40,8 +41,6 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BASE_MODULES: tuple[str, ...] = ("virtio_mmio", "virtio_console", "virtio_blk", "ext4")
 #: Loaded only when networking is enabled.
 NET_MODULES: tuple[str, ...] = ("virtio_net",)
-
-_OUTPUT_TAIL_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -69,58 +68,6 @@ class KernelBuild:
     config: str | None
     modules: tuple[str, ...]
     modules_net: tuple[str, ...]
-
-
-# --------------------------------------------------------------------------- tools
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def run_tool(
-    argv: Sequence[str],
-    *,
-    what: str,
-    cwd: Path | None = None,
-    hint: str | None = None,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run a host tool to completion; translate failures into EnvironmentBuildError.
-
-    ``what`` names the step for the message ("download the kernel package").
-    """
-    try:
-        proc = subprocess.run(
-            list(argv),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-            env=None if env is None else dict(env),
-        )
-    except FileNotFoundError:
-        raise EnvironmentBuildError(
-            f"cannot {what}: {argv[0]} is not installed",
-            hint=hint or f"install the package that provides {argv[0]}",
-            details={"command": list(argv), "missing_tool": argv[0]},
-        ) from None
-    if proc.returncode != 0:
-        raise EnvironmentBuildError(
-            f"cannot {what}: {' '.join(argv)} exited with status {proc.returncode}",
-            hint=hint,
-            details={
-                "command": list(argv),
-                "returncode": proc.returncode,
-                "output_tail": tail_lines(proc.stdout + proc.stderr),
-            },
-        )
-    return proc
-
-
-def tail_lines(text: str, count: int = _OUTPUT_TAIL_LINES) -> list[str]:
-    return text.strip().splitlines()[-count:]
 
 
 # --------------------------------------------------------------------------- apt
@@ -431,9 +378,7 @@ def extract_vmlinux(image: Path, dest: Path) -> Path:
             ) from None
         elf = proc.stdout
     _check_elf(elf, image)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(elf)
-    os.replace(tmp, dest)
+    write_bytes_atomic(dest, elf)
     return dest
 
 
@@ -448,39 +393,3 @@ def _check_elf(elf: bytes, source: Path) -> None:
         )
         if offset + filesz > len(elf):
             raise EnvironmentBuildError(f"{source}: decompressed kernel is truncated")
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def ensure_kernel(
-    progress: ProgressFn = no_progress,
-    *,
-    root: Path | None = None,
-    refresh: bool = False,
-) -> KernelArtifact:
-    """The installed guest kernel, fetched on first use.
-
-    Cheap when installed: no apt call, only a size/mtime/inode check of each
-    file (re-hashed on mismatch; damaged kernels are fetched again). With
-    ``refresh=True`` the package is re-resolved through apt and a newer release
-    is fetched. ``root`` defaults to :func:`pyro_mcp.paths.cache_dir`.
-    """
-    # The cache (manifests, locks, verification) is store's; it builds on this module.
-    from pyro_mcp.environments.store import KernelCache
-
-    return KernelCache(root).ensure(progress, refresh=refresh)
-
-
-def kernel_to_dict(kernel: KernelArtifact) -> dict[str, Any]:
-    """JSON-ready description of ``kernel``."""
-    return {
-        "release": kernel.release,
-        "package_version": kernel.package_version,
-        "image": str(kernel.image),
-        "modules": [str(p) for p in kernel.modules],
-        "modules_net": [str(p) for p in kernel.modules_net],
-        "digest": kernel.digest,
-        "path": str(kernel.path),
-        "config": None if kernel.config is None else str(kernel.config),
-    }

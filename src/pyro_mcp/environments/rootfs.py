@@ -23,22 +23,24 @@ itself needs no loop mount.
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import stat
-import subprocess
 import time
-from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyro_mcp.environments.apt import debian_mirror_lines, redact_credentials
 from pyro_mcp.environments.catalog import EnvironmentSpec
-from pyro_mcp.environments.kernel import is_root, run_tool
+from pyro_mcp.environments.tools import (
+    is_root,
+    remove_tree,
+    run_tool,
+    stream_tool,
+    tool_version,
+)
 from pyro_mcp.errors import EnvironmentBuildError
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 
-MIRROR_ENV = "PYRO_DEBIAN_MIRROR"
 IMAGE_LABEL = "pyro-root"
 GUEST_HOSTNAME = "pyro"
 _MIB = 1024 * 1024
@@ -65,147 +67,6 @@ _MMDEBSTRAP_STEPS = (
     "installing remaining packages",
     "cleaning package lists",
 )
-
-
-# --------------------------------------------------------------------------- apt sources
-
-
-@dataclass(frozen=True)
-class AptSource:
-    """One enabled ``deb`` entry of the host's apt configuration."""
-
-    uri: str
-    suites: tuple[str, ...]
-    components: tuple[str, ...]
-    signed_by: str | None = None
-    origin: str = ""  # the file it came from
-
-
-def parse_one_line_sources(text: str, origin: str = "") -> list[AptSource]:
-    """Entries of a classic ``sources.list`` (``deb [opts] uri suite comp...``)."""
-    out: list[AptSource] = []
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line.startswith("deb "):
-            continue
-        rest = line[4:].strip()
-        options: dict[str, str] = {}
-        if rest.startswith("["):
-            opts, _, rest = rest[1:].partition("]")
-            for opt in opts.split():
-                key, _, value = opt.partition("=")
-                options[key] = value
-        parts = rest.split()
-        if len(parts) < 2:
-            continue
-        out.append(
-            AptSource(
-                uri=parts[0],
-                suites=(parts[1],),
-                components=tuple(parts[2:]),
-                signed_by=options.get("signed-by"),
-                origin=origin,
-            )
-        )
-    return out
-
-
-def parse_deb822_sources(text: str, origin: str = "") -> list[AptSource]:
-    """Entries of a deb822 ``*.sources`` file (stanzas separated by blank lines)."""
-    out: list[AptSource] = []
-    for stanza in re.split(r"\n\s*\n", text):
-        fields: dict[str, str] = {}
-        key: str | None = None
-        for raw in stanza.splitlines():
-            if raw.startswith("#") or not raw.strip():
-                continue
-            if raw[0] in " \t" and key is not None:
-                fields[key] += "\n" + raw.strip()
-                continue
-            key, sep, value = raw.partition(":")
-            if not sep:
-                key = None
-                continue
-            key = key.strip().lower()
-            fields[key] = value.strip()
-        if "deb" not in fields.get("types", "").split():
-            continue
-        if fields.get("enabled", "yes").lower() in {"no", "false", "0"}:
-            continue
-        signed_by = fields.get("signed-by")
-        if signed_by is not None and "\n" in signed_by:
-            signed_by = None  # an inline key: let the bootstrapper find its own
-        for uri in fields.get("uris", "").split():
-            out.append(
-                AptSource(
-                    uri=uri,
-                    suites=tuple(fields.get("suites", "").split()),
-                    components=tuple(fields.get("components", "").split()),
-                    signed_by=signed_by,
-                    origin=origin,
-                )
-            )
-    return out
-
-
-def read_apt_sources(apt_dir: Path = Path("/etc/apt")) -> list[AptSource]:
-    """All enabled ``deb`` entries of the host's apt configuration."""
-    sources: list[AptSource] = []
-    main = apt_dir / "sources.list"
-    if main.is_file():
-        sources += parse_one_line_sources(main.read_text(errors="replace"), str(main))
-    parts = apt_dir / "sources.list.d"
-    if parts.is_dir():
-        for path in sorted(parts.iterdir()):
-            if path.suffix == ".list" and path.is_file():
-                sources += parse_one_line_sources(path.read_text(errors="replace"), str(path))
-            elif path.suffix == ".sources" and path.is_file():
-                sources += parse_deb822_sources(path.read_text(errors="replace"), str(path))
-    return sources
-
-
-def debian_mirror_lines(
-    suite: str,
-    sources: Sequence[AptSource] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> list[str]:
-    """One-line ``deb`` entries for ``suite``, ``suite-updates`` and ``suite-security``.
-
-    Taken from the host's apt configuration (entries whose suite is exactly one
-    of those three and whose components include ``main``); ``PYRO_DEBIAN_MIRROR``
-    replaces them with ``<mirror> suite`` and ``<mirror> suite-updates``. The
-    first line is always the main suite. Raises EnvironmentBuildError when the
-    host has no entry for ``suite``.
-    """
-    env = os.environ if environ is None else environ
-    override = env.get(MIRROR_ENV, "").strip()
-    if override:
-        return [f"deb {override} {suite} main", f"deb {override} {suite}-updates main"]
-    if sources is None:
-        sources = read_apt_sources()
-    wanted = (suite, f"{suite}-updates", f"{suite}-security", f"{suite}/updates")
-    lines: dict[str, list[str]] = {s: [] for s in wanted}
-    for src in sources:
-        components = [c for c in src.components if c in _DEBIAN_COMPONENTS]
-        if "main" not in components:
-            continue
-        opts = f"[signed-by={src.signed_by}] " if src.signed_by else ""
-        for s in src.suites:
-            if s in lines:
-                line = f"deb {opts}{src.uri} {s} {' '.join(components)}"
-                if line not in lines[s]:
-                    lines[s].append(line)
-    if not lines[suite]:
-        raise EnvironmentBuildError(
-            f"no Debian mirror for {suite!r} in the host's apt sources",
-            hint=f"add a '{suite} main' entry to /etc/apt/sources.list(.d) or set "
-            f"{MIRROR_ENV}=http://<mirror>/debian",
-        )
-    return [line for s in wanted for line in lines[s]]
-
-
-_DEBIAN_COMPONENTS = ("main", "contrib", "non-free", "non-free-firmware")
-_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")  # user:password@ in a mirror URI
 
 
 # --------------------------------------------------------------------------- results
@@ -262,119 +123,17 @@ def pick_bootstrapper() -> str:
     )
 
 
-def _mounts_below(path: Path) -> list[str]:
-    prefix = str(path).rstrip("/") + "/"
-    found: list[str] = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-            for line in fh:
-                mount_point = line.split()[4].replace("\\040", " ")
-                if mount_point == str(path) or mount_point.startswith(prefix):
-                    found.append(mount_point)
-    except OSError:
-        return []
-    return sorted(found, key=len, reverse=True)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove ``path`` without ever leaving its filesystem.
-
-    A failed bootstrap can leave ``/proc``, ``/sys`` or ``/dev`` mounted inside the
-    tree; those are unmounted first, and a directory on another filesystem is
-    never descended into (so a stuck bind mount cannot take host files with it).
-    """
-    for mount_point in _mounts_below(path):
-        subprocess.run(["umount", "-l", mount_point], capture_output=True, check=False)
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        path.unlink()
-        return
-    _remove_dir(path, st.st_dev)
-
-
-def _remove_dir(directory: Path, dev: int) -> None:
-    try:
-        entries = list(os.scandir(directory))
-    except PermissionError:
-        os.chmod(directory, 0o700)
-        entries = list(os.scandir(directory))
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            if entry.stat(follow_symlinks=False).st_dev != dev:
-                raise EnvironmentBuildError(
-                    f"refusing to remove {entry.path}: another filesystem is mounted there",
-                    hint=f"unmount it (`umount -l {entry.path}`) and run `pyro env prune`",
-                )
-            _remove_dir(Path(entry.path), dev)
-        else:
-            try:
-                os.unlink(entry.path)
-            except PermissionError:
-                os.chmod(directory, 0o700)
-                os.unlink(entry.path)
-    try:
-        os.rmdir(directory)
-    except PermissionError:
-        os.chmod(directory.parent, 0o700)
-        os.rmdir(directory)
-
-
 def _stream(
-    argv: Sequence[str], *, what: str, progress: ProgressFn, steps: Sequence[str] = ()
-) -> list[str]:
-    """Run ``argv``; turn its ``I:`` lines into progress; return the output tail."""
-    tail: deque[str] = deque(maxlen=40)
-    try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        )
-    except FileNotFoundError:
-        raise EnvironmentBuildError(
-            f"cannot {what}: {argv[0]} is not installed",
-            hint=f"apt-get install {argv[0]}",
-            details={"missing_tool": argv[0]},
-        ) from None
-    assert proc.stdout is not None
-    with proc:
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            tail.append(line)
-            if line.startswith("I: "):
-                message = line[3:].rstrip(".")
-                step = next((i for i, s in enumerate(steps, 1) if message.startswith(s)), None)
-                progress(
-                    ProgressEvent(
-                        "rootfs",
-                        message,
-                        completed=None if step is None else float(step),
-                        total=None if step is None else float(len(steps)),
-                    )
-                )
-    if proc.returncode != 0:
-        raise EnvironmentBuildError(
-            f"cannot {what}: {argv[0]} exited with status {proc.returncode}",
-            hint="see details.output_tail; check that the Debian mirror is reachable",
-            details={"command": list(argv), "output_tail": list(tail)},
-        )
-    return list(tail)
-
-
-def _tool_version(tool: str) -> str:
-    if tool == "mmdebstrap":
-        proc = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False)
-        return proc.stdout.strip() or "unknown"
-    proc = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Version}", tool], capture_output=True, text=True, check=False
+    argv: Sequence[str], what: str, progress: ProgressFn, steps: Sequence[str] = ()
+) -> None:
+    stream_tool(
+        argv,
+        what=what,
+        progress=progress,
+        stage="rootfs",
+        steps=steps,
+        hint="see details.output_tail; check that the Debian mirror is reachable",
     )
-    return f"{tool} {proc.stdout.strip() or 'unknown'}"
 
 
 # --------------------------------------------------------------------------- stages
@@ -403,7 +162,7 @@ def bootstrap(
             argv.append(f"--include={includes}")
         argv += [spec.suite, str(tree), *mirrors]
         progress(ProgressEvent("rootfs", f"mmdebstrap {spec.suite} ({spec.name})"))
-        _stream(argv, what=f"bootstrap {spec.name}", progress=progress, steps=_MMDEBSTRAP_STEPS)
+        _stream(argv, f"bootstrap {spec.name}", progress, _MMDEBSTRAP_STEPS)
     elif tool == "debootstrap":
         # debootstrap takes one mirror: the main suite's (no -updates/-security).
         uri = mirrors[0].split()[-3] if mirrors else ""
@@ -412,7 +171,7 @@ def bootstrap(
             argv.append(f"--include={includes}")
         argv += [spec.suite, str(tree), uri]
         progress(ProgressEvent("rootfs", f"debootstrap {spec.suite} ({spec.name})"))
-        _stream(argv, what=f"bootstrap {spec.name}", progress=progress)
+        _stream(argv, f"bootstrap {spec.name}", progress)
         cfg = tree / "etc" / "dpkg" / "dpkg.cfg.d" / "01-pyro-nodoc"
         cfg.write_text("\n".join(DPKG_EXCLUDES) + "\n")
         (tree / "etc" / "apt" / "sources.list").write_text("\n".join(mirrors) + "\n")
@@ -628,9 +387,9 @@ def build_rootfs_image(
     st = image.stat()
     return RootfsBuildInfo(
         tool=tool,
-        tool_version=_tool_version(tool),
+        tool_version=tool_version(tool),
         suite=spec.suite,
-        mirrors=tuple(_CREDENTIALS.sub(r"\1***@", m) for m in mirrors),
+        mirrors=tuple(redact_credentials(m) for m in mirrors),
         packages=spec.packages,
         installed_packages=installed,
         tree_bytes=stats.tree_bytes,
@@ -645,18 +404,12 @@ def build_rootfs_image(
 
 
 __all__ = [
-    "AptSource",
     "ImageStats",
     "RootfsBuildInfo",
     "bootstrap",
     "build_rootfs_image",
     "configure_guest",
-    "debian_mirror_lines",
     "make_image",
-    "parse_deb822_sources",
-    "parse_one_line_sources",
-    "read_apt_sources",
-    "remove_tree",
     "require_root",
     "trim",
 ]

@@ -13,7 +13,7 @@ folder:
 
 * ``/``: the environment's root filesystem (the same ``rootfs.ext4`` the VM
   backends boot, unpacked once into a folder, see
-  :func:`pyro_mcp.vmm.host_compat.ensure_rootfs_tree`), read-only, under a
+  :func:`pyro_mcp.environments.tree.ensure_rootfs_tree`), read-only, under a
   private writable overlay whose upper layer is a file in the VM's folder
   (``--overlay2=root:<vm_dir>``). Nothing a guest writes reaches the shared tree.
 * the container's process is ``pyro-agent --stdio`` (bind-mounted read-only at

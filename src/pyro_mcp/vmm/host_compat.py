@@ -9,10 +9,10 @@ Each command runs in ``bwrap`` with its own user, PID, mount, IPC, UTS, cgroup
 and network namespaces (``--unshare-all``: loopback only), no capabilities,
 ``no_new_privs`` (bwrap's default) and:
 
-* ``/``: the environment's own root filesystem, read-only. It is unpacked
-  once from the environment's ``rootfs.ext4`` with ``debugfs rdump`` (no
-  mount, no loop device) into ``<cache>/hostfs/<install>-<sha>/``, so commands
-  see the same Debian userland as in the VM and none of the host's files.
+* ``/``: the environment's own root filesystem, read-only: its ``rootfs.ext4``
+  unpacked once into a folder (:func:`pyro_mcp.environments.tree.ensure_rootfs_tree`,
+  re-exported here), so commands see the same Debian userland as in the VM and
+  none of the host's files.
 * ``/workspace``: the task's workspace folder, the only writable host path.
 * ``/tmp``, ``/run``, ``/root``: fresh tmpfs per command (only /workspace
   persists between a task's commands); ``/dev``: minimal devtmpfs-like set;
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import selectors
 import shutil
 import signal
@@ -38,17 +37,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
-from pyro_mcp import paths
-from pyro_mcp.errors import BackendUnavailableError, EnvironmentBuildError, InvalidInputError
-from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
+# Re-exported: task code reaches the tree cache as host_compat.ensure_rootfs_tree.
+from pyro_mcp.environments.tree import ensure_rootfs_tree as ensure_rootfs_tree  # noqa: PLC0414
+from pyro_mcp.errors import BackendUnavailableError, InvalidInputError
 from pyro_mcp.vmm.base import BackendProbe
 
 NAME = "host_compat"
 EXECUTION_MODE = "host_compat"
 HOSTNAME = "pyro-task"
-_READY = ".pyro-hostfs-ready"
 
 
 def bwrap_binary() -> str | None:
@@ -106,69 +102,6 @@ def require() -> str:
             hint="; ".join(info.advice) or "run `pyro doctor`",
         )
     return info.binary
-
-
-# --------------------------------------------------------------------------- root filesystem
-
-
-def hostfs_root() -> Path:
-    return paths.cache_dir() / "hostfs"
-
-
-def ensure_rootfs_tree(env: Any, progress: ProgressFn = no_progress) -> Path:
-    """The environment's root filesystem unpacked into a cached folder (once per
-    image: keyed by the image's sha256). ``env`` is an InstalledEnvironment."""
-    root = paths.ensure_private_dir(hostfs_root())
-    final = root / f"{env.path.name}-{str(env.rootfs_sha256)[:16]}"
-    if (final / _READY).exists():
-        return final
-    if shutil.which("debugfs") is None:
-        raise EnvironmentBuildError(
-            "debugfs is not installed (needed to unpack the environment for host_compat/gvisor)",
-            hint="install e2fsprogs: apt-get install e2fsprogs",
-        )
-    with FileLock(str(root / f".{final.name}.lock")):
-        if (final / _READY).exists():
-            return final
-        progress(ProgressEvent("rootfs", f"unpacking {env.name}'s root filesystem (once)"))
-        tmp = root / f".tmp-{final.name}-{secrets.token_hex(4)}"
-        tmp.mkdir(mode=0o700)
-        try:
-            proc = subprocess.run(
-                ["debugfs", "-R", f"rdump / {tmp}", str(env.rootfs)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            tree = tmp / "."
-            if proc.returncode != 0 or not (tree / "usr").is_dir():
-                raise EnvironmentBuildError(
-                    f"unpacking {env.rootfs} failed: {proc.stderr.strip()[-2000:]}",
-                    hint="check the environment with `pyro env inspect --verify`",
-                )
-            for mount_point in ("workspace", "tmp", "run", "root", "dev", "proc"):
-                (tmp / mount_point).mkdir(mode=0o755, exist_ok=True)
-            os.chmod(tmp, 0o755)  # noqa: S103 - the sandbox's /, read-only; parent is 0700
-            (tmp / _READY).write_text(f"{env.name} {env.version} {env.rootfs_sha256}\n")
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
-
-
-def prune_rootfs_trees(keep: Sequence[Path] = ()) -> list[str]:
-    """Remove unpacked trees other than ``keep`` and interrupted unpacks."""
-    removed = []
-    keep_names = {p.name for p in keep}
-    with contextlib.suppress(FileNotFoundError):
-        for d in hostfs_root().iterdir():
-            if d.is_dir() and d.name not in keep_names:
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(str(d))
-    return removed
 
 
 # --------------------------------------------------------------------------- running
