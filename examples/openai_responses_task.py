@@ -17,7 +17,7 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from pyro_mcp.contract import ToolContext
+from pyro_mcp import ToolContext
 from pyro_mcp.integrations.openai_responses import ToolBox
 
 MODEL = os.environ.get("OPENAI_MODEL", "gpt-4.1")

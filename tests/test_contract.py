@@ -15,10 +15,14 @@ from pyro_mcp.contract import (
     PROFILES,
     TOOLS,
     NoInput,
+    TaskExecInput,
     ToolContext,
     ToolHints,
     ToolSpec,
+    VMExecInput,
     VMRunInput,
+    env_from_pairs,
+    exec_options,
     get_tool,
     reference_markdown,
     resolve_source_path,
@@ -73,7 +77,62 @@ def test_defaults_and_bounds_come_from_limits() -> None:
         "timeout_seconds",
         "ttl_seconds",
         "network",
+        "cwd",
+        "env",
     ]
+
+
+def test_every_command_tool_takes_the_same_exec_options() -> None:
+    runners = [t for t in TOOLS if "command" in t.input_schema()["properties"]]
+    assert {t.name for t in runners} == {"vm_run", "vm_exec", "task_exec"}
+    shapes = []
+    for tool in runners:
+        props = tool.input_schema()["properties"]
+        assert props["cwd"]["default"] is None and props["env"]["default"] is None, tool.name
+        assert "null" in props["cwd"]["description"], tool.name
+        shapes.append((props["cwd"], props["env"]))
+        strict = tool.strict_input_schema()["properties"]
+        assert strict["cwd"]["type"] == ["string", "null"], tool.name
+        assert strict["env"]["type"] == ["array", "null"], tool.name
+        assert strict["env"]["items"] == {"type": "string"}, tool.name
+    assert all(shape == shapes[0] for shape in shapes)  # one definition, not three
+
+
+def test_exec_options_pass_only_what_was_given() -> None:
+    assert exec_options(None, None) == {}
+    assert exec_options("/tmp", None) == {"cwd": "/tmp"}
+    assert exec_options(None, []) == {"env": {}}
+    assert exec_options(None, ["A=1", "B=x=y", "A=2", "C="]) == {
+        "env": {"A": "2", "B": "x=y", "C": ""}
+    }
+    with pytest.raises(InvalidInputError) as info:
+        env_from_pairs(["NOEQUALS"])
+    assert info.value.hint == "write it as 'NAME=value'"
+
+
+def test_bad_exec_options_are_refused_before_any_vm(state_dir: Path) -> None:
+    pyro = Pyro(state_dir=state_dir, reap=False)
+    for name, base in (
+        ("vm_run", {"command": "true"}),
+        ("vm_exec", {"vm_id": "vm-000000000000", "command": "true"}),
+        ("task_exec", {"task_id": "task-000000000000", "command": "true"}),
+    ):
+        spec = get_tool(name)
+        for bad, why in (
+            ({"env": ["NOEQUALS"]}, "not NAME=value"),
+            ({"cwd": "relative/dir"}, "cwd"),
+            ({"env": "A=1"}, "env"),
+            ({"env": [f"V{i}=1" for i in range(limits.MAX_ENV_ENTRIES + 1)]}, "env"),
+        ):
+            outcome = spec.call(pyro, base | bad)
+            assert not outcome.ok, (name, bad)
+            error = outcome.structured["error"]
+            assert error["code"] == "invalid_input", (name, bad, error)
+            assert why in error["message"], (name, bad, error)
+        args = spec.validate(base | {"cwd": None, "env": None})
+        assert isinstance(args, VMRunInput | VMExecInput | TaskExecInput)
+        assert exec_options(args.cwd, args.env) == {}
+    assert list((state_dir / "vms").glob("vm-*")) == []
 
 
 def test_validate_treats_null_as_default_and_rejects_the_rest() -> None:
@@ -208,6 +267,7 @@ def test_cli_does_not_import_mcp_until_serving() -> None:
     assert out.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.vm
 def test_task_exec_tool_passes_cwd_and_env(vm_environment: str, state_dir: Path) -> None:
     pyro = Pyro(state_dir=state_dir, backend="qemu", reap=False)
     created = get_tool("task_create").call(pyro, {"environment": vm_environment})
@@ -221,7 +281,9 @@ def test_task_exec_tool_passes_cwd_and_env(vm_environment: str, state_dir: Path)
         )
         assert ran.ok, ran.text
         assert ran.structured["stdout"] == "/tmp hello=world\n"
-        default = get_tool("task_exec").call(pyro, {"task_id": task_id, "command": "pwd"})
+        default = get_tool("task_exec").call(
+            pyro, {"task_id": task_id, "command": "pwd", "cwd": None, "env": None}
+        )
         assert default.structured["stdout"] == "/workspace\n"
         bad = get_tool("task_exec").call(
             pyro, {"task_id": task_id, "command": "true", "env": ["NOEQUALS"]}

@@ -63,6 +63,8 @@ def test_openai_tool_definitions_satisfy_strict_mode(profile: Any) -> None:
         )
         for name, prop in tool["parameters"]["properties"].items():
             assert nullable(prop) == (name in optional), (tool["name"], name)
+        if "command" in tool["parameters"]["properties"]:
+            assert {"cwd", "env"} <= optional, tool["name"]
         assert tool["description"] == spec.description
 
 
@@ -84,12 +86,14 @@ def test_openai_toolbox_answers_bad_calls_with_errors(state_dir: Path) -> None:
 def test_openai_client_loop_runs_vm_run(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
     args = {
         "environment": vm_environment,
-        "command": "echo from-the-vm",
+        "command": 'echo "from-the-$WHERE in $PWD"',
         "vcpu_count": None,
         "mem_mib": None,
         "timeout_seconds": None,
         "ttl_seconds": None,
         "network": None,
+        "cwd": "/tmp",
+        "env": ["WHERE=vm"],
     }
 
     def ask(request: dict[str, Any]) -> list[dict[str, Any]]:
@@ -112,7 +116,7 @@ def test_openai_client_loop_runs_vm_run(pyro: Pyro, vm_environment: str, state_d
         conversation += [box.run(c) for c in calls]
         final = client.responses.create(model="m", input=conversation, tools=box.tools)
         assert api.errors == []
-    assert final.output_text == "The VM said: from-the-vm"
+    assert final.output_text == "The VM said: from-the-vm in /tmp"
     assert _vm_dirs(state_dir) == []
 
 

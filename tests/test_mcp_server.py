@@ -101,6 +101,8 @@ def test_vm_run_results_and_errors(pyro: Pyro, vm_environment: str, state_dir: P
                 ("vm_run", {"command": "true", "vcpu_count": 99}, "invalid_input"),
                 ("vm_run", {"command": "true", "bogus": 1}, "invalid_input"),
                 ("vm_run", {}, "invalid_input"),
+                ("vm_run", {"command": "true", "env": ["NOEQUALS"]}, "invalid_input"),
+                ("vm_run", {"command": "true", "cwd": "tmp"}, "invalid_input"),
                 (
                     "vm_run",
                     {"environment": vm_environment, "command": "true", "network": True},
@@ -116,6 +118,33 @@ def test_vm_run_results_and_errors(pyro: Pyro, vm_environment: str, state_dir: P
                 assert err["message"] and err.get("hint"), err
                 assert "Traceback" not in text_of(res)
                 assert err["message"] in text_of(res)
+
+    anyio.run(main)
+    assert _vm_dirs(state_dir) == []
+
+
+@pytest.mark.vm
+def test_vm_run_takes_cwd_and_env(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
+    async def main() -> None:
+        async with mcp_session(serve_params(state_dir)) as s:
+            (tool,) = [t for t in (await s.list_tools()).tools if t.name == "vm_run"]
+            for name in ("cwd", "env"):
+                assert tool.input_schema["properties"][name]["default"] is None
+            res = await s.call_tool(
+                "vm_run",
+                {
+                    "environment": vm_environment,
+                    "command": 'echo "$PWD|$GREETING|$EMPTY|$PATH"; ls',
+                    "cwd": "/etc",
+                    "env": ["GREETING=hello=world", "EMPTY="],
+                },
+            )
+            assert not res.is_error, text_of(res)
+            first, listing = structured(res)["stdout"].split("\n", 1)
+            cwd, greeting, empty, path = first.split("|")
+            assert (cwd, greeting, empty) == ("/etc", "hello=world", "")
+            assert "/usr/bin" in path.split(":")  # the environment's own variables stay
+            assert "passwd" in listing.split()
 
     anyio.run(main)
     assert _vm_dirs(state_dir) == []
@@ -138,8 +167,13 @@ def test_full_profile_lifecycle(pyro: Pyro, vm_environment: str, state_dir: Path
             assert net["network_enabled"] is False
             again = await s.call_tool("vm_start", {"vm_id": vm_id})
             assert again.is_error and structured(again)["error"]["code"] == "invalid_state"
-            ran = structured(await s.call_tool("vm_exec", {"vm_id": vm_id, "command": "echo hi"}))
-            assert ran["stdout"] == "hi\n" and ran["cleanup"]["deleted"] is True
+            ran = structured(
+                await s.call_tool(
+                    "vm_exec",
+                    {"vm_id": vm_id, "command": 'echo "hi $PWD $X"', "cwd": "/tmp", "env": ["X=1"]},
+                )
+            )
+            assert ran["stdout"] == "hi /tmp 1\n" and ran["cleanup"]["deleted"] is True
             gone = await s.call_tool("vm_status", {"vm_id": vm_id})
             assert gone.is_error and structured(gone)["error"]["code"] == "not_found"
 

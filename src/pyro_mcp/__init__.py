@@ -1,10 +1,24 @@
-"""pyro-mcp: run an agent's shell commands in disposable local microVMs."""
+"""pyro-mcp: run an agent's shell commands in disposable local microVMs.
+
+What users import is here, and only here (``from pyro_mcp import Pyro, ExecResult``);
+every other module is internal and may change. The one exception is
+:mod:`pyro_mcp.integrations`, the framework adapters (they need optional extras).
+
+``import pyro_mcp`` stays cheap (the CLI imports it on every start): the error
+classes load at once, everything else (the SDK, the pydantic result models) on
+first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from pyro_mcp._version import __version__
 from pyro_mcp.errors import (
     BackendUnavailableError,
     BootError,
     EnvironmentBuildError,
+    ExecTimeoutError,
     GuestProtocolError,
     InvalidInputError,
     LimitError,
@@ -14,26 +28,87 @@ from pyro_mcp.errors import (
     VMStateError,
 )
 
+if TYPE_CHECKING:
+    from pyro_mcp.api import Pyro
+    from pyro_mcp.contract.context import ToolContext
+    from pyro_mcp.models import (
+        CleanupInfo,
+        ExecResult,
+        NetworkInfo,
+        ReapResult,
+        TaskDeleteResult,
+        TaskExecResult,
+        TaskInfo,
+        VMInfo,
+        WorkspaceSeed,
+    )
+    from pyro_mcp.progress import ProgressEvent, ProgressFn
+    from pyro_mcp.workspace.archive import SeedLimits, UnsafeSeedError
+
+# name -> the internal module that defines it, imported on first access
+_LAZY = {
+    "Pyro": "pyro_mcp.api",
+    "ToolContext": "pyro_mcp.contract.context",
+    "ProgressEvent": "pyro_mcp.progress",
+    "ProgressFn": "pyro_mcp.progress",
+    "SeedLimits": "pyro_mcp.workspace.archive",
+    "UnsafeSeedError": "pyro_mcp.workspace.archive",
+    **dict.fromkeys(
+        (
+            "CleanupInfo",
+            "ExecResult",
+            "NetworkInfo",
+            "ReapResult",
+            "TaskDeleteResult",
+            "TaskExecResult",
+            "TaskInfo",
+            "VMInfo",
+            "WorkspaceSeed",
+        ),
+        "pyro_mcp.models",
+    ),
+}
+
 __all__ = [
     "BackendUnavailableError",
     "BootError",
+    "CleanupInfo",
     "EnvironmentBuildError",
+    "ExecResult",
+    "ExecTimeoutError",
     "GuestProtocolError",
     "InvalidInputError",
     "LimitError",
+    "NetworkInfo",
     "NotFoundError",
+    "ProgressEvent",
+    "ProgressFn",
     "Pyro",
     "PyroError",
+    "ReapResult",
+    "SeedLimits",
     "StateError",
+    "TaskDeleteResult",
+    "TaskExecResult",
+    "TaskInfo",
+    "ToolContext",
+    "UnsafeSeedError",
+    "VMInfo",
     "VMStateError",
+    "WorkspaceSeed",
     "__version__",
 ]
 
 
 def __getattr__(name: str) -> object:
-    # Keep `import pyro_mcp` (and so the CLI's start-up) cheap: the SDK loads on use.
-    if name == "Pyro":
-        from pyro_mcp.api import Pyro
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyro_mcp' has no attribute {name!r}")
+    # __import__ with a fromlist returns the submodule (importlib would add 3 imports)
+    value = getattr(__import__(module, fromlist=[name]), name)
+    globals()[name] = value  # the next access does not come here
+    return value
 
-        return Pyro
-    raise AttributeError(name)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

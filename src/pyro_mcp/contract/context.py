@@ -1,0 +1,71 @@
+"""What a tool call needs besides its arguments: where ``source_path`` may come from
+and whether the caller cancelled."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyro_mcp.errors import InvalidInputError
+
+
+class ToolCancelled(Exception):
+    """Raised inside a running tool when its caller cancelled the request."""
+
+
+@dataclass
+class ToolContext:
+    """What a call needs besides its arguments.
+
+    ``source_roots``: the folders a ``source_path`` may come from (symlinks are
+    resolved before the check, so none can point out of a root). ``None`` means
+    the current working directory.
+    """
+
+    source_roots: Sequence[Path] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise ToolCancelled("the request was cancelled")
+
+    def roots(self) -> list[Path]:
+        roots = self.source_roots if self.source_roots else [Path.cwd()]
+        return [Path(os.path.realpath(r)) for r in roots]
+
+
+def resolve_source_path(path: str, roots: Sequence[Path]) -> Path:
+    """The real path of ``path`` if it lies under one of ``roots``; else InvalidInputError.
+
+    Relative paths are taken relative to the first root. Symlinks (in the path
+    and in the roots) are resolved first, so a link cannot lead out of a root.
+    """
+    if not roots:
+        raise InvalidInputError("no folder is allowed as a source_path here")
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise InvalidInputError(f"source_path must be a non-empty path, got {path!r}")
+    real_roots = [Path(os.path.realpath(r)) for r in roots]
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = real_roots[0] / candidate
+    real = Path(os.path.realpath(candidate))
+    allowed = ", ".join(str(r) for r in real_roots)
+    if not any(real == root or real.is_relative_to(root) for root in real_roots):
+        raise InvalidInputError(
+            f"source_path {path!r} (resolved to {real}) is outside the folders this "
+            f"server may read: {allowed}",
+            hint=(
+                "pass a path inside one of those folders; to allow another folder, start "
+                "`pyro mcp serve` with `--allow-path DIR` or add DIR as a root in the MCP client"
+            ),
+            details={"source_path": path, "resolved": str(real), "allowed_roots": allowed},
+        )
+    if not real.exists():
+        raise InvalidInputError(
+            f"source_path {path!r} does not exist",
+            hint=f"pass an existing file or folder under {allowed}",
+        )
+    return real
