@@ -21,7 +21,6 @@ from pyro_mcp.contract import (
     ToolSpec,
     VMExecInput,
     VMRunInput,
-    env_from_pairs,
     exec_options,
     get_tool,
     reference_markdown,
@@ -106,8 +105,8 @@ def test_exec_options_pass_only_what_was_given() -> None:
         "env": {"A": "2", "B": "x=y", "C": ""}
     }
     with pytest.raises(InvalidInputError) as info:
-        env_from_pairs(["NOEQUALS"])
-    assert info.value.hint == "write it as 'NAME=value'"
+        exec_options(None, ["NOEQUALS"])
+    assert info.value.hint == "write it as NAME=value"
 
 
 def test_bad_exec_options_are_refused_before_any_vm(state_dir: Path) -> None:

@@ -40,7 +40,6 @@ from pyro_mcp.contract.inputs import (
     VMExecInput,
     VMIdInput,
     VMRunInput,
-    env_from_pairs,
     exec_options,
 )
 from pyro_mcp.contract.outputs import (
@@ -96,7 +95,6 @@ __all__ = [
     "VMIdInput",
     "VMList",
     "VMRunInput",
-    "env_from_pairs",
     "exec_options",
     "get_tool",
     "reference_markdown",

@@ -15,7 +15,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pyro_mcp import limits
 from pyro_mcp.environments.catalog import CATALOG, DEFAULT_ENVIRONMENT
-from pyro_mcp.errors import InvalidInputError
 
 
 class _Input(BaseModel):
@@ -112,18 +111,8 @@ def _network() -> Any:
 # -- the options of a command, shared by every tool that runs one ------------------
 
 
-def split_env_pair(pair: str) -> tuple[str, str]:
-    """``'B=x=y'`` -> ``('B', 'x=y')``: the first ``=`` splits. Names are checked by the SDK."""
-    name, sep, value = pair.partition("=")
-    if not sep:
-        raise InvalidInputError(
-            f"env entry {pair!r} is not NAME=value", hint="write it as 'NAME=value'"
-        )
-    return name, value
-
-
 def _check_env_pair(pair: str) -> str:
-    split_env_pair(pair)  # an InvalidInputError is a ValueError: pydantic reports it
+    limits.parse_env_pairs([pair])  # an InvalidInputError is a ValueError: pydantic reports it
     return pair
 
 
@@ -156,11 +145,6 @@ EnvPairs = Annotated[
 ]
 
 
-def env_from_pairs(pairs: list[str]) -> dict[str, str]:
-    """``['A=1', 'B=x=y']`` -> ``{'A': '1', 'B': 'x=y'}``; a later name wins."""
-    return dict(split_env_pair(pair) for pair in pairs)
-
-
 class ExecOptions(TypedDict, total=False):
     """The SDK keyword arguments a command's options become (only those given)."""
 
@@ -175,7 +159,7 @@ def exec_options(cwd: str | None, env: list[str] | None) -> ExecOptions:
     if cwd is not None:
         options["cwd"] = cwd
     if env is not None:
-        options["env"] = env_from_pairs(env)
+        options["env"] = limits.parse_env_pairs(env)
     return options
 
 
