@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,40 +16,28 @@ from typing import Any
 
 from filelock import FileLock
 
+from pyro_mcp import fsio
 from pyro_mcp.errors import StateError
 
 SCHEMA_VERSION = 2  # 2: records split into config and runtime (pyro_mcp.records)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write a record (private to the user) with this version's ``schema``."""
     payload = json.dumps({"schema": SCHEMA_VERSION, **data}, indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    fsio.write_bytes_atomic(path, payload.encode("utf-8"), mode=0o600)
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as exc:
+    """A record of this version's schema, without its ``schema`` field.
+
+    FileNotFoundError passes through; an unreadable record or one of another schema
+    is a StateError naming the folder to remove.
+    """
+    data = fsio.read_json_object(path, hint=f"remove {path.parent} to discard it")
+    if data.get("schema") != SCHEMA_VERSION:
         raise StateError(
-            f"state file {path} is unreadable: {exc}",
-            hint=f"remove {path.parent} to discard it",
-        ) from exc
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
-        raise StateError(
-            f"state file {path} has schema {data.get('schema') if isinstance(data, dict) else '?'}"
-            f", expected {SCHEMA_VERSION}",
+            f"state file {path} has schema {data.get('schema')!r}, expected {SCHEMA_VERSION}",
             hint=f"it was written by another pyro-mcp version; remove {path.parent} to discard it",
         )
     data.pop("schema")
