@@ -116,6 +116,24 @@ class Pyro:
             data["snapshot_error"] = str(exc)
         return data
 
+    def inspect_environment(self, environment: str, *, verify: bool = False) -> dict[str, Any]:
+        """An environment's installed artifacts, their state (``verify`` re-hashes every
+        file) and the warm-start snapshots in the cache."""
+        from dataclasses import asdict
+
+        from pyro_mcp.snapshots import list_snapshots
+
+        info = asdict(self._manager.store.inspect(environment, verify=verify))
+        info["snapshots"] = list_snapshots()
+        return info
+
+    def prune_environments(self) -> list[str]:
+        """Remove superseded or damaged installs, build leftovers, unpacked trees of
+        images no longer installed, and stale snapshots. Returns what was removed."""
+        from pyro_mcp.snapshots import prune_snapshots
+
+        return [*self._manager.store.prune(), *prune_snapshots()]
+
     # -- one-shot -----------------------------------------------------------
     def run_in_vm(
         self,

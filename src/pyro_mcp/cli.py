@@ -8,7 +8,6 @@ Only the guest command's output goes to stdout; progress and errors go to stderr
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -274,15 +273,10 @@ def env_pull(environment: str, force: bool, as_json: bool) -> None:
 @json_option
 def env_inspect(environment: str, verify: bool, as_json: bool) -> None:
     """Show ENVIRONMENT's artifacts and their state."""
-    from dataclasses import asdict
-
     try:
-        info = asdict(_pyro().manager.store.inspect(environment, verify=verify))
+        info = _pyro().inspect_environment(environment, verify=verify)
     except PyroError as exc:
         _fail(exc, as_json)
-    from pyro_mcp.snapshots import list_snapshots
-
-    info["snapshots"] = list_snapshots()
     if as_json:
         _emit(info)
         return
@@ -296,19 +290,8 @@ def env_inspect(environment: str, verify: bool, as_json: bool) -> None:
 @json_option
 def env_prune(as_json: bool) -> None:
     """Remove unused environment versions, leftovers and stale snapshots."""
-    from pyro_mcp.environments.tree import hostfs_root, prune_rootfs_trees
-    from pyro_mcp.snapshots import prune_snapshots
-
     try:
-        store = _pyro().manager.store
-        removed = list(store.prune()) + prune_snapshots()
-        # Unpacked root filesystems (gvisor, host_compat) of images no longer installed.
-        keep = [
-            hostfs_root() / f"{os.path.basename(i.path)}-{i.rootfs_sha256[:16]}"
-            for i in store.list()
-            if i.installed and i.path and i.rootfs_sha256
-        ]
-        removed += prune_rootfs_trees(keep)
+        removed = _pyro().prune_environments()
     except PyroError as exc:
         _fail(exc, as_json)
     if as_json:
