@@ -20,7 +20,7 @@ from pyro_mcp.api import Pyro
 from pyro_mcp.errors import BackendUnavailableError, GuestProtocolError
 from pyro_mcp.manager import VMManager
 from pyro_mcp.state import read_json
-from pyro_mcp.vmm import EXECUTION_MODES, execution_mode
+from pyro_mcp.vmm import execution_mode
 from pyro_mcp.vmm import gvisor as g
 
 # --------------------------------------------------------------------------- no runsc needed
@@ -88,7 +88,7 @@ def test_global_flags_have_no_network_and_a_private_state_root(tmp_path: Path) -
 def test_execution_mode_names_the_isolation() -> None:
     assert execution_mode("qemu") == "microvm"
     assert execution_mode("gvisor") == "gvisor_sandbox"
-    assert EXECUTION_MODES["host_compat"] == "host_compat"
+    assert execution_mode("host_compat") == "host_compat"
 
 
 def test_runsc_override_that_does_not_exist(

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pyro_mcp import snapshots
 from pyro_mcp.api import Pyro
 from pyro_mcp.progress import ProgressEvent
+from pyro_mcp.vmm import qemu_snapshot as snapshots
 
 pytestmark = pytest.mark.vm
 

@@ -280,7 +280,7 @@ def env_inspect(environment: str, verify: bool, as_json: bool) -> None:
         info = asdict(_pyro().manager.store.inspect(environment, verify=verify))
     except PyroError as exc:
         _fail(exc, as_json)
-    from pyro_mcp.snapshots import list_snapshots
+    from pyro_mcp.vmm import list_snapshots
 
     info["snapshots"] = list_snapshots()
     if as_json:
@@ -296,7 +296,7 @@ def env_inspect(environment: str, verify: bool, as_json: bool) -> None:
 @json_option
 def env_prune(as_json: bool) -> None:
     """Remove unused environment versions, leftovers and stale snapshots."""
-    from pyro_mcp.snapshots import prune_snapshots
+    from pyro_mcp.vmm import prune_snapshots
     from pyro_mcp.vmm.host_compat import hostfs_root, prune_rootfs_trees
 
     try:

@@ -52,7 +52,8 @@ from pyro_mcp.state import (
     remove_orphan_locks,
     write_json_atomic,
 )
-from pyro_mcp.vmm import BackendChoice, execution_mode
+from pyro_mcp.vmm import BackendChoice, execution_mode, get_backend
+from pyro_mcp.vmm.base import LaunchPlan, VMPaths
 
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -143,10 +144,10 @@ class VMManager:
 
     def backend_choice(self) -> BackendChoice:
         """The backend new VMs get, its acceleration, and why (``pyro doctor`` shows it)."""
-        from pyro_mcp.vmm import BACKEND_NAMES, choose_auto, get_backend
+        from pyro_mcp.vmm import BACKEND_NAMES, SANDBOX_BACKEND_NAMES, choose_auto
 
         name = self._backend_name
-        if name == "host_compat":
+        if name in SANDBOX_BACKEND_NAMES:
             raise InvalidInputError(
                 "the host_compat backend runs tasks and one-shot runs only, not VMs",
                 hint="use `pyro task ...` or `pyro run`, or pick a VM backend (auto, qemu)",
@@ -310,49 +311,54 @@ class VMManager:
                 count += 1
         return count
 
-    def _prepare_launch(self, record: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
-        from pyro_mcp.guest.build import ensure_initramfs
+    def _plan(
+        self,
+        backend: str,
+        acceleration: str,
+        environment: str,
+        *,
+        vcpu_count: int,
+        mem_mib: int,
+        network: bool,
+        mounts: Sequence[Mapping[str, Any]] = (),
+        vm_dir: Path | None = None,
+        progress: ProgressFn,
+    ) -> tuple[Any, LaunchPlan]:
+        """(the installed environment, what the backend prepared to start it)."""
+        env = self.store.ensure(environment, progress=progress)
+        plan = get_backend(backend).prepare(
+            env,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            network=network,
+            acceleration=acceleration,
+            mounts=mounts,
+            paths=VMPaths(vm_dir) if vm_dir is not None else None,
+            progress=progress,
+        )
+        return env, plan
 
-        env = self.store.ensure(record["environment"], progress=progress)
+    def _prepare_launch(self, record: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+        env, plan = self._plan(
+            record["backend"],
+            record["acceleration"],
+            record["environment"],
+            vcpu_count=record["vcpu_count"],
+            mem_mib=record["mem_mib"],
+            network=record["network"],
+            mounts=record.get("mounts") or (),
+            vm_dir=self.vms_dir / record["vm_id"],
+            progress=progress,
+        )
         if env.version != record["environment_version"]:
             record["environment_version"] = env.version
-        initramfs = ensure_initramfs(env.kernel.modules, progress=progress)
-        rootfs = env.rootfs
-        mounts = list(record.get("mounts") or [])
-        agent = None
-        if record["backend"] == "gvisor":
-            from pyro_mcp.guest.build import ensure_agent_binary
-            from pyro_mcp.vmm.host_compat import ensure_rootfs_tree
-
-            # gVisor runs the agent on the unpacked tree; a workspace is a bind mount of
-            # the VM's workspace/ folder (see vmm/gvisor.py), not a disk the agent mounts.
-            rootfs = ensure_rootfs_tree(env, progress)
-            agent = str(ensure_agent_binary(progress))
-            mounts = []
-        launch: dict[str, Any] = {
+        return {
             "backend": record["backend"],
-            "acceleration": record["acceleration"],
-            "kernel": str(env.kernel.image),
-            "initramfs": str(initramfs),
-            "rootfs": str(rootfs),
-            "agent": agent,
-            "vcpu_count": record["vcpu_count"],
-            "mem_mib": record["mem_mib"],
-            "network": record["network"],
+            **plan.to_launch(),
             "expires_at": record["expires_at"],
             "owner": record["owner"],
             "boot_timeout": DEFAULT_BOOT_TIMEOUT,
-            "mounts": mounts,
-            "restore": None,
         }
-        vm_dir = self.vms_dir / record["vm_id"]
-        if not (vm_dir / "disk.qcow2").exists():
-            from pyro_mcp.snapshots import snapshot_for_launch
-
-            snap = snapshot_for_launch(launch, progress=progress)
-            if snap is not None:
-                launch["restore"] = {"directory": str(snap.directory), "key": snap.key}
-        return launch
 
     def prepare(
         self,
@@ -362,28 +368,22 @@ class VMManager:
         mem_mib: int = limits.DEFAULT_MEM_MIB,
         progress: ProgressFn = no_progress,
     ) -> str | None:
-        """Do ahead what a first run of this configuration needs: the environment, the
-        agent and initramfs, and (qemu) the warm-start snapshot. Returns the snapshot's
-        folder, or None where the backend has no snapshots."""
+        """Do ahead what a first run of this configuration needs: the environment and
+        whatever the backend prepares (agent, initramfs or unpacked tree, warm-start
+        snapshot). Returns the snapshot's folder, or None where the backend has none."""
         limits.check_vcpu_count(vcpu_count)
         limits.check_mem_mib(mem_mib)
         backend, accel = self.resolve_backend()
-        record: dict[str, Any] = {
-            "vm_id": "vm-000000000000",  # never created: only the launch is computed
-            "environment": environment,
-            "environment_version": "",
-            "backend": backend,
-            "acceleration": accel,
-            "vcpu_count": vcpu_count,
-            "mem_mib": mem_mib,
-            "network": False,
-            "expires_at": 0,
-            "owner": None,
-            "mounts": [],
-        }
-        launch = self._prepare_launch(record, progress)
-        restore = launch.get("restore")
-        return str(restore["directory"]) if restore else None
+        _, plan = self._plan(
+            backend,
+            accel,
+            environment,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            network=False,
+            progress=progress,
+        )
+        return str(plan.restore.directory) if plan.restore else None
 
     def _spawn_supervisor(
         self, record: dict[str, Any], launch: dict[str, Any], progress: ProgressFn

@@ -57,16 +57,24 @@ import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pyro_mcp import paths
 from pyro_mcp.errors import BackendUnavailableError, BootError, InvalidInputError, PyroError
-from pyro_mcp.vmm.base import BackendProbe, LaunchSpec, SnapshotRef, VMPaths
+from pyro_mcp.progress import ProgressFn, no_progress
+from pyro_mcp.vmm.base import (
+    BackendProbe,
+    LaunchPlan,
+    LaunchSpec,
+    SnapshotRef,
+    VMPaths,
+    WorkspaceKind,
+)
 
 NAME = "gvisor"
-EXECUTION_MODE = "gvisor_sandbox"
 RUNSC_ENV = "PYRO_RUNSC"
 PLATFORM_ENV = "PYRO_RUNSC_PLATFORM"
 FLAGS_ENV = "PYRO_RUNSC_FLAGS"  # extra runsc global flags, appended last (debugging)
@@ -689,7 +697,54 @@ class GvisorHandle:
 
 
 class GvisorBackend:
-    name = NAME
+    """gVisor sandboxes: no guest kernel, no per-VM disk (the overlay's upper layer is
+    in the VM's folder and dies with it) and no snapshots; a task's /workspace is a
+    host folder bind-mounted into the sandbox."""
+
+    name: ClassVar[str] = NAME
+    execution_mode: ClassVar[str] = "gvisor_sandbox"  # gVisor's user-space kernel, no VM
+    workspace_kind: ClassVar[WorkspaceKind] = "directory"
+    runs_vms: ClassVar[bool] = True
+
+    def prepare(
+        self,
+        env: Any,
+        *,
+        vcpu_count: int,
+        mem_mib: int,
+        network: bool,
+        acceleration: str,
+        mounts: Sequence[Mapping[str, Any]] = (),
+        paths: VMPaths | None = None,
+        progress: ProgressFn = no_progress,
+    ) -> LaunchPlan:
+        """The environment's root filesystem unpacked into a shared read-only tree and
+        the agent binary; a task's workspace is the VM folder's ``workspace`` link, bind
+        mounted at start, so the guest agent mounts nothing. Always a cold start."""
+        from pyro_mcp.guest.build import ensure_agent_binary
+        from pyro_mcp.vmm.host_compat import ensure_rootfs_tree
+
+        del paths  # nothing per-VM to find: every start is fresh
+        if mounts:
+            raise InvalidInputError(
+                "the gvisor backend takes no guest disk mounts",
+                hint="a gvisor task's /workspace is a folder (workspace_kind 'directory')",
+            )
+        spec = LaunchSpec(
+            rootfs=ensure_rootfs_tree(env, progress),
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            network=network,
+            acceleration=acceleration,
+            agent=ensure_agent_binary(progress),
+        )
+        return LaunchPlan(spec)
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        return []
+
+    def prune_snapshots(self) -> list[str]:
+        return []
 
     def probe(self, *, detailed: bool = False) -> BackendProbe:
         return probe_backend(detailed=detailed)
