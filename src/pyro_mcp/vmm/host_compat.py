@@ -318,28 +318,6 @@ class HostCompatBackend:
     def require(self) -> None:
         require()
 
-    def prepare_root(self, env: Any, progress: ProgressFn = no_progress) -> Path:
-        return ensure_rootfs_tree(env, progress)
-
-    def run(
-        self,
-        root: Path,
-        workspace: Path,
-        argv: Sequence[str],
-        *,
-        cwd: str,
-        env: Mapping[str, str],
-        timeout_seconds: float,
-        stdout_cap: int,
-        stderr_cap: int,
-    ) -> dict[str, Any]:
-        return run(
-            root,
-            workspace,
-            argv,
-            cwd=cwd,
-            env=env,
-            timeout_seconds=timeout_seconds,
-            stdout_cap=stdout_cap,
-            stderr_cap=stderr_cap,
-        )
+    # The module's functions serve as they are: there is no per-backend state.
+    prepare_root = staticmethod(ensure_rootfs_tree)
+    run = staticmethod(run)
