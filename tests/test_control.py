@@ -160,7 +160,7 @@ def test_launch_record_round_trips_through_the_record_reader(tmp_path: Path) -> 
         {"restore": ["only-one"]},
         {"mounts": [{"source": "/dev/vdb"}]},
         {"expires_at": None},
-        {"kernel": None},
+        {"kernel": 5},
     ],
 )
 def test_a_malformed_launch_record_is_a_state_error(

@@ -21,7 +21,7 @@ from pyro_mcp.errors import BackendUnavailableError, GuestProtocolError
 from pyro_mcp.manager import VMManager
 from pyro_mcp.records import VMRecord
 from pyro_mcp.state import read_json
-from pyro_mcp.vmm import EXECUTION_MODES, execution_mode
+from pyro_mcp.vmm import execution_mode, gvisor_bundle
 from pyro_mcp.vmm import gvisor as g
 
 # --------------------------------------------------------------------------- no runsc needed
@@ -38,7 +38,7 @@ def test_version_dates_decide_the_statx_shim() -> None:
 
 def test_oci_config_isolates_and_limits(tmp_path: Path) -> None:
     agent, lib, preload, ws = (tmp_path / n for n in ("agent", "lib.so", "preload", "ws"))
-    config = g.oci_config(
+    config = gvisor_bundle.oci_config(
         rootfs=tmp_path / "rootfs",
         agent=agent,
         mem_mib=256,
@@ -47,7 +47,7 @@ def test_oci_config_isolates_and_limits(tmp_path: Path) -> None:
         compat=(lib, preload),
         workspace=ws,
     )
-    assert config["process"]["args"] == [g.AGENT_PATH, "--stdio"]
+    assert config["process"]["args"] == [gvisor_bundle.AGENT_PATH, "--stdio"]
     assert config["process"]["user"] == {"uid": 0, "gid": 0}
     assert config["root"] == {"path": str(tmp_path / "rootfs"), "readonly": False}
     linux = config["linux"]
@@ -55,18 +55,18 @@ def test_oci_config_isolates_and_limits(tmp_path: Path) -> None:
     assert {"type": "network"} in linux["namespaces"]
     assert {"type": "pid"} in linux["namespaces"]
     assert linux["resources"]["memory"] == {"limit": 256 << 20}
-    assert linux["resources"]["pids"] == {"limit": g.PIDS_LIMIT}
+    assert linux["resources"]["pids"] == {"limit": gvisor_bundle.PIDS_LIMIT}
     assert linux["resources"]["cpu"] == {"quota": 200_000, "period": 100_000}
     assert linux["cgroupsPath"] == "/pyro/vm-0123456789ab"
     mounts = {m["destination"]: m for m in config["mounts"]}
-    assert mounts[g.AGENT_PATH]["source"] == str(agent)
-    assert "ro" in mounts[g.AGENT_PATH]["options"]
+    assert mounts[gvisor_bundle.AGENT_PATH]["source"] == str(agent)
+    assert "ro" in mounts[gvisor_bundle.AGENT_PATH]["options"]
     assert mounts["/etc/ld.so.preload"]["source"] == str(preload)
-    assert "ro" in mounts[g.COMPAT_SHIM_PATH]["options"]
+    assert "ro" in mounts[gvisor_bundle.COMPAT_SHIM_PATH]["options"]
     assert mounts["/workspace"]["source"] == str(ws)
     assert "rw" in mounts["/workspace"]["options"]
     # Without a workspace or the shim there is no such mount; rootless has no cgroup.
-    bare = g.oci_config(
+    bare = gvisor_bundle.oci_config(
         rootfs=tmp_path, agent=agent, mem_mib=128, vcpu_count=1, container_id="x", rootless=True
     )
     destinations = {m["destination"] for m in bare["mounts"]}
@@ -75,21 +75,23 @@ def test_oci_config_isolates_and_limits(tmp_path: Path) -> None:
 
 
 def test_global_flags_have_no_network_and_a_private_state_root(tmp_path: Path) -> None:
-    flags = g.global_flags(
+    flags = gvisor_bundle.global_flags(
         root=tmp_path / "r", overlay_dir=tmp_path, platform="ptrace", rootless=False
     )
     assert "--network=none" in flags
     assert f"--root={tmp_path / 'r'}" in flags
     assert f"--overlay2=root:{tmp_path}" in flags
     assert "--platform=ptrace" in flags
-    rootless = g.global_flags(root=tmp_path, overlay_dir=tmp_path, platform="ptrace", rootless=True)
+    rootless = gvisor_bundle.global_flags(
+        root=tmp_path, overlay_dir=tmp_path, platform="ptrace", rootless=True
+    )
     assert "--rootless" in rootless and "--ignore-cgroups" in rootless
 
 
 def test_execution_mode_names_the_isolation() -> None:
     assert execution_mode("qemu") == "microvm"
     assert execution_mode("gvisor") == "gvisor_sandbox"
-    assert EXECUTION_MODES["host_compat"] == "host_compat"
+    assert execution_mode("host_compat") == "host_compat"
 
 
 def test_runsc_override_that_does_not_exist(
@@ -144,7 +146,9 @@ def require_cgroup_limits() -> None:
 
 
 def vm_cgroups(vm_id: str) -> list[Path]:
-    return [parent / vm_id for parent in g._cgroup_parents() if (parent / vm_id).exists()]
+    return [
+        parent / vm_id for parent in gvisor_bundle._cgroup_parents() if (parent / vm_id).exists()
+    ]
 
 
 @gvisor_only
@@ -212,7 +216,7 @@ def test_limits_stop_a_fork_bomb(
         pyro.run_in_vm(vm_environment, "b() { b | b & }; b; sleep 60", timeout_seconds=120)
     # Whichever limit it reaches first (host tasks or memory) ends the whole sandbox.
     message = err.value.message
-    assert str(g.PIDS_LIMIT) in message or "memory limit" in message, message
+    assert str(gvisor_bundle.PIDS_LIMIT) in message or "memory limit" in message, message
     wait_for(lambda: sandbox_pids(state_dir) == [], 10, "the sandbox's processes to exit")
     # The host and the backend are fine afterwards.
     assert pyro.run_in_vm(vm_environment, "echo ok").stdout == "ok\n"
@@ -254,7 +258,7 @@ def test_supervisor_crash_takes_the_sandbox_down_and_is_reaped(
         15,
         "the sandbox's cgroups to empty",
     )
-    g.sweep_stale_cgroups(min_age_s=0, only=vm)
+    gvisor_bundle.sweep_stale_cgroups(min_age_s=0, only=vm)
     assert vm_cgroups(vm) == []
     pyro.delete_vm(vm)
     assert not vm_dir.exists()

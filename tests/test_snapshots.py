@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from pyro_mcp import snapshots
 from pyro_mcp.api import Pyro
 from pyro_mcp.progress import ProgressEvent
+from pyro_mcp.vmm import get_backend
+from pyro_mcp.vmm import qemu_snapshot as snapshots
+from pyro_mcp.vmm.base import VMPaths
 
 pytestmark = pytest.mark.vm
 
@@ -150,3 +152,38 @@ def test_env_pull_takes_the_warm_start_snapshot(vm_environment: str, state_dir: 
     assert (Path(snapshot) / "meta.json").is_file()
     result = Pyro(state_dir=state_dir, backend="qemu").run_in_vm(vm_environment, ["true"])
     assert result.boot == "restored"
+
+
+def test_a_stopped_vm_restarts_cold_on_its_own_disk(
+    pyro: Pyro, vm_environment: str, state_dir: Path
+) -> None:
+    """A restore would put the snapshot's disk under the VM: a VM that already has its
+    disk (it ran, then stopped) must boot cold on it. The backend answers that, from the
+    VM's folder, not the manager."""
+    info = pyro.create_vm(vm_environment)
+    vm = info.vm_id
+    assert pyro.start_vm(vm).boot == "restored"
+    m = pyro.manager
+    assert m.exec(vm, "echo kept > /root/marker && sync").exit_code == 0
+    assert pyro.stop_vm(vm).status == "stopped"
+
+    qemu = get_backend("qemu")
+    env = m.store.ensure(vm_environment)
+
+    def restore_for(paths: VMPaths | None) -> object:
+        plan = qemu.prepare(
+            env,
+            vcpu_count=info.vcpu_count,
+            mem_mib=info.mem_mib,
+            network=False,
+            acceleration=info.acceleration,
+            paths=paths,
+        )
+        return plan.restore
+
+    assert restore_for(VMPaths(state_dir / "vms" / vm)) is None
+    assert restore_for(None) is not None  # a fresh VM restores
+
+    restarted = pyro.start_vm(vm)
+    assert restarted.boot == "cold"
+    assert m.exec(vm, "cat /root/marker").stdout == b"kept\n"

@@ -121,7 +121,7 @@ class Pyro:
         file) and the warm-start snapshots in the cache."""
         from dataclasses import asdict
 
-        from pyro_mcp.snapshots import list_snapshots
+        from pyro_mcp.vmm import list_snapshots
 
         info = asdict(self._manager.store.inspect(environment, verify=verify))
         info["snapshots"] = list_snapshots()
@@ -130,7 +130,7 @@ class Pyro:
     def prune_environments(self) -> list[str]:
         """Remove superseded or damaged installs, build leftovers, unpacked trees of
         images no longer installed, and stale snapshots. Returns what was removed."""
-        from pyro_mcp.snapshots import prune_snapshots
+        from pyro_mcp.vmm import prune_snapshots
 
         return [*self._manager.store.prune(), *prune_snapshots()]
 

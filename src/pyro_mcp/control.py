@@ -373,8 +373,8 @@ class Launch:
 
     backend: str
     acceleration: str
-    kernel: str
-    initramfs: str
+    kernel: str | None  # None: the backend needs none (gvisor)
+    initramfs: str | None
     rootfs: str
     agent: str | None
     vcpu_count: int
@@ -410,9 +410,9 @@ class Launch:
     def from_dict(cls, data: Mapping[str, Any]) -> Launch:
         """Strict: a launch record with a missing or ill-typed field is a ``ValueError``."""
         f = _Fields(data)
-        agent = data.get("agent")
-        if agent is not None and not isinstance(agent, str):
-            raise ValueError("field 'agent' must be a string or null")
+        for name in ("agent", "kernel", "initramfs"):
+            if name not in data or not isinstance(data[name], str | None):
+                raise ValueError(f"field {name!r} must be a string or null")
         restore = data.get("restore")
         if restore is not None and not (
             isinstance(restore, list)
@@ -433,10 +433,10 @@ class Launch:
         return cls(
             backend=f.str_("backend"),
             acceleration=f.str_("acceleration"),
-            kernel=f.str_("kernel"),
-            initramfs=f.str_("initramfs"),
+            kernel=data["kernel"],
+            initramfs=data["initramfs"],
             rootfs=f.str_("rootfs"),
-            agent=agent,
+            agent=data["agent"],
             vcpu_count=f.int_("vcpu_count", 1, 64),
             mem_mib=f.int_("mem_mib", 1, 1 << 24),
             network=f.bool_("network"),

@@ -176,7 +176,7 @@ def _environments() -> Check:
 
 
 def _snapshots() -> Check:
-    from pyro_mcp.snapshots import list_snapshots, snapshots_enabled
+    from pyro_mcp.vmm import list_snapshots, snapshots_enabled
 
     if not snapshots_enabled():
         return Check("warm-start", "warn", "snapshots disabled (PYRO_SNAPSHOTS=0)")

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,8 @@ from pyro_mcp.models import BootKind, CleanupInfo, ExecResult, VMInfo
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 from pyro_mcp.records import RecordStore, VMConfig, VMRecord, VMRuntime, state_dir_error
 from pyro_mcp.state import ProcessId, read_json
-from pyro_mcp.vmm import BackendChoice, execution_mode
+from pyro_mcp.vmm import BackendChoice, execution_mode, get_backend
+from pyro_mcp.vmm.base import LaunchPlan, VMPaths
 
 DEFAULT_BOOT_TIMEOUT = 90.0
 HOST_COMPAT_OPT_IN = (
@@ -100,10 +101,10 @@ class VMManager:
 
     def backend_choice(self) -> BackendChoice:
         """The backend new VMs get, its acceleration, and why (``pyro doctor`` shows it)."""
-        from pyro_mcp.vmm import BACKEND_NAMES, choose_auto, get_backend
+        from pyro_mcp.vmm import BACKEND_NAMES, SANDBOX_BACKEND_NAMES, choose_auto
 
         name = self._backend_name
-        if name == "host_compat":
+        if name in SANDBOX_BACKEND_NAMES:
             raise InvalidInputError(
                 "the host_compat backend runs tasks and one-shot runs only, not VMs",
                 hint="use `pyro task ...` or `pyro run`, or pick a VM backend (auto, qemu)",
@@ -140,7 +141,7 @@ class VMManager:
         ttl_seconds: int = limits.DEFAULT_TTL_SECONDS,
         network: bool = False,
         owner_pid: int | None = None,
-        mounts: Sequence[control.MountSpec] = (),
+        mounts: Sequence[control.MountSpec | Mapping[str, Any]] = (),
     ) -> VMInfo:
         """Define a VM (no boot yet). Validates everything before writing anything."""
         from pyro_mcp.environments.catalog import get_spec
@@ -167,7 +168,10 @@ class VMManager:
                 backend=backend,
                 acceleration=accel,
                 owner=owner,
-                mounts=tuple(mounts),
+                mounts=tuple(
+                    m if isinstance(m, control.MountSpec) else control.MountSpec.from_dict(dict(m))
+                    for m in mounts
+                ),
             ),
             VMRuntime(environment_version=spec.version),
         )
@@ -246,49 +250,64 @@ class VMManager:
                 count += 1
         return count
 
+    def _plan(
+        self,
+        backend: str,
+        acceleration: str,
+        environment: str,
+        *,
+        vcpu_count: int,
+        mem_mib: int,
+        network: bool,
+        mounts: Sequence[control.MountSpec] = (),
+        vm_dir: Path | None = None,
+        progress: ProgressFn,
+    ) -> tuple[Any, LaunchPlan]:
+        """(the installed environment, what the backend prepared to start it)."""
+        env = self.store.ensure(environment, progress=progress)
+        plan = get_backend(backend).prepare(
+            env,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            network=network,
+            acceleration=acceleration,
+            mounts=[m.to_dict() for m in mounts],
+            paths=VMPaths(vm_dir) if vm_dir is not None else None,
+            progress=progress,
+        )
+        return env, plan
+
     def _prepare_launch(self, record: VMRecord, progress: ProgressFn) -> tuple[control.Launch, str]:
         """The launch record for ``record`` and the environment version it boots."""
-        from pyro_mcp.guest.build import ensure_initramfs
-
         config = record.config
-        env = self.store.ensure(config.environment, progress=progress)
-        initramfs = ensure_initramfs(env.kernel.modules, progress=progress)
-        rootfs = env.rootfs
-        mounts = config.mounts
-        agent = None
-        if config.backend == "gvisor":
-            from pyro_mcp.environments.tree import ensure_rootfs_tree
-            from pyro_mcp.guest.build import ensure_agent_binary
-
-            # gVisor runs the agent on the unpacked tree; a workspace is a bind mount of
-            # the VM's workspace/ folder (see vmm/gvisor.py), not a disk the agent mounts.
-            rootfs = ensure_rootfs_tree(env, progress)
-            agent = str(ensure_agent_binary(progress))
-            mounts = ()
-        launch = control.Launch(
-            backend=config.backend,
-            acceleration=config.acceleration,
-            kernel=str(env.kernel.image),
-            initramfs=str(initramfs),
-            rootfs=str(rootfs),
-            agent=agent,
+        env, plan = self._plan(
+            config.backend,
+            config.acceleration,
+            config.environment,
             vcpu_count=config.vcpu_count,
             mem_mib=config.mem_mib,
             network=config.network,
+            mounts=config.mounts,
+            vm_dir=self.vms_dir / config.vm_id,
+            progress=progress,
+        )
+        spec = plan.spec
+        launch = control.Launch(
+            backend=config.backend,
+            acceleration=spec.acceleration,
+            kernel=str(spec.kernel) if spec.kernel else None,
+            initramfs=str(spec.initramfs) if spec.initramfs else None,
+            rootfs=str(spec.rootfs),
+            agent=str(spec.agent) if spec.agent else None,
+            vcpu_count=spec.vcpu_count,
+            mem_mib=spec.mem_mib,
+            network=spec.network,
             expires_at=config.expires_at,
             owner=config.owner,
             boot_timeout=DEFAULT_BOOT_TIMEOUT,
-            mounts=mounts,
+            mounts=tuple(control.MountSpec.from_dict(dict(m)) for m in plan.mounts),
+            restore=(str(plan.restore.directory), plan.restore.key) if plan.restore else None,
         )
-        vm_dir = self.vms_dir / config.vm_id
-        if not (vm_dir / "disk.qcow2").exists():
-            from pyro_mcp.snapshots import snapshot_for_launch
-
-            snap = snapshot_for_launch(launch.to_dict(), progress=progress)
-            if snap is not None:
-                launch = control.Launch(
-                    **{**launch.__dict__, "restore": (str(snap.directory), snap.key)}
-                )
         return launch, env.version
 
     def prepare(
@@ -299,26 +318,22 @@ class VMManager:
         mem_mib: int = limits.DEFAULT_MEM_MIB,
         progress: ProgressFn = no_progress,
     ) -> str | None:
-        """Do ahead what a first run of this configuration needs: the environment, the
-        agent and initramfs, and (qemu) the warm-start snapshot. Returns the snapshot's
-        folder, or None where the backend has no snapshots."""
+        """Do ahead what a first run of this configuration needs: the environment and
+        whatever the backend prepares (agent, initramfs or unpacked tree, warm-start
+        snapshot). Returns the snapshot's folder, or None where the backend has none."""
         limits.check_vcpu_count(vcpu_count)
         limits.check_mem_mib(mem_mib)
         backend, accel = self.resolve_backend()
-        config = VMConfig(
-            vm_id="vm-000000000000",  # never created: only the launch is computed
-            environment=environment,
+        _, plan = self._plan(
+            backend,
+            accel,
+            environment,
             vcpu_count=vcpu_count,
             mem_mib=mem_mib,
             network=False,
-            ttl_seconds=0,
-            created_at=0,
-            expires_at=0,
-            backend=backend,
-            acceleration=accel,
+            progress=progress,
         )
-        launch, _ = self._prepare_launch(VMRecord(config, VMRuntime()), progress)
-        return launch.restore[0] if launch.restore else None
+        return str(plan.restore.directory) if plan.restore else None
 
     def _spawn_supervisor(
         self, record: VMRecord, launch: control.Launch, progress: ProgressFn

@@ -135,8 +135,8 @@ class Supervisor:
 
         launch = self.launch
         spec = LaunchSpec(
-            kernel=Path(launch.kernel),
-            initramfs=Path(launch.initramfs),
+            kernel=Path(launch.kernel) if launch.kernel else None,
+            initramfs=Path(launch.initramfs) if launch.initramfs else None,
             rootfs=Path(launch.rootfs),
             vcpu_count=launch.vcpu_count,
             mem_mib=launch.mem_mib,

@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pyro_mcp.errors import BackendUnavailableError, InvalidInputError
-from pyro_mcp.vmm.base import Backend
+from pyro_mcp.vmm.base import Backend, BackendInfo, SandboxBackend, snapshots_enabled
 
-BACKEND_NAMES = ("qemu", "gvisor")
+__all__ = [
+    "BACKEND_NAMES",
+    "SANDBOX_BACKEND_NAMES",
+    "VM_BACKEND_NAMES",
+    "Backend",
+    "BackendChoice",
+    "BackendInfo",
+    "SandboxBackend",
+    "backend_info",
+    "choose_auto",
+    "execution_mode",
+    "fallback_backend",
+    "get_backend",
+    "get_sandbox_backend",
+    "list_snapshots",
+    "prune_snapshots",
+    "snapshots_enabled",
+]
 
-#: What a result's ``execution_mode`` says about the isolation a command got.
-EXECUTION_MODES = {
-    "qemu": "microvm",  # its own guest kernel behind a VMM (KVM or TCG emulation)
-    "gvisor": "gvisor_sandbox",  # gVisor's user-space kernel on the host kernel, no VM
-    "host_compat": "host_compat",  # the host kernel, namespaces only
-}
+#: Backends that start guests (``pyro vm``, tasks, one-shot runs).
+VM_BACKEND_NAMES = ("qemu", "gvisor")
+#: Per-command sandboxes: tasks and one-shot runs only, and only when asked for.
+SANDBOX_BACKEND_NAMES = ("host_compat",)
+#: Every ``--backend`` name besides ``auto``.
+BACKEND_NAMES = (*VM_BACKEND_NAMES, *SANDBOX_BACKEND_NAMES)
 
 
 def get_backend(name: str) -> Backend:
+    """The VM backend called ``name``."""
     if name == "qemu":
         from pyro_mcp.vmm.qemu import QemuBackend
 
@@ -26,13 +45,64 @@ def get_backend(name: str) -> Backend:
         from pyro_mcp.vmm.gvisor import GvisorBackend
 
         return GvisorBackend()
-    raise InvalidInputError(
-        f"unknown backend {name!r}", hint=f"choose one of: {', '.join(BACKEND_NAMES)}"
+    if name in BACKEND_NAMES:
+        raise InvalidInputError(
+            f"the {name} backend runs tasks and one-shot runs only, not VMs",
+            hint=f"use `pyro task ...` or `pyro run`, or pick a VM backend "
+            f"(auto, {', '.join(VM_BACKEND_NAMES)})",
+        )
+    raise _unknown(name)
+
+
+def get_sandbox_backend(name: str) -> SandboxBackend:
+    """The per-command sandbox backend called ``name``."""
+    if name == "host_compat":
+        from pyro_mcp.vmm.host_compat import HostCompatBackend
+
+        return HostCompatBackend()
+    if name in BACKEND_NAMES:
+        raise InvalidInputError(f"the {name} backend starts VMs; it is not a per-command sandbox")
+    raise _unknown(name)
+
+
+def backend_info(name: str) -> BackendInfo:
+    """Any backend, VM or sandbox: its name, execution mode, workspace kind, probe."""
+    if name in VM_BACKEND_NAMES:
+        return get_backend(name)
+    return get_sandbox_backend(name)
+
+
+def fallback_backend() -> SandboxBackend:
+    """The opt-in fallback when no VM backend works (``allow_host_compat``)."""
+    from pyro_mcp.vmm.host_compat import HostCompatBackend
+
+    return HostCompatBackend()
+
+
+def _unknown(name: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"unknown backend {name!r}", hint=f"choose one of: auto, {', '.join(BACKEND_NAMES)}"
     )
 
 
 def execution_mode(backend: str) -> str:
-    return EXECUTION_MODES.get(backend, "microvm")
+    """What a result's ``execution_mode`` says for ``backend`` (each backend's own
+    ``execution_mode`` attribute)."""
+    return backend_info(backend).execution_mode
+
+
+def list_snapshots() -> list[dict[str, Any]]:
+    """Every VM backend's warm-start snapshots, each marked with its backend."""
+    return [
+        {"backend": name, **snap}
+        for name in VM_BACKEND_NAMES
+        for snap in get_backend(name).list_snapshots()
+    ]
+
+
+def prune_snapshots() -> list[str]:
+    """Remove every VM backend's stale or damaged snapshots; the removed paths."""
+    return [path for name in VM_BACKEND_NAMES for path in get_backend(name).prune_snapshots()]
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,24 @@
-"""The interface every VM backend implements.
+"""The interface every backend implements.
 
-A backend turns a :class:`LaunchSpec` into a running guest whose agent channel
-is a byte stream (:class:`VMHandle`). Callers (the per-VM supervisor) never
-look at backend specifics, so another backend (Firecracker with vsock, gVisor)
-slots in without touching them.
+A backend prepares what a launch needs (:meth:`Backend.prepare`: boot artifacts,
+its per-VM disk, its warm-start snapshot) and turns the resulting
+:class:`LaunchSpec` into a running guest whose agent channel is a byte stream
+(:class:`VMHandle`). It says what isolation it gives (``execution_mode``) and
+how a task's workspace reaches its guest (``workspace_kind``). Callers (the
+manager, the per-VM supervisor, tasks) never look at backend specifics or
+names, so another backend (Firecracker with vsock) is one new module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
+
+from pyro_mcp.limits import TASK_WORKSPACE
+from pyro_mcp.progress import ProgressFn, no_progress
 
 
 @dataclass(frozen=True)
@@ -29,32 +36,36 @@ class BackendProbe:
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    """Everything a backend needs to start one guest."""
+    """Everything a backend needs to start one guest (and all a snapshot must match)."""
 
-    kernel: Path
-    initramfs: Path
-    rootfs: Path  # read-only base image; the backend puts a copy-on-write layer over it
+    rootfs: Path  # the environment's root: an image (qemu) or an unpacked tree (gvisor)
     vcpu_count: int
     mem_mib: int
     network: bool = False
     acceleration: str = "tcg"
-    extra_cmdline: tuple[str, ...] = ()
+    # The guest kernel and the initramfs holding the agent: VM backends only.
+    kernel: Path | None = None
+    initramfs: Path | None = None
     # The guest agent binary, for backends that run it directly (gvisor); VM backends
     # boot it from the initramfs. None: the backend finds it itself.
     agent: Path | None = None
 
     @classmethod
     def from_launch(cls, launch: Mapping[str, Any]) -> LaunchSpec:
-        """From the manager's ``launch.json`` record."""
+        """From the manager's ``launch.json`` record (see :meth:`LaunchPlan.to_launch`)."""
+
+        def path(key: str) -> Path | None:
+            return Path(launch[key]) if launch.get(key) else None
+
         return cls(
-            kernel=Path(launch["kernel"]),
-            initramfs=Path(launch["initramfs"]),
             rootfs=Path(launch["rootfs"]),
             vcpu_count=int(launch["vcpu_count"]),
             mem_mib=int(launch["mem_mib"]),
             network=bool(launch["network"]),
             acceleration=str(launch["acceleration"]),
-            agent=Path(launch["agent"]) if launch.get("agent") else None,
+            kernel=path("kernel"),
+            initramfs=path("initramfs"),
+            agent=path("agent"),
         )
 
 
@@ -66,10 +77,56 @@ class SnapshotRef:
     key: str
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What :meth:`Backend.prepare` computed for one start: the spec, the mounts the
+    guest agent makes at INIT, and the snapshot to restore (None: cold boot)."""
+
+    spec: LaunchSpec
+    mounts: tuple[Mapping[str, Any], ...] = ()
+    restore: SnapshotRef | None = None
+
+    def to_launch(self) -> dict[str, Any]:
+        """The launch fields of ``launch.json`` (the supervisor reads them back with
+        :meth:`LaunchSpec.from_launch`)."""
+        spec = self.spec
+        return {
+            "acceleration": spec.acceleration,
+            "kernel": str(spec.kernel) if spec.kernel else None,
+            "initramfs": str(spec.initramfs) if spec.initramfs else None,
+            "rootfs": str(spec.rootfs),
+            "agent": str(spec.agent) if spec.agent else None,
+            "vcpu_count": spec.vcpu_count,
+            "mem_mib": spec.mem_mib,
+            "network": spec.network,
+            "mounts": [dict(m) for m in self.mounts],
+            "restore": (
+                {"directory": str(self.restore.directory), "key": self.restore.key}
+                if self.restore
+                else None
+            ),
+        }
+
+
+def snapshots_enabled() -> bool:
+    """Warm-start snapshots are on unless ``PYRO_SNAPSHOTS`` is 0/false/no/off."""
+    return os.environ.get("PYRO_SNAPSHOTS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 WORKSPACE_DISK_MIB = 4096
 """Every guest has a second disk, /dev/vdb, of this fixed (sparse) size: empty for
 one-shot VMs, a task's seeded /workspace filesystem otherwise. A fixed size keeps
 one snapshot valid for both (the guest probes the device before the snapshot)."""
+
+WORKSPACE_DISK_MOUNT: Mapping[str, Any] = {
+    "source": "/dev/vdb",
+    "target": TASK_WORKSPACE,
+    "fstype": "ext4",
+    "readonly": False,
+}
+"""The guest mount of a "disk" workspace: the second virtio disk, made at INIT."""
+
+WorkspaceKind = Literal["disk", "directory"]
 
 
 @dataclass
@@ -114,10 +171,48 @@ class VMHandle(Protocol):
     def console_tail(self, max_lines: int = 40) -> str: ...
 
 
-class Backend(Protocol):
-    name: str
+class BackendInfo(Protocol):
+    """What every backend says about itself, VM or not (``host_compat`` is only this:
+    it has no long-lived guest, see :mod:`pyro_mcp.vmm.host_compat`)."""
 
-    def probe(self, *, detailed: bool = False) -> BackendProbe: ...
+    #: The ``--backend`` name, also stored in VM and task records.
+    name: ClassVar[str]
+    #: What results' ``execution_mode`` says about the isolation a command got.
+    execution_mode: ClassVar[str]
+    #: How a task's /workspace reaches the guest: an ext4 image attached as the
+    #: second disk and mounted by the agent ("disk"), or a host folder ("directory").
+    workspace_kind: ClassVar[WorkspaceKind]
+    #: Whether the backend starts guests (``start``); False for per-command sandboxes.
+    runs_vms: ClassVar[bool]
+
+    def probe(self, *, detailed: bool = False) -> BackendProbe:
+        """Is the backend usable here, with what acceleration, and why (not)."""
+        ...
+
+
+class Backend(BackendInfo, Protocol):
+    """A backend that starts guests. One module per backend; the manager and the
+    supervisor only ever talk to this interface (docs/backends.md, "How to add a
+    backend")."""
+
+    def prepare(
+        self,
+        env: Any,
+        *,
+        vcpu_count: int,
+        mem_mib: int,
+        network: bool,
+        acceleration: str,
+        mounts: Sequence[Mapping[str, Any]] = (),
+        paths: VMPaths | None = None,
+        progress: ProgressFn = no_progress,
+    ) -> LaunchPlan:
+        """Build or find everything a start of ``env`` (an InstalledEnvironment) needs,
+        in the host process, before the supervisor starts: boot artifacts, unpacked
+        trees, and the snapshot to restore (taking it first if missing). ``paths`` is
+        the VM's folder (None when only preparing ahead): a backend that keeps a
+        per-VM disk there must not restore over it (a restart of a stopped VM)."""
+        ...
 
     def start(
         self,
@@ -128,4 +223,41 @@ class Backend(Protocol):
         timeout: float = 30.0,
     ) -> VMHandle:
         """Start a guest (cold, or from ``restore``); return once its channel is connected."""
+        ...
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        """The backend's saved warm-start snapshots (``pyro env inspect``, ``pyro doctor``)."""
+        ...
+
+    def prune_snapshots(self) -> list[str]:
+        """Remove stale or damaged snapshots; returns the removed paths (``pyro env prune``)."""
+        ...
+
+
+class SandboxBackend(BackendInfo, Protocol):
+    """A backend without a long-lived guest: every command is its own sandbox over a
+    root tree and the task's workspace folder (``host_compat``). It serves tasks and
+    one-shot runs, never ``pyro vm``."""
+
+    def require(self) -> None:
+        """Raise BackendUnavailableError (with the fix) when it cannot run here."""
+        ...
+
+    def prepare_root(self, env: Any, progress: ProgressFn = no_progress) -> Path:
+        """The read-only root the sandboxes of ``env`` (an InstalledEnvironment) use."""
+        ...
+
+    def run(
+        self,
+        root: Path,
+        workspace: Path,
+        argv: Sequence[str],
+        *,
+        cwd: str,
+        env: Mapping[str, str],
+        timeout_seconds: float,
+        stdout_cap: int,
+        stderr_cap: int,
+    ) -> dict[str, Any]:
+        """Run one command confined; the fields of an exec outcome."""
         ...

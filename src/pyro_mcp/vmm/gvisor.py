@@ -34,13 +34,17 @@ folder:
 Runsc releases from before 2023 (Debian 12 ships ``0.0~20221219``) reject
 ``AT_NO_AUTOMOUNT`` in ``statx``/``newfstatat``, which Debian 12's coreutils
 pass: ``ls`` and ``stat`` fail with EINVAL. For those releases a tiny preload
-library (:data:`COMPAT_SHIM_SOURCE`, listed in ``/etc/ld.so.preload``) clears the
+library (``COMPAT_SHIM_SOURCE``, listed in ``/etc/ld.so.preload``) clears the
 flag, which gVisor ignores anyway.
+
+The sandbox's makings (runsc flags, OCI config, the compat shim, the cgroup
+sweep) are in :mod:`pyro_mcp.vmm.gvisor_bundle`; this module finds and probes
+runsc and starts and stops sandboxes.
 
 Lifetime: ``runsc run`` dies with the supervisor (PR_SET_PDEATHSIG) and starts
 the sandbox ``--attached``, so the sandbox dies with it; closing the agent's
 stdin also ends the agent and with it the sandbox. A cgroup a killed ``runsc
-run`` left behind is removed by the next start (:func:`sweep_stale_cgroups`).
+run`` left behind is removed by the next start (``sweep_stale_cgroups``).
 """
 
 from __future__ import annotations
@@ -57,67 +61,43 @@ import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pyro_mcp import paths
 from pyro_mcp.errors import BackendUnavailableError, BootError, InvalidInputError, PyroError
-from pyro_mcp.vmm.base import BackendProbe, LaunchSpec, SnapshotRef, VMPaths
+from pyro_mcp.progress import ProgressFn, no_progress
+from pyro_mcp.vmm.base import (
+    BackendProbe,
+    LaunchPlan,
+    LaunchSpec,
+    SnapshotRef,
+    VMPaths,
+    WorkspaceKind,
+)
+from pyro_mcp.vmm.gvisor_bundle import (
+    AGENT_PATH,
+    FLAGS_ENV,
+    PIDS_LIMIT,
+    _gvisor_cache,
+    _run,
+    ensure_compat_shim,
+    global_flags,
+    oci_config,
+    sweep_stale_cgroups,
+)
 
 NAME = "gvisor"
-EXECUTION_MODE = "gvisor_sandbox"
 RUNSC_ENV = "PYRO_RUNSC"
 PLATFORM_ENV = "PYRO_RUNSC_PLATFORM"
-FLAGS_ENV = "PYRO_RUNSC_FLAGS"  # extra runsc global flags, appended last (debugging)
-AGENT_PATH = "/.pyro/pyro-agent"
-COMPAT_SHIM_PATH = "/.pyro/compat.so"
 WORKSPACE_DIRNAME = "workspace"
-WORKSPACE_TARGET = "/workspace"
-HOSTNAME = "pyro"
-PIDS_LIMIT = 8192
-CGROUP_PARENT = "pyro"
 #: runsc releases dated before this reject AT_NO_AUTOMOUNT (see the module docstring).
 STATX_FIXED_DATE = 20230401
 PROBE_FORMAT = 1
 PROBE_FAILURE_TTL_S = 300.0
-STALE_CGROUP_AGE_S = 60.0
 INSTALL_HINT = "install gVisor: apt-get install runsc (or point PYRO_RUNSC at a runsc binary)"
 
-#: Capabilities of the guest's root inside the sandbox. They are gVisor's own,
-#: checked by the Sentry; none of them is a host capability.
-CAPABILITIES = (
-    "CAP_AUDIT_WRITE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER",
-    "CAP_FSETID", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_KILL", "CAP_LEASE",
-    "CAP_LINUX_IMMUTABLE", "CAP_MKNOD", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE",
-    "CAP_NET_RAW", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID",
-    "CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_SYS_NICE", "CAP_SYS_PTRACE",
-    "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
-)  # fmt: skip
-
-COMPAT_SHIM_SOURCE = r"""/* pyro-mcp: runsc before 2023 rejects AT_NO_AUTOMOUNT (EINVAL) in statx
- * and newfstatat; gVisor has no automounts, so clearing the flag changes nothing. */
-#include <sys/syscall.h>
-#define PYRO_AT_NO_AUTOMOUNT 0x800
-extern long syscall(long number, ...);
-int statx(int dirfd, const char *path, int flags, unsigned int mask, void *buf) {
-    return (int)syscall(SYS_statx, dirfd, path, flags & ~PYRO_AT_NO_AUTOMOUNT, mask, buf);
-}
-int fstatat(int dirfd, const char *path, void *buf, int flags) {
-    return (int)syscall(SYS_newfstatat, dirfd, path, buf, flags & ~PYRO_AT_NO_AUTOMOUNT);
-}
-int fstatat64(int dirfd, const char *path, void *buf, int flags) {
-    return fstatat(dirfd, path, buf, flags);
-}
-int __fxstatat(int ver, int dirfd, const char *path, void *buf, int flags) {
-    (void)ver;
-    return fstatat(dirfd, path, buf, flags);
-}
-int __fxstatat64(int ver, int dirfd, const char *path, void *buf, int flags) {
-    (void)ver;
-    return fstatat(dirfd, path, buf, flags);
-}
-"""
 
 _PR_SET_PDEATHSIG = 1
 _VERSION_DATE = re.compile(r"(20\d{6})")
@@ -179,10 +159,6 @@ class RunscInfo:
         return needs_statx_compat(self.version)
 
 
-def _gvisor_cache() -> Path:
-    return paths.cache_dir() / "gvisor"
-
-
 def _probe_cache_path(binary: str) -> Path:
     st = os.stat(binary)
     material = json.dumps(
@@ -199,12 +175,6 @@ def _probe_cache_path(binary: str) -> Path:
     )
     key = hashlib.sha256(material.encode()).hexdigest()[:16]
     return _gvisor_cache() / f"probe-{key}.json"
-
-
-def _run(argv: list[str], timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
-    )
 
 
 def _query_version(binary: str) -> str | None:
@@ -396,171 +366,6 @@ def require_runsc() -> RunscInfo:
     return info
 
 
-# --------------------------------------------------------------------------- compat shim
-
-
-def ensure_compat_shim() -> tuple[Path, Path]:
-    """(shared library, ld.so.preload file) of the statx compat shim; built once."""
-    from filelock import FileLock
-
-    from pyro_mcp.guest.build import ensure_agent_binary
-
-    digest = hashlib.sha256(COMPAT_SHIM_SOURCE.encode()).hexdigest()[:12]
-    folder = _gvisor_cache() / f"compat-{digest}"
-    lib, preload = folder / "compat.so", folder / "ld.so.preload"
-    if lib.is_file() and preload.is_file():
-        return lib, preload
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / ".lock")):
-        if lib.is_file() and preload.is_file():
-            return lib, preload
-        ensure_agent_binary()  # fails with the same clear error when there is no compiler
-        cc = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc") or "cc"
-        src = folder / "compat.c"
-        src.write_text(COMPAT_SHIM_SOURCE)
-        tmp = folder / f".compat-{secrets.token_hex(4)}.so"
-        proc = _run(
-            [cc, "-shared", "-fPIC", "-Os", "-s", "-Wall", "-Werror", "-o", str(tmp), str(src)]
-        )
-        if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise BootError(
-                f"could not build the gVisor statx compat shim: {proc.stderr.strip()[-800:]}",
-                hint="apt-get install gcc libc6-dev, or set PYRO_RUNSC to a 2023+ runsc",
-            )
-        tmp.chmod(0o755)
-        os.replace(tmp, lib)
-        ptmp = folder / f".preload-{secrets.token_hex(4)}"
-        ptmp.write_text(COMPAT_SHIM_PATH + "\n")
-        ptmp.chmod(0o644)
-        os.replace(ptmp, preload)
-    return lib, preload
-
-
-# --------------------------------------------------------------------------- the OCI bundle
-
-
-def global_flags(*, root: Path, overlay_dir: Path, platform: str, rootless: bool) -> list[str]:
-    """runsc's global flags for one sandbox (its own state root, no network)."""
-    flags = [
-        f"--root={root}",
-        f"--log={root / 'runsc.log'}",
-        f"--platform={platform}",
-        "--network=none",
-        f"--overlay2=root:{overlay_dir}",
-        "--cpu-num-from-quota",
-        *os.environ.get(FLAGS_ENV, "").split(),  # e.g. --debug-log=/tmp/runsc/ to debug
-    ]
-    if rootless:
-        flags += ["--rootless", "--ignore-cgroups"]
-    return flags
-
-
-def _mount(destination: str, kind: str, source: str, *options: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"destination": destination, "type": kind, "source": source}
-    if options:
-        entry["options"] = list(options)
-    return entry
-
-
-def oci_config(
-    *,
-    rootfs: Path,
-    agent: Path,
-    mem_mib: int,
-    vcpu_count: int,
-    container_id: str,
-    args: tuple[str, ...] = (AGENT_PATH, "--stdio"),
-    compat: tuple[Path, Path] | None = None,
-    workspace: Path | None = None,
-    rootless: bool = False,
-) -> dict[str, Any]:
-    """The OCI runtime config of one sandbox (see the module docstring)."""
-    mounts: list[dict[str, Any]] = [
-        _mount("/proc", "proc", "proc"),
-        _mount("/dev", "tmpfs", "tmpfs", "nosuid"),
-        _mount("/dev/pts", "devpts", "devpts"),
-        _mount("/dev/shm", "tmpfs", "shm", "nosuid", "nodev"),
-        _mount("/sys", "sysfs", "sysfs", "ro", "nosuid", "nodev", "noexec"),
-        _mount("/run", "tmpfs", "tmpfs", "nosuid", "nodev"),
-        _mount(AGENT_PATH, "bind", str(agent), "bind", "ro"),
-    ]
-    if compat is not None:
-        lib, preload = compat
-        mounts.append(_mount(COMPAT_SHIM_PATH, "bind", str(lib), "bind", "ro"))
-        mounts.append(_mount("/etc/ld.so.preload", "bind", str(preload), "bind", "ro"))
-    if workspace is not None:
-        mounts.append(_mount(WORKSPACE_TARGET, "bind", str(workspace), "bind", "rw"))
-    caps = list(CAPABILITIES)
-    linux: dict[str, Any] = {
-        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
-        "resources": {
-            "memory": {"limit": mem_mib << 20},
-            "pids": {"limit": PIDS_LIMIT},
-            "cpu": {"quota": vcpu_count * 100_000, "period": 100_000},
-        },
-    }
-    if not rootless:
-        linux["cgroupsPath"] = f"/{CGROUP_PARENT}/{container_id}"
-    return {
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": False,
-            "user": {"uid": 0, "gid": 0},
-            "args": list(args),
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "cwd": "/",
-            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 524288}],
-            "noNewPrivileges": False,
-        },
-        "root": {"path": str(rootfs), "readonly": False},
-        "hostname": HOSTNAME,
-        "mounts": mounts,
-        "linux": linux,
-    }
-
-
-# --------------------------------------------------------------------------- cgroups
-
-
-def _cgroup_parents() -> list[Path]:
-    """The ``pyro`` cgroup folder in each hierarchy where runsc put sandboxes."""
-    base = Path("/sys/fs/cgroup")
-    found = []
-    candidates = [base / CGROUP_PARENT]
-    with contextlib.suppress(OSError):
-        candidates += [d / CGROUP_PARENT for d in base.iterdir() if d.is_dir()]
-    for cand in candidates:
-        if cand.is_dir():
-            found.append(cand)
-    return found
-
-
-def sweep_stale_cgroups(
-    min_age_s: float = STALE_CGROUP_AGE_S, only: str | None = None
-) -> list[str]:
-    """Remove empty sandbox cgroups older than ``min_age_s`` (left by a killed runsc);
-    ``only``: just those of this container id."""
-    removed = []
-    now = time.time()
-    for parent in _cgroup_parents():
-        with contextlib.suppress(OSError):
-            for child in parent.iterdir():
-                if only is not None and child.name != only:
-                    continue
-                try:
-                    if not child.is_dir() or now - child.stat().st_mtime < min_age_s:
-                        continue
-                    if (child / "cgroup.procs").read_text().strip():
-                        continue
-                    child.rmdir()
-                    removed.append(str(child))
-                except OSError:
-                    continue
-    return removed
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -689,7 +494,54 @@ class GvisorHandle:
 
 
 class GvisorBackend:
-    name = NAME
+    """gVisor sandboxes: no guest kernel, no per-VM disk (the overlay's upper layer is
+    in the VM's folder and dies with it) and no snapshots; a task's /workspace is a
+    host folder bind-mounted into the sandbox."""
+
+    name: ClassVar[str] = NAME
+    execution_mode: ClassVar[str] = "gvisor_sandbox"  # gVisor's user-space kernel, no VM
+    workspace_kind: ClassVar[WorkspaceKind] = "directory"
+    runs_vms: ClassVar[bool] = True
+
+    def prepare(
+        self,
+        env: Any,
+        *,
+        vcpu_count: int,
+        mem_mib: int,
+        network: bool,
+        acceleration: str,
+        mounts: Sequence[Mapping[str, Any]] = (),
+        paths: VMPaths | None = None,
+        progress: ProgressFn = no_progress,
+    ) -> LaunchPlan:
+        """The environment's root filesystem unpacked into a shared read-only tree and
+        the agent binary; a task's workspace is the VM folder's ``workspace`` link, bind
+        mounted at start, so the guest agent mounts nothing. Always a cold start."""
+        from pyro_mcp.guest.build import ensure_agent_binary
+        from pyro_mcp.vmm.host_compat import ensure_rootfs_tree
+
+        del paths  # nothing per-VM to find: every start is fresh
+        if mounts:
+            raise InvalidInputError(
+                "the gvisor backend takes no guest disk mounts",
+                hint="a gvisor task's /workspace is a folder (workspace_kind 'directory')",
+            )
+        spec = LaunchSpec(
+            rootfs=ensure_rootfs_tree(env, progress),
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            network=network,
+            acceleration=acceleration,
+            agent=ensure_agent_binary(progress),
+        )
+        return LaunchPlan(spec)
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        return []
+
+    def prune_snapshots(self) -> list[str]:
+        return []
 
     def probe(self, *, detailed: bool = False) -> BackendProbe:
         return probe_backend(detailed=detailed)

@@ -21,6 +21,13 @@ and network namespaces (``--unshare-all``: loopback only), no capabilities,
 The sandbox dies with the command: bwrap is PID 1 of the namespace and gets
 SIGKILL if we die (``--die-with-parent``); a timeout kills bwrap's process
 group, and with it every process of the sandbox.
+
+:class:`HostCompatBackend` is its face in :mod:`pyro_mcp.vmm`: a
+:class:`~pyro_mcp.vmm.base.SandboxBackend`, not a VM backend. There is no
+long-lived guest, so no ``start``, handle, supervisor or snapshot: each
+command is its own sandbox over the task's workspace folder
+(``workspace_kind`` "directory"), which is why it serves tasks and one-shot
+runs but not ``pyro vm``.
 """
 
 from __future__ import annotations
@@ -35,15 +42,14 @@ import time
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # Re-exported: task code reaches the tree cache as host_compat.ensure_rootfs_tree.
 from pyro_mcp.environments.tree import ensure_rootfs_tree as ensure_rootfs_tree  # noqa: PLC0414
 from pyro_mcp.errors import BackendUnavailableError, InvalidInputError
-from pyro_mcp.vmm.base import BackendProbe
+from pyro_mcp.vmm.base import BackendProbe, WorkspaceKind
 
 NAME = "host_compat"
-EXECUTION_MODE = "host_compat"
 HOSTNAME = "pyro-task"
 
 
@@ -227,3 +233,24 @@ def run(
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+class HostCompatBackend:
+    """Commands on the host kernel, one bubblewrap sandbox each (see the module
+    docstring): a per-command sandbox, never a VM."""
+
+    name: ClassVar[str] = NAME
+    execution_mode: ClassVar[str] = "host_compat"  # the host kernel, namespaces only
+    workspace_kind: ClassVar[WorkspaceKind] = "directory"
+    runs_vms: ClassVar[bool] = False
+
+    def probe(self, *, detailed: bool = False) -> BackendProbe:
+        del detailed  # the probe is one bwrap run, cached for the process
+        return probe()
+
+    def require(self) -> None:
+        require()
+
+    # The module's functions serve as they are: there is no per-backend state.
+    prepare_root = staticmethod(ensure_rootfs_tree)
+    run = staticmethod(run)

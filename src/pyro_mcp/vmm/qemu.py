@@ -17,16 +17,21 @@ import socket
 import subprocess
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from pyro_mcp.errors import BackendUnavailableError, BootError
+from pyro_mcp.progress import ProgressFn, no_progress
 from pyro_mcp.vmm.base import (
     WORKSPACE_DISK_MIB,
     BackendProbe,
+    LaunchPlan,
     LaunchSpec,
     SnapshotRef,
     VMPaths,
+    WorkspaceKind,
 )
 from pyro_mcp.vmm.detect import kvm_status
 from pyro_mcp.vmm.qmp import QMPClient
@@ -87,8 +92,17 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
         parts += ["no_timer_check", "tsc=reliable"]
         if khz:
             parts += [f"tsc_early_khz={khz}", f"lpj={khz * 4}"]
-    parts += list(spec.extra_cmdline)
     return " ".join(parts)
+
+
+def boot_files(spec: LaunchSpec) -> tuple[Path, Path]:
+    """The spec's kernel and initramfs, which a VM cannot boot without."""
+    if spec.kernel is None or spec.initramfs is None:
+        raise BootError(
+            "the launch has no guest kernel or initramfs (prepared for another backend?)",
+            hint="delete the VM and create it again",
+        )
+    return spec.kernel, spec.initramfs
 
 
 def build_args(
@@ -102,6 +116,7 @@ def build_args(
 ) -> list[str]:
     """The QEMU command line. A restore must use the same one as its snapshot's source VM,
     except for host-side paths and the RAM file's sharing mode."""
+    kernel, initramfs = boot_files(spec)
     machine = "microvm,rtc=on,acpi=on"
     args = [binary]
     if ram_file is not None:
@@ -119,7 +134,7 @@ def build_args(
         "-M", machine, *accel,
         "-m", f"{spec.mem_mib}M", "-smp", str(spec.vcpu_count),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(spec.kernel), "-initrd", str(spec.initramfs),
+        "-kernel", str(kernel), "-initrd", str(initramfs),
         "-append", kernel_cmdline(spec),
         "-serial", f"file:{paths.console}",
         "-chardev", f"socket,id=ch0,path={paths.channel},server=off",
@@ -227,7 +242,59 @@ def _shell_quote(text: str) -> str:
 
 
 class QemuBackend:
-    name = "qemu"
+    """QEMU ``microvm``: a guest kernel per VM; its per-VM disk is a qcow2 overlay
+    (``VMPaths.disk``) over the environment's image or over the snapshot's disk."""
+
+    name: ClassVar[str] = "qemu"
+    execution_mode: ClassVar[str] = "microvm"  # its own guest kernel behind a VMM
+    workspace_kind: ClassVar[WorkspaceKind] = "disk"
+    runs_vms: ClassVar[bool] = True
+
+    def prepare(
+        self,
+        env: Any,
+        *,
+        vcpu_count: int,
+        mem_mib: int,
+        network: bool,
+        acceleration: str,
+        mounts: Sequence[Mapping[str, Any]] = (),
+        paths: VMPaths | None = None,
+        progress: ProgressFn = no_progress,
+    ) -> LaunchPlan:
+        """The environment's kernel and image, an initramfs with the agent, and the
+        warm-start snapshot (taken now if missing). A VM that already has its disk
+        (a restart after a stop) boots cold on it: a restore would replace it."""
+        from pyro_mcp.guest.build import ensure_initramfs
+        from pyro_mcp.vmm.qemu_snapshot import snapshot_for_launch
+
+        spec = LaunchSpec(
+            rootfs=env.rootfs,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            network=network,
+            acceleration=acceleration,
+            kernel=env.kernel.image,
+            initramfs=ensure_initramfs(env.kernel.modules, progress=progress),
+        )
+        restore = None
+        if paths is None or not self.has_disk(paths):
+            restore = snapshot_for_launch(spec, progress=progress)
+        return LaunchPlan(spec, tuple(mounts), restore)
+
+    def has_disk(self, paths: VMPaths) -> bool:
+        """Whether the VM already has its own disk (it ran before)."""
+        return paths.disk.exists()
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        from pyro_mcp.vmm.qemu_snapshot import list_snapshots
+
+        return list_snapshots()
+
+    def prune_snapshots(self) -> list[str]:
+        from pyro_mcp.vmm.qemu_snapshot import prune_snapshots
+
+        return prune_snapshots()
 
     def probe(self, *, detailed: bool = False) -> BackendProbe:
         """Cheap by default (no subprocess); ``detailed`` also asks QEMU its version."""

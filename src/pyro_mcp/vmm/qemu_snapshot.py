@@ -1,4 +1,8 @@
-"""Warm start: boot each guest configuration once, save it, restore it per VM.
+"""QEMU warm start: boot each guest configuration once, save it, restore it per VM.
+
+Used by :meth:`pyro_mcp.vmm.qemu.QemuBackend.prepare`; nothing above ``vmm/``
+imports this module (``pyro_mcp.vmm.list_snapshots``/``prune_snapshots`` ask
+every backend).
 
 A snapshot is taken from a dedicated clean boot (never a user's VM), right
 after the guest agent said HELLO, and stored in the cache under a key that
@@ -25,17 +29,13 @@ from filelock import FileLock
 from pyro_mcp import paths
 from pyro_mcp.errors import BootError, PyroError
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
-from pyro_mcp.vmm.base import LaunchSpec, SnapshotRef, VMPaths
+from pyro_mcp.vmm.base import LaunchSpec, SnapshotRef, VMPaths, snapshots_enabled
 
 if TYPE_CHECKING:
     from pyro_mcp.guest.channel import AgentChannel
 
 SNAPSHOT_FORMAT = 2
 ARTIFACTS = ("ram", "state", "disk.qcow2")
-
-
-def snapshots_enabled() -> bool:
-    return os.environ.get("PYRO_SNAPSHOTS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def snapshots_root() -> Path:
@@ -47,19 +47,20 @@ def _fingerprint(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
-def snapshot_key(spec: LaunchSpec, backend: str) -> str:
-    from pyro_mcp.vmm.qemu import build_args, qemu_binary
+def snapshot_key(spec: LaunchSpec) -> str:
+    from pyro_mcp.vmm.qemu import boot_files, build_args, qemu_binary
 
+    kernel, initramfs = boot_files(spec)
     binary = qemu_binary() or "qemu-system-x86_64"
     placeholder = VMPaths(Path("/vm"))
     material = {
         "format": SNAPSHOT_FORMAT,
-        "backend": backend,
+        "backend": "qemu",  # kept in the material so existing snapshots keep their key
         "binary": os.path.realpath(binary),
         "binary_fp": _fingerprint(Path(binary)) if Path(binary).exists() else None,
         "args": build_args("qemu", spec, placeholder, ram_file=Path("/ram")),
-        "kernel_fp": _fingerprint(spec.kernel),
-        "initramfs_fp": _fingerprint(spec.initramfs),
+        "kernel_fp": _fingerprint(kernel),
+        "initramfs_fp": _fingerprint(initramfs),
         "rootfs_fp": _fingerprint(spec.rootfs),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
@@ -92,29 +93,14 @@ def check_snapshot(directory: Path, key: str) -> str | None:
     return None
 
 
-def verify_snapshot_full(directory: Path) -> str | None:
-    """Re-hash every artifact (slow: reads the RAM file)."""
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-        for name in ARTIFACTS:
-            if _sha256(directory / name) != meta["sha256"][name]:
-                return f"{name} digest mismatch"
-    except (OSError, ValueError, KeyError):
-        return "artifact or manifest missing"
-    return None
-
-
-def snapshot_for_launch(
-    launch: dict[str, Any], progress: ProgressFn = no_progress
-) -> SnapshotRef | None:
+def snapshot_for_launch(spec: LaunchSpec, progress: ProgressFn = no_progress) -> SnapshotRef | None:
     """The snapshot to restore this launch from, taking it first if needed.
 
-    Returns None (cold boot) when snapshots are off or the backend has none.
+    Returns None (cold boot) when snapshots are off (``PYRO_SNAPSHOTS=0``).
     """
-    if not snapshots_enabled() or launch["backend"] != "qemu":
+    if not snapshots_enabled():
         return None
-    spec = LaunchSpec.from_launch(launch)
-    key = snapshot_key(spec, launch["backend"])
+    key = snapshot_key(spec)
     root = snapshots_root()
     directory = root / key[:24]
     if check_snapshot(directory, key) is None:
@@ -170,7 +156,9 @@ def take_snapshot(spec: LaunchSpec, directory: Path, key: str, progress: Progres
             "state_sha256": digests["state"],
             "fingerprints": {name: _fingerprint(tmp / name) for name in ARTIFACTS},
             "inputs": {
-                str(path): _fingerprint(path) for path in (spec.kernel, spec.initramfs, spec.rootfs)
+                str(path): _fingerprint(path)
+                for path in (spec.kernel, spec.initramfs, spec.rootfs)
+                if path is not None
             },
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -1,0 +1,92 @@
+"""Tasks whose /workspace is a host folder (``workspace_kind`` "directory").
+
+``<task>/workspace/`` is the seeded folder itself (mode 0755, inside the
+task's 0700 folder). Two guests use it:
+
+* :class:`DirectoryVMRuntime`, a long-lived sandbox (gvisor): the VM's folder
+  gets a ``workspace`` symlink to it, which the sandbox bind-mounts;
+* :class:`DirectorySandboxRuntime`, a sandbox per command (host_compat):
+  each command runs in a fresh bubblewrap sandbox with the folder bound at
+  /workspace and the environment's unpacked root read-only at /. Nothing runs
+  between commands, so the task is "ready" rather than "running".
+
+The guest writes this folder: the host must treat what it finds there as
+untrusted (no following links out of it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pyro_mcp.commands import BASE_ENV, ExecOptions, build_argv
+from pyro_mcp.limits import TASK_WORKSPACE
+from pyro_mcp.manager import ExecOutcome, VMManager
+from pyro_mcp.models import TaskStatus
+from pyro_mcp.progress import ProgressFn
+from pyro_mcp.tasks.records import TaskRecords
+from pyro_mcp.tasks.runtime import VMGuest
+from pyro_mcp.vmm.base import SandboxBackend
+
+FOLDER = "workspace"
+
+
+def _open_folder(staging: Path) -> None:
+    os.chmod(staging, 0o755)  # noqa: S103 - /workspace's mode; the task folder is 0700
+
+
+class DirectoryVMRuntime(VMGuest):
+    def prepare_workspace(self, task_dir: Path, staging: Path, entry_count: int) -> None:
+        del task_dir, entry_count
+        _open_folder(staging)
+
+    def attach(self, task_dir: Path, vm_dir: Path) -> None:
+        os.symlink(task_dir / FOLDER, vm_dir / FOLDER)
+
+
+class DirectorySandboxRuntime:
+    def __init__(self, backend: SandboxBackend, vms: VMManager, records: TaskRecords) -> None:
+        self.backend = backend
+        self.vms = vms
+        self.records = records
+
+    def prepare_workspace(self, task_dir: Path, staging: Path, entry_count: int) -> None:
+        del task_dir, entry_count
+        _open_folder(staging)
+
+    def start(self, record: dict[str, Any], progress: ProgressFn) -> None:
+        env = self.vms.store.ensure(record["environment"], progress=progress)
+        record["environment_version"] = env.version
+        record["hostfs"] = str(self.backend.prepare_root(env, progress))
+        record["acceleration"] = self.backend.probe().acceleration or "none"
+        record["status"] = "ready"
+
+    def exec(
+        self,
+        record: dict[str, Any],
+        command: str | list[str],
+        options: ExecOptions,
+        progress: ProgressFn,
+    ) -> tuple[dict[str, Any], ExecOutcome]:
+        root = Path(record["hostfs"] or "")
+        if not (root / "usr").is_dir():  # the cached tree was pruned: unpack it again
+            installed = self.vms.store.ensure(record["environment"], progress=progress)
+            root = self.backend.prepare_root(installed, progress)
+        data = self.backend.run(
+            root,
+            self.records.tasks_dir / record["task_id"] / FOLDER,
+            build_argv(command, options.env),
+            cwd=options.cwd_or(TASK_WORKSPACE),
+            env={**BASE_ENV, **options.env},
+            timeout_seconds=options.timeout_seconds,
+            stdout_cap=options.stdout_cap,
+            stderr_cap=options.stderr_cap,
+        )
+        return record, ExecOutcome(**data)
+
+    def observed_status(self, record: dict[str, Any]) -> tuple[TaskStatus, str | None]:
+        return record["status"], record.get("detail")
+
+    def discard(self, record: dict[str, Any]) -> None:
+        del record  # nothing runs between commands

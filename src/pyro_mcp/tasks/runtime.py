@@ -1,0 +1,224 @@
+"""The task runtime: how a task's commands reach its workspace.
+
+One interface, :class:`TaskRuntime`, with an implementation per kind of
+workspace (the backend's ``workspace_kind``):
+
+* "disk" (:mod:`pyro_mcp.tasks.vm_runtime`): ``workspace.img``, an ext4 image
+  built on the host from the seed, the VM's second disk, mounted at /workspace
+  by the guest agent (qemu);
+* "directory" (:mod:`pyro_mcp.tasks.dir_runtime`): ``workspace/``, a host
+  folder, bind-mounted into a long-lived sandbox (gvisor) or into a fresh
+  bubblewrap sandbox per command (host_compat).
+
+The task manager (:mod:`pyro_mcp.tasks.manager`) validates, seeds, records,
+locks and reaps; it picks the runtime with :func:`runtime_for` and never looks
+at a backend's name. Runtimes that keep a VM share :class:`VMGuest`: the VM has
+no owner process and the task's TTL, and if it is gone (host reboot, crash,
+``pyro vm delete``) the next exec starts a new one over the same workspace.
+
+The file operations of the next release (read, write, edit, list, diff,
+export, reset) are methods of this interface too: the disk kind goes through
+the guest agent (the host never parses a guest-written filesystem), the
+directory kind through its own tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from pyro_mcp import limits
+from pyro_mcp.commands import ExecOptions
+from pyro_mcp.errors import InvalidInputError, NotFoundError, PyroError, StateError, VMStateError
+from pyro_mcp.manager import ExecOutcome, VMManager
+from pyro_mcp.models import TaskStatus
+from pyro_mcp.progress import ProgressEvent, ProgressFn
+from pyro_mcp.tasks.records import TaskRecords
+from pyro_mcp.vmm import backend_info, get_backend, get_sandbox_backend
+from pyro_mcp.vmm.base import Backend, BackendInfo
+
+
+class TaskRuntime(Protocol):
+    """A task's guest and workspace, as the task manager uses them."""
+
+    @property
+    def backend(self) -> BackendInfo: ...
+
+    def prepare_workspace(self, task_dir: Path, staging: Path, entry_count: int) -> None:
+        """Turn the seeded ``staging`` folder (``task_dir/workspace``) into the
+        workspace this kind of runtime uses."""
+        ...
+
+    def start(self, record: dict[str, Any], progress: ProgressFn) -> None:
+        """Make the task usable (lock held): start its guest, or prepare what each
+        command's sandbox needs. Sets ``status``, ``acceleration`` and, for a VM,
+        ``vm_id`` and ``boot`` in ``record``."""
+        ...
+
+    def exec(
+        self,
+        record: dict[str, Any],
+        command: str | list[str],
+        options: ExecOptions,
+        progress: ProgressFn,
+    ) -> tuple[dict[str, Any], ExecOutcome]:
+        """Run ``command`` (checked by the caller, like ``options``; ``cwd=None`` is
+        /workspace) in the task, restarting its guest first if it is gone; returns the
+        (possibly updated) record and the outcome."""
+        ...
+
+    def observed_status(self, record: dict[str, Any]) -> tuple[TaskStatus, str | None]:
+        """(status, detail) as they are now, not as last recorded."""
+        ...
+
+    def discard(self, record: dict[str, Any]) -> None:
+        """Stop whatever runs for the task (its folder is removed by the caller)."""
+        ...
+
+
+def runtime_for(backend: str, vms: VMManager, records: TaskRecords) -> TaskRuntime:
+    """The runtime for tasks on ``backend``, chosen by what the backend declares."""
+    from pyro_mcp.tasks.dir_runtime import DirectorySandboxRuntime, DirectoryVMRuntime
+    from pyro_mcp.tasks.vm_runtime import DiskRuntime
+
+    info = backend_info(backend)
+    if info.workspace_kind == "disk":
+        return DiskRuntime(get_backend(backend), vms, records)
+    if info.runs_vms:
+        return DirectoryVMRuntime(get_backend(backend), vms, records)
+    return DirectorySandboxRuntime(get_sandbox_backend(backend), vms, records)
+
+
+class VMGuest:
+    """A long-lived VM per task, started again over the same workspace when gone.
+    Subclasses say how the workspace is attached (:meth:`attach`) and mounted."""
+
+    #: What the guest agent mounts at INIT.
+    mounts: tuple[Mapping[str, Any], ...] = ()
+
+    def __init__(self, backend: Backend, vms: VMManager, records: TaskRecords) -> None:
+        self.backend = backend
+        self.vms = vms
+        self.records = records
+
+    def attach(self, task_dir: Path, vm_dir: Path) -> None:
+        """Give the VM's folder (before its start) the task's workspace."""
+        raise NotImplementedError
+
+    def start(self, record: dict[str, Any], progress: ProgressFn) -> None:
+        self._start_vm(record, progress)
+        record["status"] = "running"
+
+    def _start_vm(self, record: dict[str, Any], progress: ProgressFn) -> None:
+        """Create and boot a VM for the task on its workspace (lock held)."""
+        remaining = math.ceil(record["expires_at"] - time.time())
+        if remaining <= 0:
+            raise VMStateError(
+                f"task {record['task_id']} has outlived its TTL", hint="create a new task"
+            )
+        # Always the task's own backend (a restart must not switch it).
+        vms = VMManager(
+            state_root=self.vms.state_root, store=self.vms.store, backend=self.backend.name
+        )
+        info = vms.create(
+            record["environment"],
+            vcpu_count=record["vcpu_count"],
+            mem_mib=record["mem_mib"],
+            # The task's reaper removes it at the task's TTL in any case.
+            ttl_seconds=max(remaining, limits.MIN_TTL_SECONDS),
+            network=record["network"],
+            mounts=self.mounts,
+        )
+        record["vm_id"] = info.vm_id
+        record["acceleration"] = info.acceleration
+        self.records.save(record)
+        self.attach(self.records.tasks_dir / record["task_id"], vms.vms_dir / info.vm_id)
+        started = vms.start(info.vm_id, progress=progress)
+        record["boot"] = started.boot
+        record["environment_version"] = started.environment_version
+
+    def exec(
+        self,
+        record: dict[str, Any],
+        command: str | list[str],
+        options: ExecOptions,
+        progress: ProgressFn,
+    ) -> tuple[dict[str, Any], ExecOutcome]:
+        record = self._ensure_vm(record, progress)
+        outcome = self.vms.exec(
+            record["vm_id"],
+            command,
+            options,
+            default_cwd=limits.TASK_WORKSPACE,
+            progress=progress,
+        )
+        return record, outcome
+
+    def _vm_running(self, record: dict[str, Any]) -> bool:
+        vm_id = record.get("vm_id")
+        if not vm_id:
+            return False
+        try:
+            return self.vms.status(vm_id).status == "running"
+        except (NotFoundError, StateError):
+            return False
+
+    def _ensure_vm(self, record: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+        """The task's record with a running VM, starting a new one if it is gone."""
+        if self._vm_running(record):
+            return record
+        task_id = record["task_id"]
+        with self.records.lock(task_id):
+            record = self.records.load(task_id)
+            if self._vm_running(record):
+                return record
+            old = record.get("vm_id")
+            reason = self._vm_gone_reason(old)
+            if old:
+                with contextlib.suppress(NotFoundError, InvalidInputError, StateError):
+                    self.vms.delete(old, reason="task VM restart")
+            progress(ProgressEvent("boot", f"task {task_id}: its VM {reason}; starting a new one"))
+            record["vm_id"] = None
+            try:
+                self._start_vm(record, progress)
+            except PyroError as exc:
+                record["detail"] = f"starting a new VM failed: {exc.message}"
+                self.records.save(record)
+                raise
+            record["detail"] = (
+                f"VM restarted: the previous one {reason}; /workspace was kept, the rest of "
+                "the guest filesystem started fresh"
+            )
+            self.records.save(record)
+            return record
+
+    def _vm_gone_reason(self, vm_id: str | None) -> str:
+        if not vm_id:
+            return "was never started"
+        try:
+            info = self.vms.status(vm_id)
+        except (NotFoundError, StateError):
+            return "no longer exists"
+        return f"stopped ({info.detail or info.status})"
+
+    def observed_status(self, record: dict[str, Any]) -> tuple[TaskStatus, str | None]:
+        status: TaskStatus = record["status"]
+        detail = record.get("detail")
+        if status not in ("running", "stopped"):
+            return status, detail
+        if self._vm_running(record):
+            return "running", detail
+        return "stopped", (
+            f"its VM {self._vm_gone_reason(record.get('vm_id'))}; the next exec starts "
+            "a new one on the same /workspace"
+        )
+
+    def discard(self, record: dict[str, Any]) -> None:
+        vm_id = record.get("vm_id")
+        if vm_id:
+            with contextlib.suppress(NotFoundError, InvalidInputError, OSError, StateError):
+                self.vms.delete(vm_id, reason="task removed")
