@@ -44,8 +44,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-# Re-exported: task code reaches the tree cache as host_compat.ensure_rootfs_tree.
-from pyro_mcp.environments.tree import ensure_rootfs_tree as ensure_rootfs_tree  # noqa: PLC0414
+from pyro_mcp.environments.tree import ensure_rootfs_tree
 from pyro_mcp.errors import BackendUnavailableError, InvalidInputError
 from pyro_mcp.vmm.base import BackendProbe, WorkspaceKind
 
