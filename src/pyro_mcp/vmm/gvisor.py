@@ -518,8 +518,8 @@ class GvisorBackend:
         """The environment's root filesystem unpacked into a shared read-only tree and
         the agent binary; a task's workspace is the VM folder's ``workspace`` link, bind
         mounted at start, so the guest agent mounts nothing. Always a cold start."""
-        from pyro_mcp.guest.build import ensure_agent_binary
         from pyro_mcp.environments.tree import ensure_rootfs_tree
+        from pyro_mcp.guest.build import ensure_agent_binary
 
         del paths  # nothing per-VM to find: every start is fresh
         if mounts:
