@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import Ticker, state_leftovers
 from pyro_mcp.api import Pyro
 from pyro_mcp.errors import BackendUnavailableError, GuestProtocolError
 from pyro_mcp.manager import VMManager
@@ -215,6 +216,32 @@ def test_limits_stop_a_fork_bomb(
     wait_for(lambda: sandbox_pids(state_dir) == [], 10, "the sandbox's processes to exit")
     # The host and the backend are fine afterwards.
     assert pyro.run_in_vm(vm_environment, "echo ok").stdout == "ok\n"
+
+
+@gvisor_only
+@pytest.mark.timeout(180)
+def test_fork_bomb_one_shot_returns_within_its_timeout_and_leaves_nothing(
+    pyro: Pyro, vm_environment: str, backend: str, state_dir: Path
+) -> None:
+    """A bomb whose main process keeps running: the run ends by its timeout or, first,
+    by the sandbox's pids limit (which ends the whole sandbox); either way it returns
+    in time, no runsc process or VM is left, and the host stays responsive."""
+    require_cgroup_limits()
+    timeout = 10
+    with Ticker() as ticker:
+        started = time.monotonic()
+        try:
+            result = pyro.run_in_vm(
+                vm_environment, "bash -c ':(){ :|:& };:; sleep 100'", timeout_seconds=timeout
+            )
+            assert result.timed_out and result.exit_code == 137
+        except GuestProtocolError as err:
+            assert str(g.PIDS_LIMIT) in err.message or "memory limit" in err.message, err
+        elapsed = time.monotonic() - started
+    assert elapsed < timeout + 30  # the host's grace and a loaded 2-core host
+    wait_for(lambda: sandbox_pids(state_dir) == [], 15, "the sandbox's processes to exit")
+    assert pyro.list_vms() == [] and state_leftovers(state_dir) == []
+    ticker.assert_responsive()
 
 
 @gvisor_only
