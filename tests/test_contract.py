@@ -208,6 +208,7 @@ def test_cli_does_not_import_mcp_until_serving() -> None:
     assert out.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.vm
 def test_task_exec_tool_passes_cwd_and_env(vm_environment: str, state_dir: Path) -> None:
     pyro = Pyro(state_dir=state_dir, backend="qemu", reap=False)
     created = get_tool("task_create").call(pyro, {"environment": vm_environment})

@@ -147,6 +147,7 @@ def vm_cgroups(vm_id: str) -> list[Path]:
     return [parent / vm_id for parent in g._cgroup_parents() if (parent / vm_id).exists()]
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_run_says_gvisor_and_sees_the_environments_userland(
     pyro: Pyro, vm_environment: str, backend: str
@@ -165,6 +166,7 @@ def test_run_says_gvisor_and_sees_the_environments_userland(
     assert info is not None and result.acceleration == info.platform
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_no_network_only_loopback(pyro: Pyro, vm_environment: str, backend: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
@@ -185,6 +187,7 @@ def test_no_network_only_loopback(pyro: Pyro, vm_environment: str, backend: str)
     assert result.stdout == "lo\nrefused\n"
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_memory_limit_ends_the_sandbox_with_a_clear_error(
     pyro: Pyro, vm_environment: str, backend: str, state_dir: Path
@@ -203,6 +206,7 @@ def test_memory_limit_ends_the_sandbox_with_a_clear_error(
     assert pyro.list_vms() == []
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_limits_stop_a_fork_bomb(
     pyro: Pyro, vm_environment: str, backend: str, state_dir: Path
@@ -218,6 +222,7 @@ def test_limits_stop_a_fork_bomb(
     assert pyro.run_in_vm(vm_environment, "echo ok").stdout == "ok\n"
 
 
+@pytest.mark.vm
 @gvisor_only
 @pytest.mark.timeout(180)
 def test_fork_bomb_one_shot_returns_within_its_timeout_and_leaves_nothing(
@@ -244,6 +249,7 @@ def test_fork_bomb_one_shot_returns_within_its_timeout_and_leaves_nothing(
     ticker.assert_responsive()
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_delete_leaves_no_runsc_process_state_or_cgroup(
     pyro: Pyro, vm_environment: str, backend: str, state_dir: Path
@@ -259,6 +265,7 @@ def test_delete_leaves_no_runsc_process_state_or_cgroup(
     assert vm_cgroups(vm) == []
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_supervisor_crash_takes_the_sandbox_down_and_is_reaped(
     pyro: Pyro, vm_environment: str, backend: str, state_dir: Path
@@ -285,6 +292,7 @@ def test_supervisor_crash_takes_the_sandbox_down_and_is_reaped(
     assert not vm_dir.exists()
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_writes_stay_in_the_vms_private_layer(
     pyro: Pyro, vm_environment: str, backend: str
@@ -304,6 +312,7 @@ def test_writes_stay_in_the_vms_private_layer(
     assert (tree / "etc/hostname").exists()
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_workspace_folder_is_bind_mounted_and_outlives_a_restart(
     pyro: Pyro, vm_environment: str, backend: str, state_dir: Path, tmp_path: Path

@@ -27,6 +27,8 @@ from pyro_mcp.state import read_json, write_json_atomic
 from pyro_mcp.vmm import host_compat, pids
 from pyro_mcp.workspace.archive import UnsafeSeedError
 
+pytestmark = pytest.mark.vm
+
 NOTE = "host compat note\n"
 
 
