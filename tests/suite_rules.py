@@ -59,8 +59,9 @@ _TRAPS = {
 
 _SCRIPT = """#!/bin/sh
 # pyro-mcp tests (tests/suite_rules.py): {name} for tests not marked `vm`.
+args="$*"
 refuse() {{
-  echo "{name} $*" >> "$PYRO_TEST_VM_TRAP"
+  echo "{name} $args" >> "$PYRO_TEST_VM_TRAP"
   echo "pyro tests: a test not marked vm started {name}; mark it @pytest.mark.vm" >&2
   exit 97
 }}
