@@ -28,9 +28,21 @@ def test_cgroup_v2_needs_pids_enabled_for_our_children(tmp_path: Path) -> None:
     own = root / "system.slice" / "pyro.service"
     own.mkdir(parents=True)
     (own / "cgroup.subtree_control").write_text("memory\n")
+    (own.parent / "cgroup.subtree_control").write_text("memory\n")
     assert pids.pids_parent(root, proc) is None
+    # A systemd slice enables pids for its units: the leaf goes beside our own cgroup.
+    (own.parent / "cgroup.subtree_control").write_text("memory pids\n")
+    assert pids.pids_parent(root, proc) == (own.parent, 2)
+    # Delegated to us: under our own.
     (own / "cgroup.subtree_control").write_text("memory pids\n")
     assert pids.pids_parent(root, proc) == (own, 2)
+
+
+def test_cgroup_v2_root_cgroup(tmp_path: Path) -> None:
+    root, proc = fake_host(tmp_path, "0::/\n")
+    (root / "cgroup.controllers").write_text("cpu pids\n")
+    (root / "cgroup.subtree_control").write_text("cpu pids\n")
+    assert pids.pids_parent(root, proc) == (root, 2)
 
 
 def test_cgroup_v1_pids_hierarchy(tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
 bubblewrap has no pids option, so a command is bounded one of two ways:
 
 * **a pids cgroup** (as root, when the host has a pids controller we may use): a
-  leaf ``pyro-hc-<pid>-<random>`` under this process's own cgroup, with
-  ``pids.max`` = :data:`PIDS_LIMIT`; cgroup v2 when the pids controller is enabled
-  for our cgroup's children, else the v1 ``pids`` hierarchy. The sandbox enters it
+  leaf ``pyro-hc-<pid>-<random>`` with ``pids.max`` = :data:`PIDS_LIMIT`. On cgroup
+  v2, under this process's own cgroup when the pids controller is enabled for its
+  children, else beside it (under its parent: a systemd slice enables pids for its
+  units, while our own cgroup holds processes and so cannot enable controllers);
+  else in the v1 ``pids`` hierarchy, under our own cgroup there. The sandbox enters it
   before bwrap starts (a ``sh`` that writes its own pid to ``cgroup.procs``, then
   ``exec``s bwrap), every process in it is killed when the command ends, and the
   leaf is removed. Leaves left by a killed process are swept by the next one.
@@ -107,10 +109,11 @@ def pids_parent(
         for mount in (cgroup_root, cgroup_root / "unified"):
             if not (mount / "cgroup.controllers").exists():
                 continue
-            parent = mount / own[""].lstrip("/")
-            with contextlib.suppress(OSError):
-                if "pids" in (parent / "cgroup.subtree_control").read_text().split():
-                    return parent, 2
+            here = mount / own[""].lstrip("/")
+            for parent in (here, here.parent) if here != mount else (here,):
+                with contextlib.suppress(OSError):
+                    if "pids" in (parent / "cgroup.subtree_control").read_text().split():
+                        return parent, 2
             break
     if "pids" in own:
         mount = cgroup_root / "pids"
