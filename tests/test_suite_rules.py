@@ -149,3 +149,21 @@ def test_marked_gets_the_real_qemu():
     result = suite.runpytest("-rA")
     result.assert_outcomes(passed=3, errors=1)
     result.stdout.fnmatch_lines(["*not marked `vm` but started*", "*-kernel /nonexistent*"])
+
+
+def test_ci_runs_exactly_the_readmes_test_command() -> None:
+    """.ci/run's command is the README quick start's test command, and that command
+    (make check) runs the linters, the type checker and the suite with VMs required."""
+    root = TESTS_DIR.parent
+    quick_start = (root / "README.md").read_text().split("## Quick start", 1)[1]
+    block = quick_start.split("```sh\n", 1)[1].split("```", 1)[0]
+    readme_test = [line.split("#")[0].strip() for line in block.splitlines() if "test" in line]
+    ci = [
+        line.strip()
+        for line in (root / ".ci/run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith(("#", "set ", "cd ", "export "))
+    ]
+    assert readme_test == ci == ["make check"]
+    makefile = (root / "Makefile").read_text()
+    assert "check: lint typecheck test" in makefile
+    assert f"{suite_rules.REQUIRE_ENV}=$({suite_rules.REQUIRE_ENV}) $(UV) run pytest" in makefile
