@@ -3,6 +3,8 @@
 VM tests use the user's real cache (so an environment and its snapshot are
 built once per machine and CI run) but a private state folder per test, and a
 fixture that always cleans up and prints the guest console when a test fails.
+Tests that boot a VM or sandbox are marked ``vm``; suite_rules.py enforces that
+and, under ``PYRO_REQUIRE_VMS=1``, fails VM tests skipped for a missing backend.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from pathlib import Path
 
 import pytest
 
+import suite_rules
 from pyro_mcp.api import Pyro
+from suite_rules import (  # noqa: F401 - hooks and an autouse fixture for pytest
+    _no_vm_outside_vm_tests,
+    pytest_collection_modifyitems,
+)
 
 TEST_ENV = os.environ.get("PYRO_TEST_ENV", "debian:12-base")
 
@@ -44,6 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "backends(*names): run this test only on these VM backends (default: all)"
     )
+    suite_rules.configure(config)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -103,4 +111,5 @@ def pyro(vm_environment: str, state_dir: Path, request: pytest.FixtureRequest) -
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
+    suite_rules.require_backends(report)
     setattr(item, f"rep_{report.when}", report)

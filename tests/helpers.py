@@ -1,14 +1,17 @@
 """Small helpers shared by the test modules: finding a test's processes and
-leftovers, and waiting for a condition."""
+leftovers, waiting for a condition, and checking the host stays responsive."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+MAX_TICK_GAP_S = 10.0  # a host thread that stalls this long means the host is not responsive
 
 
 def pids_matching(state_dir: Path, match: Callable[[bytes], bool]) -> list[int]:
@@ -68,3 +71,33 @@ def vm_record_fields(path: Path) -> dict[str, Any]:
     read without pyro's own reader (so tests see what is on disk)."""
     data = json.loads(path.read_text())
     return {**data["config"], **data["runtime"]}
+
+
+class Ticker:
+    """A host thread ticking every 20 ms; records the longest gap between ticks."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.max_gap = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.02):
+            now = time.monotonic()
+            self.max_gap = max(self.max_gap, now - last)
+            last = now
+            self.ticks += 1
+
+    def __enter__(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def assert_responsive(self) -> None:
+        assert self.ticks > 0
+        assert self.max_gap < MAX_TICK_GAP_S, f"the host stalled for {self.max_gap:.1f} s"

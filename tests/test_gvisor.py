@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import Ticker
 from pyro_mcp.api import Pyro
 from pyro_mcp.errors import BackendUnavailableError, GuestProtocolError
 from pyro_mcp.manager import VMManager
@@ -151,6 +152,7 @@ def vm_cgroups(vm_id: str) -> list[Path]:
     ]
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_run_says_gvisor_and_sees_the_environments_userland(
     pyro: Pyro, vm_environment: str, backend: str
@@ -169,6 +171,7 @@ def test_run_says_gvisor_and_sees_the_environments_userland(
     assert info is not None and result.acceleration == info.platform
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_no_network_only_loopback(pyro: Pyro, vm_environment: str, backend: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
@@ -189,6 +192,7 @@ def test_no_network_only_loopback(pyro: Pyro, vm_environment: str, backend: str)
     assert result.stdout == "lo\nrefused\n"
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_memory_limit_ends_the_sandbox_with_a_clear_error(
     pyro: Pyro, vm_environment: str, backend: str, state_dir: Path
@@ -207,6 +211,7 @@ def test_memory_limit_ends_the_sandbox_with_a_clear_error(
     assert pyro.list_vms() == []
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_limits_stop_a_fork_bomb(
     pyro: Pyro, vm_environment: str, backend: str, state_dir: Path
@@ -222,6 +227,39 @@ def test_limits_stop_a_fork_bomb(
     assert pyro.run_in_vm(vm_environment, "echo ok").stdout == "ok\n"
 
 
+@pytest.mark.vm
+@gvisor_only
+@pytest.mark.timeout(180)
+def test_fork_bomb_one_shot_returns_within_its_timeout_and_leaves_nothing(
+    pyro: Pyro, vm_environment: str, backend: str, state_dir: Path
+) -> None:
+    """A bomb whose main process keeps running: the run ends by its timeout or, first,
+    by the sandbox's pids limit (which ends the whole sandbox); either way it returns
+    in time, no runsc process or VM is left, and the host stays responsive."""
+    require_cgroup_limits()
+    timeout = 10
+    with Ticker() as ticker:
+        started = time.monotonic()
+        try:
+            result = pyro.run_in_vm(
+                vm_environment, "bash -c ':(){ :|:& };:; sleep 100'", timeout_seconds=timeout
+            )
+            assert result.timed_out and result.exit_code == 137
+        except GuestProtocolError as err:
+            assert str(gvisor_bundle.PIDS_LIMIT) in err.message or "memory limit" in err.message, (
+                err
+            )
+        elapsed = time.monotonic() - started
+    assert elapsed < timeout + 30  # the host's grace and a loaded 2-core host
+    wait_for(lambda: sandbox_pids(state_dir) == [], 15, "the sandbox's processes to exit")
+    assert pyro.list_vms() == []
+    # Nothing of the VM is left, also when the sandbox died mid-run (the supervisor
+    # writes no exit.json into a folder that is being deleted).
+    wait_for(lambda: list((state_dir / "vms").glob("vm-*")) == [], 15, "the VM folder to go")
+    ticker.assert_responsive()
+
+
+@pytest.mark.vm
 @gvisor_only
 def test_delete_leaves_no_runsc_process_state_or_cgroup(
     pyro: Pyro, vm_environment: str, backend: str, state_dir: Path
@@ -237,6 +275,7 @@ def test_delete_leaves_no_runsc_process_state_or_cgroup(
     assert vm_cgroups(vm) == []
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_supervisor_crash_takes_the_sandbox_down_and_is_reaped(
     pyro: Pyro, vm_environment: str, backend: str, state_dir: Path
@@ -264,6 +303,7 @@ def test_supervisor_crash_takes_the_sandbox_down_and_is_reaped(
     assert not vm_dir.exists()
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_writes_stay_in_the_vms_private_layer(
     pyro: Pyro, vm_environment: str, backend: str
@@ -283,6 +323,7 @@ def test_writes_stay_in_the_vms_private_layer(
     assert (tree / "etc/hostname").exists()
 
 
+@pytest.mark.vm
 @gvisor_only
 def test_workspace_folder_is_bind_mounted_and_outlives_a_restart(
     pyro: Pyro, vm_environment: str, backend: str, state_dir: Path, tmp_path: Path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,11 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import Ticker, wait_until
 from pyro_mcp.api import Pyro
 from pyro_mcp.errors import BackendUnavailableError, InvalidInputError, PyroError
 from pyro_mcp.state import read_json, write_json_atomic
-from pyro_mcp.vmm import host_compat
+from pyro_mcp.vmm import host_compat, pids
 from pyro_mcp.workspace.archive import UnsafeSeedError
+
+pytestmark = pytest.mark.vm
 
 NOTE = "host compat note\n"
 
@@ -263,3 +267,68 @@ def test_host_compat_is_never_chosen_silently(
 def test_host_compat_is_not_a_vm_backend(hc_environment: str, state_dir: Path) -> None:
     with pytest.raises(InvalidInputError, match="tasks and one-shot runs only"):
         Pyro(state_dir=state_dir, backend="host_compat").create_vm(hc_environment)
+
+
+# --------------------------------------------------------------------------- fork bombs
+
+BOMB_TIMEOUT_S = 5
+# Killing and reaping a sandbox at its pids limit on a loaded 2-core host.
+BOMB_SLACK_S = 20
+
+
+def _require_a_pids_bound() -> str:
+    how = pids.describe()
+    if how is None:
+        pytest.skip(
+            "nothing bounds a host_compat sandbox's processes here (host root without a "
+            "usable pids cgroup): a fork bomb would take the host down"
+        )
+    return how
+
+
+def _our_leaves() -> list[Path]:
+    found = pids.pids_parent()
+    if found is None:
+        return []
+    return list(found[0].glob(f"{pids.LEAF_PREFIX}{os.getpid()}-*"))
+
+
+@pytest.mark.timeout(120)
+def test_fork_bomb_one_shot_returns_at_its_timeout_and_leaves_nothing(
+    hc_environment: str, state_dir: Path
+) -> None:
+    """The bomb's main process keeps running (``sleep``), so only the timeout ends it:
+    the run returns then, every process of the sandbox is gone, the host stayed
+    responsive, and the backend answers the next run."""
+    _require_a_pids_bound()
+    token = f"bomb-{secrets.token_hex(4)}"
+    client = Pyro(state_dir=state_dir, backend="host_compat")
+    with Ticker() as ticker:
+        started = time.monotonic()
+        result = client.run_in_vm(
+            hc_environment,
+            f"bash -c ':(){{ :|:& }};:; sleep 100' {token}",
+            timeout_seconds=BOMB_TIMEOUT_S,
+        )
+        elapsed = time.monotonic() - started
+    assert result.timed_out and result.exit_code == 137
+    assert elapsed < BOMB_TIMEOUT_S + BOMB_SLACK_S
+    wait_until(lambda: not _host_sleepers(token), 15, "every process of the bomb to exit")
+    assert _our_leaves() == []
+    ticker.assert_responsive()
+    assert client.run_in_vm(hc_environment, "echo ok").stdout == "ok\n"
+    assert not any((state_dir / "tasks").glob("task-*"))
+
+
+def test_a_sandbox_cannot_start_more_processes_than_its_limit(
+    hc_environment: str, state_dir: Path
+) -> None:
+    _require_a_pids_bound()
+    token = f"many-{secrets.token_hex(4)}"
+    loop = f"i=0; while [ $i -lt {2 * pids.PIDS_LIMIT} ]; do sleep 60 & i=$((i+1)); done; echo all"
+    client = Pyro(state_dir=state_dir, backend="host_compat")
+    result = client.run_in_vm(hc_environment, ["sh", "-c", loop, token], timeout_seconds=60)
+    assert "Cannot fork" in result.stderr, result.stderr
+    assert result.exit_code != 0 and "all" not in result.stdout
+    wait_until(lambda: not _host_sleepers(token), 15, "the sandbox's sleepers to exit")
+    assert _our_leaves() == []

@@ -19,7 +19,6 @@ import resource
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from helpers import qemu_pids, vm_record_fields, wait_until
+from helpers import Ticker, qemu_pids, vm_record_fields, wait_until
 from pyro_mcp import limits
 from pyro_mcp.api import Pyro
 from pyro_mcp.commands import ExecOptions
@@ -46,7 +45,6 @@ pytestmark = pytest.mark.vm
 # A command must be over by its timeout plus the supervisor's grace; the extra
 # seconds cover the host side (socket round trips on a loaded 2-core CI box).
 SLACK_S = HOST_GRACE_S + 10
-MAX_TICK_GAP_S = 10.0  # a host thread that stalls this long means the host is not responsive
 
 
 # --------------------------------------------------------------------- helpers
@@ -71,36 +69,6 @@ def qpyro(vm_environment: str, state_dir: Path, request: pytest.FixtureRequest) 
 
 def assert_no_vmm_left(state_dir: Path) -> None:
     wait_until(lambda: not qemu_pids(state_dir), 15, "every QEMU process of the test to exit")
-
-
-class Ticker:
-    """A host thread ticking every 20 ms; records the longest gap between ticks."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self.max_gap = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(0.02):
-            now = time.monotonic()
-            self.max_gap = max(self.max_gap, now - last)
-            last = now
-            self.ticks += 1
-
-    def __enter__(self) -> Ticker:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def assert_responsive(self) -> None:
-        assert self.ticks > 0
-        assert self.max_gap < MAX_TICK_GAP_S, f"the host stalled for {self.max_gap:.1f} s"
 
 
 def record(state_dir: Path, vm_id: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pyro_mcp.api import Pyro
 from pyro_mcp.errors import PyroError
 
 
+@pytest.mark.vm
 def test_pooled_runs_use_fresh_vms_once(vm_environment: str, state_dir: Path) -> None:
     with Pyro(state_dir=state_dir, pool_size=1, pool_environment=vm_environment) as pyro:
         pool = pyro.pool

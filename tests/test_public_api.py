@@ -23,7 +23,6 @@ PUBLIC = [
     "CleanupInfo",
     "EnvironmentBuildError",
     "ExecResult",
-    "ExecTimeoutError",
     "GuestProtocolError",
     "InvalidInputError",
     "LimitError",

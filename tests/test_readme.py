@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.vm
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_WITH_SNIPPETS = ["README.md", "docs/warm-start.md"]
 

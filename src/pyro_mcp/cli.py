@@ -1,7 +1,9 @@
 """The ``pyro`` command line.
 
-Exit codes of ``pyro run``: the guest command's own exit code; 124 when the
-command timed out; 125 for pyro's own errors (bad input, boot failure, ...).
+Exit codes: ``pyro run`` and ``pyro task exec`` exit with the guest command's own
+exit code, 124 when it timed out. Every command exits 125 (``PyroError.exit_code``)
+for pyro's own errors (bad input, boot failure, ...) and for usage errors (unknown
+option, missing argument, bad value), so 1..123 only ever come from a guest command.
 Only the guest command's output goes to stdout; progress and errors go to stderr.
 """
 
@@ -21,7 +23,8 @@ from pyro_mcp.errors import PyroError
 from pyro_mcp.progress import ProgressEvent
 
 EXIT_TIMEOUT = 124
-EXIT_PYRO_ERROR = 125
+EXIT_PYRO_ERROR = PyroError.exit_code
+BACKEND_CHOICES = ("auto", "qemu", "gvisor", "host_compat")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,7 +82,7 @@ def _fail(exc: PyroError, as_json: bool) -> NoReturn:
         if tail:
             click.echo("pyro: guest console (last lines):", err=True)
             click.echo(str(tail), err=True)
-    sys.exit(EXIT_PYRO_ERROR)
+    sys.exit(exc.exit_code)
 
 
 def _emit(data: Any) -> None:
@@ -118,38 +121,54 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _as_pyro_exit(exc: click.ClickException) -> None:
+    # click declares exit_code a class variable; this one instance exits 125.
+    setattr(exc, "exit_code", EXIT_PYRO_ERROR)  # noqa: B010
+
+
+class _PyroGroup(click.Group):
+    """The root group: a usage error anywhere below it (parsing any subcommand, or a
+    ``click.BadParameter`` raised in a command) exits 125, like pyro's own errors."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            _as_pyro_exit(exc)
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            _as_pyro_exit(exc)
+            raise
+
+
+@click.group(cls=_PyroGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pyro")
 @click.option(
     "--backend",
     envvar="PYRO_BACKEND",
+    type=click.Choice(BACKEND_CHOICES),
     default=None,
-    help="Backend: auto (default: qemu with KVM where KVM works, else gvisor when runsc "
-    "runs here, else qemu with TCG; `pyro doctor` says which and why), qemu (a microVM), "
-    "gvisor (a gVisor sandbox: near-native speed, no VM), or host_compat, an explicit "
-    "opt-in to run tasks and `pyro run` on the host confined by bubblewrap (no VM). "
-    "Also PYRO_BACKEND.",
+    help="auto (the default): qemu with KVM where KVM really works, else qemu with TCG; "
+    "gvisor only when QEMU is missing (`pyro doctor` says which and why). qemu: a "
+    "microVM. gvisor: a gVisor sandbox (near-native CPU speed, no VM). host_compat: an "
+    "explicit opt-in to run tasks and `pyro run` on the host, confined by bubblewrap "
+    "(no VM). Also PYRO_BACKEND.",
 )
 def cli(backend: str | None) -> None:
     """Run commands in disposable local microVMs."""
 
 
-class _RunUsageError(click.UsageError):
-    exit_code = EXIT_PYRO_ERROR
-
-
-class _RunCommand(click.Command):
-    """``pyro run`` exits 125 on its own usage errors too (missing command, bad option),
-    so 1..123 always come from the guest command."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            raise _RunUsageError(exc.format_message(), exc.ctx) from None
-
-
-@cli.command(cls=_RunCommand, context_settings={"ignore_unknown_options": False})
+@cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("environment")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--vcpu-count", type=int, default=limits.DEFAULT_VCPU_COUNT, show_default=True)
@@ -465,7 +484,7 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-@task.command("exec", cls=_RunCommand)
+@task.command("exec")
 @click.argument("task_id")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option(

@@ -80,24 +80,26 @@ def _gvisor() -> Check:
     )
 
 
-def _firecracker() -> Check:
-    path = shutil.which("firecracker")
-    if path:
-        return Check("firecracker", "ok", f"found at {path} (backend not built yet)")
-    return Check("firecracker", "ok", "not found (optional; the qemu backend is used)")
-
-
 def _host_compat() -> Check:
-    from pyro_mcp.vmm import host_compat
+    from pyro_mcp.vmm import host_compat, pids
 
     probe = host_compat.probe()
     if probe.available:
-        return Check(
-            "host_compat",
-            "ok",
+        detail = (
             f"bubblewrap works ({probe.binary}); opt-in only: --backend host_compat "
-            "runs commands on the host kernel in namespaces, not in a VM",
+            "runs commands on the host kernel in namespaces, not in a VM"
         )
+        bound = pids.describe()
+        if bound is None:
+            return Check(
+                "host_compat",
+                "warn",
+                detail + "; nothing bounds a command's processes here (a fork bomb would "
+                "reach the host's limit)",
+                "run pyro as root where a pids cgroup controller is available, or as a "
+                "non-root user (RLIMIT_NPROC applies then)",
+            )
+        return Check("host_compat", "ok", f"{detail}; processes bounded by {bound}")
     return Check(
         "host_compat",
         "ok",
@@ -192,7 +194,6 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     _kvm,
     _gvisor,
     _host_compat,
-    _firecracker,
     _agent_toolchain,
     _rootfs_tools,
     _dirs,

@@ -7,12 +7,13 @@ nothing above that layer branches on message text.
 
     PyroError
     ├── InvalidInputError        bad argument (id, size, path, timeout, command)
+    │   └── UnsafeSeedError      a workspace seed broke an extraction rule
+    │                            (pyro_mcp.workspace.archive)
     ├── NotFoundError            unknown VM, task or environment
     ├── EnvironmentBuildError    building or verifying a guest environment failed
     ├── BackendUnavailableError  no usable VM backend / missing binary
     ├── BootError                the guest did not come up (carries console tail)
     ├── GuestProtocolError       the guest agent broke the wire protocol
-    ├── ExecTimeoutError         (only used where a timeout is not a normal result)
     ├── VMStateError             operation not allowed in the VM's current state
     ├── StateError               on-disk state is unreadable or from another version
     └── LimitError               a host-wide limit was reached
@@ -27,7 +28,9 @@ class PyroError(Exception):
     """Root of every error pyro-mcp raises on purpose."""
 
     code = "pyro_error"
-    exit_code = 2  # CLI exit status for pyro's own errors
+    #: Exit status of every ``pyro`` command for pyro's own errors (and usage errors);
+    #: 124 is a guest command's timeout, the rest the guest command's own status.
+    exit_code = 125
 
     def __init__(
         self,
@@ -78,10 +81,6 @@ class BootError(PyroError):
 
 class GuestProtocolError(PyroError):
     code = "guest_protocol_error"
-
-
-class ExecTimeoutError(PyroError, TimeoutError):
-    code = "timeout"
 
 
 class VMStateError(PyroError):

@@ -20,7 +20,8 @@ and network namespaces (``--unshare-all``: loopback only), no capabilities,
 
 The sandbox dies with the command: bwrap is PID 1 of the namespace and gets
 SIGKILL if we die (``--die-with-parent``); a timeout kills bwrap's process
-group, and with it every process of the sandbox.
+group, and with it every process of the sandbox. Its number of processes is
+bounded by a pids cgroup or RLIMIT_NPROC (:mod:`pyro_mcp.vmm.pids`).
 
 :class:`HostCompatBackend` is its face in :mod:`pyro_mcp.vmm`: a
 :class:`~pyro_mcp.vmm.base.SandboxBackend`, not a VM backend. There is no
@@ -46,6 +47,7 @@ from typing import Any, ClassVar
 
 from pyro_mcp.environments.tree import ensure_rootfs_tree
 from pyro_mcp.errors import BackendUnavailableError, InvalidInputError
+from pyro_mcp.vmm import pids
 from pyro_mcp.vmm.base import BackendProbe, WorkspaceKind
 
 NAME = "host_compat"
@@ -158,6 +160,18 @@ def run(
     if not workspace.is_dir():
         raise InvalidInputError(f"the task workspace {workspace} is missing")
     full = bwrap_argv(binary, rootfs, workspace, argv, cwd=cwd, env=env)
+    cgroup = pids.open_cgroup()
+    try:
+        full = cgroup.wrap(full) if cgroup is not None else [*pids.nproc_prefix(), *full]
+        return _run_confined(full, timeout_seconds, stdout_cap, stderr_cap)
+    finally:
+        if cgroup is not None:
+            cgroup.close()
+
+
+def _run_confined(
+    full: list[str], timeout_seconds: float, stdout_cap: int, stderr_cap: int
+) -> dict[str, Any]:
     started = time.monotonic()
     proc = subprocess.Popen(
         full,

@@ -84,6 +84,8 @@ class UnsafeSeedError(InvalidInputError):
     sources, which are checked as a whole first so every problem is listed).
     """
 
+    code = "unsafe_seed"
+
 
 @dataclass(frozen=True)
 class SeedLimits:
