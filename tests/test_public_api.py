@@ -70,7 +70,7 @@ def test_names_are_the_internal_objects_themselves() -> None:
         for name in PUBLIC
         if isinstance(value := getattr(pyro_mcp, name), type) and issubclass(value, Exception)
     ]
-    assert len(error_classes) == 12
+    assert len(error_classes) == 11
     for cls in error_classes:
         assert issubclass(cls, errors.PyroError), cls
         assert cls.code, cls
