@@ -13,11 +13,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
-import select
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,11 +21,10 @@ from typing import Any
 
 from filelock import FileLock
 
-from pyro_mcp import control, limits, paths
+from pyro_mcp import control, limits, paths, supervision
 from pyro_mcp.commands import VM_DEFAULT_CWD, ExecOptions, build_argv
 from pyro_mcp.errors import (
     BackendUnavailableError,
-    BootError,
     GuestProtocolError,
     InvalidInputError,
     LimitError,
@@ -201,7 +195,10 @@ class VMManager:
                 self.records.save(record)
             try:
                 try:
-                    ready = self._spawn_supervisor(record, launch, progress)
+                    progress(
+                        ProgressEvent("boot", f"booting {record.config.environment} ({vm_id})")
+                    )
+                    ready = supervision.spawn(self.records.folder(vm_id), launch, progress)
                 except OSError as exc:
                     raise state_dir_error(self.vms_dir / vm_id, exc) from exc
             except PyroError as exc:
@@ -335,69 +332,6 @@ class VMManager:
         )
         return str(plan.restore.directory) if plan.restore else None
 
-    def _spawn_supervisor(
-        self, record: VMRecord, launch: control.Launch, progress: ProgressFn
-    ) -> control.Ready:
-        vm_id = record.record_id
-        vm_dir = self.vms_dir / vm_id
-        launch.write(vm_dir / "launch.json")
-        progress(ProgressEvent("boot", f"booting {record.config.environment} ({vm_id})"))
-        log = (vm_dir / "supervisor.log").open("ab")
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pyro_mcp.supervisor", str(vm_dir)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,
-                close_fds=True,
-            )
-        finally:
-            log.close()
-        assert proc.stdout is not None
-        deadline = time.monotonic() + launch.boot_timeout + 15
-        line = b""
-        try:
-            while not line.endswith(b"\n"):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BootError(f"VM {vm_id} did not become ready in time")
-                readable, _, _ = select.select([proc.stdout], [], [], min(remaining, 5.0))
-                if not readable:
-                    progress(ProgressEvent("boot", "waiting for the guest agent"))
-                    continue
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                line += chunk
-        except BaseException:
-            _kill_process_group(proc.pid)
-            raise
-        finally:
-            proc.stdout.close()
-        if not line:
-            _kill_process_group(proc.pid)
-            tail = _tail_file(vm_dir / "supervisor.log")
-            raise BootError(
-                f"the VM supervisor failed to start: {tail or 'no output'}",
-                details={"console_tail": _tail_file(vm_dir / "console.log")},
-            )
-        try:
-            event = control.decode_event(line)
-        except VMStateError:
-            _kill_process_group(proc.pid)
-            raise
-        if isinstance(event, control.Ready):
-            return event
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=15)
-        if isinstance(event, control.Failed):
-            error = event.error
-            error.details.setdefault("console_tail", _tail_file(vm_dir / "console.log"))
-            raise error
-        _kill_process_group(proc.pid)
-        raise BootError(f"the VM supervisor answered {type(event).__name__} at start-up")
-
     def exec(
         self,
         vm_id: str,
@@ -425,7 +359,7 @@ class VMManager:
             stdout_cap=opts.stdout_cap,
             stderr_cap=opts.stderr_cap,
         )
-        for event in self._control(vm_id, request):
+        for event in supervision.request(self.records.folder(vm_id), request):
             if isinstance(event, control.Heartbeat):
                 elapsed = event.elapsed_ms / 1000
                 progress(ProgressEvent("exec", f"command running ({elapsed:.0f} s)", elapsed, None))
@@ -450,34 +384,10 @@ class VMManager:
             f"VM {vm_id} stopped while running the command"
         )
 
-    def _control(self, vm_id: str, request: control.Request) -> Iterator[control.Event]:
-        """Send one request to the VM's supervisor and yield its events."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            try:
-                sock.connect(str(self.records.folder(vm_id) / "ctl.sock"))
-            except OSError as exc:
-                raise VMStateError(
-                    f"VM {vm_id} is not reachable ({exc.strerror})",
-                    hint="check `pyro vm status`; delete and recreate it if it is broken",
-                ) from None
-            sock.sendall(control.encode(request))
-            buf = b""
-            while True:
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    return
-                buf += chunk
-                while b"\n" in buf:
-                    line, _, buf = buf.partition(b"\n")
-                    yield control.decode_event(line)
-        finally:
-            sock.close()
-
     def stop(self, vm_id: str) -> VMInfo:
         with self.records.lock(vm_id):
             record = self.records.load(vm_id)
-            self._stop_supervisor(record)
+            self._stop(record)
             record = record.with_runtime(status="stopped", detail="stopped by request")
             self.records.save(record)
             return self._info(record)
@@ -495,35 +405,17 @@ class VMManager:
                 record = None
             if record is not None:
                 # "deleted": the supervisor leaves the folder alone, it is removed here.
-                self._stop_supervisor(record, wait_exit=False, reason="deleted")
+                self._stop(record, wait_exit=False, reason="deleted")
             self.records.remove(vm_id)
 
-    def _stop_supervisor(
-        self, record: VMRecord, *, wait_exit: bool = True, reason: str = "stopped"
-    ) -> None:
-        """Stop the VM's supervisor and VMM. ``wait_exit=False`` (used when the folder
-        is about to be removed) returns once the VMM is dead, while the supervisor
-        finishes exiting on its own."""
-        sup = record.runtime.supervisor
-        vmm = record.runtime.vmm
-        if sup is not None and sup.alive():
-            acknowledged = False
-            with contextlib.suppress(PyroError, OSError):
-                for event in self._control(record.record_id, control.ShutdownRequest(reason)):
-                    acknowledged = isinstance(event, control.Ok)
-                    break
-            if wait_exit or not acknowledged:
-                deadline = time.monotonic() + 5
-                while sup.alive() and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                if sup.alive():
-                    _kill_process_group(sup.pid)
-        if vmm is not None and vmm.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(vmm.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-            while vmm.alive() and time.monotonic() < deadline:
-                time.sleep(0.01)
+    def _stop(self, record: VMRecord, *, wait_exit: bool = True, reason: str = "stopped") -> None:
+        supervision.stop(
+            self.records.folder(record.record_id),
+            record.runtime.supervisor,
+            record.runtime.vmm,
+            wait_exit=wait_exit,
+            reason=reason,
+        )
 
     # -- queries ------------------------------------------------------------
     def _supervisor_alive(self, record: VMRecord) -> bool:
@@ -656,16 +548,3 @@ def _ttl_error(record: VMRecord) -> VMStateError | None:
         "command ran, and was deleted",
         hint="create the VM with a larger ttl_seconds, or run shorter commands",
     )
-
-
-def _kill_process_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _tail_file(path: Path, max_bytes: int = 4000) -> str:
-    try:
-        data = path.read_bytes()[-max_bytes:]
-    except OSError:
-        return ""
-    return data.decode("utf-8", "replace").strip()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import secrets
 import shutil
 import time
@@ -142,7 +143,18 @@ class RecordStore(Generic[R]):
             raise state_dir_error(self.root, exc) from exc
 
     def remove(self, record_id: str) -> None:
-        shutil.rmtree(self.folder(record_id), ignore_errors=True)
+        """Remove the record's folder. It is renamed away first, so a process still
+        writing into it by path (a supervisor reporting its exit) cannot leave
+        anything behind under the record's name."""
+        folder = self.folder(record_id)
+        tomb = self.root / f".{record_id}.removed-{secrets.token_hex(4)}"
+        try:
+            os.rename(folder, tomb)
+        except FileNotFoundError:
+            return
+        except OSError:
+            tomb = folder
+        shutil.rmtree(tomb, ignore_errors=True)
 
     # -- enumeration ----------------------------------------------------------
     def folders(self) -> list[Path]:
@@ -199,6 +211,9 @@ class RecordStore(Generic[R]):
                 delete(record_id, reason)
                 reasons[record_id] = reason
         remove_orphan_locks(self.root, self.prefix)
+        with contextlib.suppress(OSError):  # removals cut short (e.g. by SIGKILL)
+            for tomb in self.root.glob(f".{self.prefix}*.removed-*"):
+                shutil.rmtree(tomb, ignore_errors=True)
         return reasons
 
 

@@ -1,0 +1,162 @@
+"""The manager's end of a VM's supervisor: start it, talk to it, stop it.
+
+One supervisor process per VM (:mod:`pyro_mcp.supervisor`) owns the VMM. The
+messages both ends exchange are :mod:`pyro_mcp.control`'s; this module is the
+only place the manager opens ``ctl.sock`` or starts the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pyro_mcp import control
+from pyro_mcp.errors import BootError, PyroError, VMStateError
+from pyro_mcp.progress import ProgressEvent, ProgressFn
+from pyro_mcp.state import ProcessId
+
+READY_SLACK_S = 15.0  # on top of the boot timeout: the supervisor's own start-up
+
+
+def spawn(vm_dir: Path, launch: control.Launch, progress: ProgressFn) -> control.Ready:
+    """Write ``launch.json``, start the supervisor detached, and wait for its start-up
+    line. A failed start raises the supervisor's error (class and code kept)."""
+    vm_id = vm_dir.name
+    launch.write(vm_dir / "launch.json")
+    log = (vm_dir / "supervisor.log").open("ab")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyro_mcp.supervisor", str(vm_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        log.close()
+    assert proc.stdout is not None
+    deadline = time.monotonic() + launch.boot_timeout + READY_SLACK_S
+    line = b""
+    try:
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BootError(f"VM {vm_id} did not become ready in time")
+            readable, _, _ = select.select([proc.stdout], [], [], min(remaining, 5.0))
+            if not readable:
+                progress(ProgressEvent("boot", "waiting for the guest agent"))
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            line += chunk
+    except BaseException:
+        kill_process_group(proc.pid)
+        raise
+    finally:
+        proc.stdout.close()
+    if not line:
+        kill_process_group(proc.pid)
+        tail = tail_file(vm_dir / "supervisor.log")
+        raise BootError(
+            f"the VM supervisor failed to start: {tail or 'no output'}",
+            details={"console_tail": tail_file(vm_dir / "console.log")},
+        )
+    try:
+        event = control.decode_event(line)
+    except VMStateError:
+        kill_process_group(proc.pid)
+        raise
+    if isinstance(event, control.Ready):
+        return event
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=15)
+    if isinstance(event, control.Failed):
+        error = event.error
+        error.details.setdefault("console_tail", tail_file(vm_dir / "console.log"))
+        raise error
+    kill_process_group(proc.pid)
+    raise BootError(f"the VM supervisor answered {type(event).__name__} at start-up")
+
+
+def request(vm_dir: Path, message: control.Request) -> Iterator[control.Event]:
+    """Send one request to the VM's supervisor and yield its events."""
+    vm_id = vm_dir.name
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(str(vm_dir / "ctl.sock"))
+        except OSError as exc:
+            raise VMStateError(
+                f"VM {vm_id} is not reachable ({exc.strerror})",
+                hint="check `pyro vm status`; delete and recreate it if it is broken",
+            ) from None
+        sock.sendall(control.encode(message))
+        buf = b""
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return
+            buf += chunk
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                yield control.decode_event(line)
+    finally:
+        sock.close()
+
+
+def stop(
+    vm_dir: Path,
+    supervisor: ProcessId | None,
+    vmm: ProcessId | None,
+    *,
+    wait_exit: bool = True,
+    reason: str = "stopped",
+) -> None:
+    """Stop the VM's supervisor and VMM. ``wait_exit=False`` (used when the folder is
+    about to be removed) returns once the VMM is dead, while the supervisor finishes
+    exiting on its own. ``reason`` "deleted" tells the supervisor to leave the folder
+    alone."""
+    if supervisor is not None and supervisor.alive():
+        acknowledged = False
+        with contextlib.suppress(PyroError, OSError):
+            for event in request(vm_dir, control.ShutdownRequest(reason)):
+                acknowledged = isinstance(event, control.Ok)
+                break
+        if wait_exit or not acknowledged:
+            deadline = time.monotonic() + 5
+            while supervisor.alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if supervisor.alive():
+                kill_process_group(supervisor.pid)
+    if vmm is not None and vmm.alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(vmm.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while vmm.alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def kill_process_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def tail_file(path: Path, max_bytes: int = 4000) -> str:
+    """The end of a log file as text ("" if it cannot be read)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - max_bytes))
+            data = fh.read(max_bytes)
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace").strip()
