@@ -188,6 +188,14 @@ class Supervisor:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
+    def _vmm_exits_within(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self.handle.poll() is None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     # -- serving ------------------------------------------------------------
     def listen(self) -> socket.socket:
         """Bind and listen before readiness is announced, so no client is refused."""
@@ -213,7 +221,11 @@ class Supervisor:
                 if self.handle.poll() is not None:
                     self.request_stop("vmm_exited")
                 elif self.channel is not None and self.channel.closed_reason is not None:
-                    self.request_stop("agent_channel_closed")
+                    # A dying VMM closes the channel a moment before it can be reaped:
+                    # say which of the two happened.
+                    self.request_stop(
+                        "vmm_exited" if self._vmm_exits_within(0.5) else "agent_channel_closed"
+                    )
                 elif expires_at and time.time() >= expires_at:
                     self.request_stop("ttl_expired")
                 elif owner is not None and not owner.alive():
