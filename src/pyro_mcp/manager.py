@@ -49,6 +49,8 @@ HOST_COMPAT_OPT_IN = (
 
 @dataclass(frozen=True)
 class ExecOutcome:
+    """What came back from one command, before it becomes a typed result."""
+
     exit_code: int
     stdout: bytes
     stderr: bytes
@@ -56,6 +58,19 @@ class ExecOutcome:
     stderr_truncated: bool
     timed_out: bool
     duration_ms: int
+
+    def result_fields(self) -> dict[str, Any]:
+        """The output fields every :class:`~pyro_mcp.models.CommandResult` has (the
+        bytes decoded as UTF-8 with replacement characters)."""
+        return {
+            "stdout": self.stdout.decode("utf-8", "replace"),
+            "stderr": self.stderr.decode("utf-8", "replace"),
+            "stdout_truncated": self.stdout_truncated,
+            "stderr_truncated": self.stderr_truncated,
+            "exit_code": self.exit_code,
+            "timed_out": self.timed_out,
+            "duration_ms": self.duration_ms,
+        }
 
 
 class VMManager:
@@ -524,13 +539,7 @@ class VMManager:
             environment=info.environment,
             environment_version=info.environment_version,
             command=command,
-            stdout=outcome.stdout.decode("utf-8", "replace"),
-            stderr=outcome.stderr.decode("utf-8", "replace"),
-            stdout_truncated=outcome.stdout_truncated,
-            stderr_truncated=outcome.stderr_truncated,
-            exit_code=outcome.exit_code,
-            timed_out=outcome.timed_out,
-            duration_ms=outcome.duration_ms,
+            **outcome.result_fields(),
             execution_mode=execution_mode(info.backend),
             backend=info.backend,
             acceleration=info.acceleration,
