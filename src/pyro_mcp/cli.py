@@ -5,6 +5,9 @@ exit code, 124 when it timed out. Every command exits 125 (``PyroError.exit_code
 for pyro's own errors (bad input, boot failure, ...) and for usage errors (unknown
 option, missing argument, bad value), so 1..123 only ever come from a guest command.
 Only the guest command's output goes to stdout; progress and errors go to stderr.
+
+(Over the usual module size for now: the command groups are to become one module
+each, ``cli/run.py``, ``cli/task.py``, ..., with the CLI and SDK work of issue 15.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Safe extraction of untrusted trees into a fresh, private directory.
 
+(One module on purpose, over the usual size: every rule an untrusted archive or
+folder is held to is here, read and reviewed as a unit; splitting it would
+scatter the checks that must agree with each other.)
+
 Everything that puts user content into a task's workspace goes through
 :class:`Extractor`, whichever the source (a tar stream or a host directory)
 and whichever the backend (the guest's workspace disk is built from the
