@@ -165,6 +165,7 @@ def test_full_profile_lifecycle(pyro: Pyro, vm_environment: str, state_dir: Path
             assert started["status"] == "running"
             net = structured(await s.call_tool("vm_network_info", {"vm_id": vm_id}))
             assert net["network_enabled"] is False
+            assert net["interfaces"] == ["lo"]  # asked of the running guest (/proc/net/dev)
             again = await s.call_tool("vm_start", {"vm_id": vm_id})
             assert again.is_error and structured(again)["error"]["code"] == "invalid_state"
             ran = structured(

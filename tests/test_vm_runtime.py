@@ -285,3 +285,17 @@ def test_supervisor_whose_creator_vanished_during_boot(
     else:
         assert pyro.status_vm(vm).status != "running"
         assert read_json(vm_dir / "exit.json")["reason"] == "creator_exited"
+
+
+def test_network_info_asks_the_guest(pyro: Pyro, vm_environment: str) -> None:
+    """The interfaces come from the running guest, not from the record: an interface
+    the guest has (loopback only, networking being off) is what is reported, and a VM
+    that is not running says so instead of guessing."""
+    created = pyro.create_vm(vm_environment)
+    idle = pyro.network_info_vm(created.vm_id)
+    assert idle.interfaces == [] and "start it" in idle.detail
+    pyro.start_vm(created.vm_id)
+    info = pyro.network_info_vm(created.vm_id)
+    assert (info.network_enabled, info.interfaces) == (False, ["lo"])
+    seen = pyro.manager.exec(created.vm_id, ["cat", "/proc/net/dev"]).stdout.decode()
+    assert all(name in seen for name in info.interfaces)
