@@ -85,6 +85,7 @@ struct exec_slot {
     int64_t start_ms;
     int64_t deadline_ms; /* 0 = no timeout (or already fired) */
     int64_t exit_ms;
+    uint64_t cg; /* its cgroup /sys/fs/cgroup/exec/<cg>; 0 = none */
 };
 
 struct mount_record {
@@ -99,6 +100,18 @@ static int sigchld_pipe[2] = {-1, -1};
 static struct exec_slot execs[MAX_EXECS];
 static struct mount_record mounts_done[MAX_MOUNT_RECORDS];
 static int n_mounts_done;
+
+/* Per-exec cgroups (PID 1 mode only; see setup_cgroups). */
+#define CG_ROOT "/sys/fs/cgroup"
+#define CG_EXEC CG_ROOT "/exec"
+#define MAX_LINGERING_CGROUPS 256
+#define CG_RETRY_MS 1000
+static int cg_enabled;
+static uint32_t cg_default_pids_max;
+static uint64_t cg_next = 1;
+static uint64_t cg_lingering[MAX_LINGERING_CGROUPS]; /* exec cgroups still to remove */
+static int n_cg_lingering;
+static int64_t cg_retry_at;
 
 static uint8_t inbuf[HDR_LEN + MAX_PAYLOAD];
 static size_t inlen;
@@ -373,6 +386,157 @@ static void free_strlist(char **v, uint32_t count) {
 
 static int rd_done(struct reader *r) { return !r->bad && r->off == r->len; }
 
+/* --------------------------------------------------------------- cgroups */
+
+/* Write a short string to a file (cgroup control files). Returns 0 or -1 (errno set). */
+static int write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t len = strlen(text);
+    ssize_t n = write(fd, text, len);
+    int saved = errno;
+    close(fd);
+    if (n != (ssize_t)len) {
+        errno = n < 0 ? saved : EIO;
+        return -1;
+    }
+    return 0;
+}
+
+static uint32_t mem_total_mib(void) {
+    FILE *f = fopen("/proc/meminfo", "re");
+    unsigned long kb = 0;
+    if (f) {
+        if (fscanf(f, "MemTotal: %lu kB", &kb) != 1)
+            kb = 0;
+        fclose(f);
+    }
+    return (uint32_t)(kb / 1024);
+}
+
+/*
+ * PID 1 mode: mount cgroup2, move the agent into its own leaf with a high cpu.weight, and
+ * make /sys/fs/cgroup/exec (low cpu.weight) the parent of one cgroup per exec. A fork bomb
+ * then meets pids.max, cannot starve the agent of CPU, and dies whole by cgroup.kill.
+ * Any failure leaves cg_enabled 0: execs then run as before (process groups only).
+ */
+static void setup_cgroups(void) {
+    if (mkdir_p(CG_ROOT, 0755) < 0 ||
+        (mount("cgroup2", CG_ROOT, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0 &&
+         errno != EBUSY)) {
+        logmsg("cgroup2 unavailable (%s): execs run without per-exec cgroups", strerror(errno));
+        return;
+    }
+    if (mkdir(CG_ROOT "/agent", 0755) < 0 && errno != EEXIST) {
+        logmsg("mkdir %s/agent: %s; no per-exec cgroups", CG_ROOT, strerror(errno));
+        return;
+    }
+    if (write_file(CG_ROOT "/agent/cgroup.procs", "0") < 0) {
+        logmsg("cannot move the agent into its cgroup: %s; no per-exec cgroups", strerror(errno));
+        return;
+    }
+    /* One controller at a time: a kernel without one still gets the others. */
+    static const char *const controllers[] = {"+pids", "+cpu", "+memory"};
+    int have_pids = 0;
+    for (size_t i = 0; i < sizeof controllers / sizeof *controllers; i++) {
+        if (write_file(CG_ROOT "/cgroup.subtree_control", controllers[i]) == 0)
+            have_pids |= i == 0;
+        else
+            logmsg("cgroup controller %s: %s", controllers[i] + 1, strerror(errno));
+    }
+    if (!have_pids) {
+        logmsg("no pids controller: no per-exec cgroups");
+        return;
+    }
+    if (mkdir(CG_EXEC, 0755) < 0 && errno != EEXIST) {
+        logmsg("mkdir %s: %s; no per-exec cgroups", CG_EXEC, strerror(errno));
+        return;
+    }
+    for (size_t i = 0; i < sizeof controllers / sizeof *controllers; i++)
+        write_file(CG_EXEC "/cgroup.subtree_control", controllers[i]);
+    /* The agent must win the CPU against everything it runs: 10000 is the maximum. */
+    if (write_file(CG_ROOT "/agent/cpu.weight", "10000") < 0 ||
+        write_file(CG_EXEC "/cpu.weight", "10") < 0)
+        logmsg("cpu.weight: %s", strerror(errno));
+    uint32_t mib = mem_total_mib();
+    cg_default_pids_max = mib < 256 ? 256 : mib > 32768 ? 32768 : mib;
+    cg_enabled = 1;
+}
+
+static void cg_path(char *buf, size_t len, uint64_t cg, const char *file) {
+    snprintf(buf, len, CG_EXEC "/%llu%s%s", (unsigned long long)cg, file ? "/" : "",
+             file ? file : "");
+}
+
+/* Make a fresh exec cgroup with the given pids.max (0 = the default). Returns its number
+ * and an O_WRONLY fd of its cgroup.procs (for the child to join), or 0 when disabled. */
+static uint64_t cg_create(uint32_t pids_max, int *procs_fd) {
+    *procs_fd = -1;
+    if (!cg_enabled)
+        return 0;
+    uint64_t cg = cg_next++;
+    char path[128], value[32];
+    cg_path(path, sizeof path, cg, NULL);
+    if (mkdir(path, 0755) < 0) {
+        logmsg("mkdir %s: %s; exec runs without its cgroup", path, strerror(errno));
+        return 0;
+    }
+    snprintf(value, sizeof value, "%u", pids_max ? pids_max : cg_default_pids_max);
+    cg_path(path, sizeof path, cg, "pids.max");
+    if (write_file(path, value) < 0)
+        logmsg("%s: %s", path, strerror(errno));
+    cg_path(path, sizeof path, cg, "cgroup.procs");
+    *procs_fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (*procs_fd < 0) {
+        logmsg("open %s: %s; exec runs without its cgroup", path, strerror(errno));
+        cg_path(path, sizeof path, cg, NULL);
+        rmdir(path);
+        return 0;
+    }
+    return cg;
+}
+
+/* SIGKILL every process in the cgroup, including those that left the process group. */
+static void cg_kill(uint64_t cg) {
+    if (!cg)
+        return;
+    char path[128];
+    cg_path(path, sizeof path, cg, "cgroup.kill");
+    if (write_file(path, "1") < 0 && errno != ENOENT)
+        logmsg("%s: %s", path, strerror(errno));
+}
+
+/* Try to remove the exec cgroups whose processes are gone; never blocks. */
+static void cg_sweep(void) {
+    int kept = 0;
+    for (int i = 0; i < n_cg_lingering; i++) {
+        char path[128];
+        cg_path(path, sizeof path, cg_lingering[i], NULL);
+        if (rmdir(path) < 0 && errno == EBUSY)
+            cg_lingering[kept++] = cg_lingering[i]; /* still populated: retry later */
+    }
+    n_cg_lingering = kept;
+    cg_retry_at = kept ? now_ms() + CG_RETRY_MS : 0;
+}
+
+/* The exec is over: remove its cgroup now or, while background processes live, later. */
+static void cg_release(uint64_t cg) {
+    if (!cg)
+        return;
+    char path[128];
+    cg_path(path, sizeof path, cg, NULL);
+    if (rmdir(path) == 0 || errno != EBUSY)
+        return;
+    if (n_cg_lingering == MAX_LINGERING_CGROUPS) {
+        logmsg("too many lingering exec cgroups; %s is left in place", path);
+        return;
+    }
+    cg_lingering[n_cg_lingering++] = cg;
+    if (!cg_retry_at)
+        cg_retry_at = now_ms() + CG_RETRY_MS;
+}
+
 /* ----------------------------------------------------------------- execs */
 
 static struct exec_slot *find_exec(uint32_t id) {
@@ -441,6 +605,7 @@ static void finish_exec(struct exec_slot *e) {
     p[10] = (uint8_t)e->truncated[1];
     put_u64(p + 11, (uint64_t)(e->exit_ms - e->start_ms));
     uint32_t id = e->id;
+    cg_release(e->cg);
     memset(e, 0, sizeof *e);
     e->fd[0] = e->fd[1] = -1;
     send_frame(T_EXIT, id, p, 19);
@@ -492,6 +657,8 @@ static void handle_exec(uint32_t id, struct reader *r) {
     char **argv = rd_strlist(r, &argc);
     char **envp = rd_strlist(r, &envc);
     int outp[2] = {-1, -1}, errp[2] = {-1, -1}, ctl[2] = {-1, -1};
+    int cg_procs = -1;
+    uint64_t cg = 0;
 
     if (!rd_done(r) || argc < 1) {
         send_error(id, EPROTO, "malformed EXEC payload");
@@ -514,6 +681,7 @@ static void handle_exec(uint32_t id, struct reader *r) {
         send_error(id, errno, "pipe: %s", strerror(errno));
         goto out;
     }
+    cg = cg_create(0, &cg_procs);
     int64_t start = now_ms();
     pid_t pid = fork();
     if (pid < 0) {
@@ -522,6 +690,8 @@ static void handle_exec(uint32_t id, struct reader *r) {
     }
     if (pid == 0) {
         close(ctl[0]);
+        if (cg_procs >= 0 && write(cg_procs, "0", 1) != 1)
+            child_fail(ctl[1], STAGE_SETUP); /* join the exec's cgroup before anything runs */
         signal(SIGPIPE, SIG_DFL);
         signal(SIGCHLD, SIG_DFL);
         sigset_t none;
@@ -571,6 +741,8 @@ static void handle_exec(uint32_t id, struct reader *r) {
     e->used = 1;
     e->id = id;
     e->pid = pid;
+    e->cg = cg;
+    cg = 0;
     e->fd[0] = outp[0];
     e->fd[1] = errp[0];
     outp[0] = errp[0] = -1;
@@ -587,6 +759,8 @@ out:
     close_fd(&errp[1]);
     close_fd(&ctl[0]);
     close_fd(&ctl[1]);
+    close_fd(&cg_procs);
+    cg_release(cg); /* only when the exec did not start */
     free(cwd);
     free_strlist(argv, argc);
     free_strlist(envp, envc);
@@ -610,6 +784,8 @@ static void handle_signal(uint32_t id, struct reader *r) {
     }
     if (kill(-e->pid, (int)signo) < 0 && errno != ESRCH)
         logmsg("kill(-%d, %u): %s", (int)e->pid, signo, strerror(errno));
+    if (signo == SIGKILL)
+        cg_kill(e->cg);
 }
 
 /* ------------------------------------------------------------------ init */
@@ -764,8 +940,10 @@ static void process_input(void) {
 
 static void kill_all_execs(void) {
     for (int i = 0; i < MAX_EXECS; i++)
-        if (execs[i].used)
+        if (execs[i].used) {
             kill(-execs[i].pid, SIGKILL);
+            cg_kill(execs[i].cg);
+        }
 }
 
 static void shutdown_and_exit(void) {
@@ -812,6 +990,7 @@ static void serve(void) {
                 continue;
             if (!e->exited && e->deadline_ms && now >= e->deadline_ms) {
                 kill(-e->pid, SIGKILL);
+                cg_kill(e->cg);
                 e->timed_out = 1;
                 e->deadline_ms = 0;
             }
@@ -822,6 +1001,13 @@ static void serve(void) {
             int64_t t = e->exited ? e->exit_ms + EXIT_GRACE_MS : e->deadline_ms;
             if (t && (wake < 0 || t < wake))
                 wake = t;
+        }
+
+        if (cg_retry_at) {
+            if (now >= cg_retry_at)
+                cg_sweep();
+            if (cg_retry_at && (wake < 0 || cg_retry_at < wake))
+                wake = cg_retry_at;
         }
 
         int n = 0;
@@ -1028,6 +1214,7 @@ static void boot_as_init(void) {
     if (sethostname("pyro", 4) < 0)
         logmsg("sethostname: %s", strerror(errno));
     loopback_up();
+    setup_cgroups();
 
     char dev[300];
     while (find_agent_port(dev, sizeof dev) < 0) {
