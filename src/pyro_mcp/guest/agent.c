@@ -46,7 +46,8 @@
 #define AGENT_VERSION "1.dev"
 #endif
 
-#define PROTO_VERSION 1
+#define PROTO_VERSION 2 /* announced in HELLO */
+#define FRAME_VERSION 1 /* the header's version byte */
 #define HDR_LEN 12
 #define MAX_PAYLOAD 262144u
 #define MAX_OUTPUT_CHUNK 32768u
@@ -218,7 +219,7 @@ static int send_frame(uint8_t type, uint32_t id, const uint8_t *payload, uint32_
         return -1;
     outbuf[0] = 'P';
     outbuf[1] = 'Y';
-    outbuf[2] = PROTO_VERSION;
+    outbuf[2] = FRAME_VERSION;
     outbuf[3] = type;
     put_u32(outbuf + 4, id);
     put_u32(outbuf + 8, len);
@@ -921,7 +922,7 @@ static void process_input(void) {
     while (inlen - off >= HDR_LEN) {
         const uint8_t *h = inbuf + off;
         uint32_t plen = get_u32(h + 8);
-        if (h[0] != 'P' || h[1] != 'Y' || h[2] != PROTO_VERSION || plen > MAX_PAYLOAD) {
+        if (h[0] != 'P' || h[1] != 'Y' || h[2] != FRAME_VERSION || plen > MAX_PAYLOAD) {
             logmsg("bad frame header (magic %02x%02x, version %u, length %u); input discarded",
                    h[0], h[1], h[2], plen);
             inlen = 0;

@@ -86,8 +86,9 @@ class AgentChannel:
         if item.protocol_version != PROTOCOL_VERSION:
             raise GuestProtocolError(
                 f"the guest agent speaks protocol {item.protocol_version}, "
-                f"this host speaks {PROTOCOL_VERSION}",
-                hint="rebuild the initramfs: remove the initramfs folder in the cache",
+                f"this host speaks {PROTOCOL_VERSION}: the initramfs or agent binary is stale",
+                hint="remove the agent, initramfs and snapshots folders in the pyro cache "
+                "(they are rebuilt from this version's agent.c on the next run)",
             )
         return item
 
