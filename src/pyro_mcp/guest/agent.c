@@ -19,6 +19,11 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <ctype.h>
+#include <grp.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -58,6 +63,10 @@
 #define CHANNEL_RETRY_MS 10
 #define BOOT_WAIT_MS 10000
 #define MAX_ERROR_MESSAGE 1024
+#define MAX_DATA_CHUNK 65536u
+#define STDIN_WINDOW (256u * 1024u)
+#define NO_ID 0xFFFFFFFFu
+#define MAX_WIRE_PATH 4096u
 
 enum {
     T_HELLO = 1,
@@ -66,10 +75,27 @@ enum {
     T_EXIT = 4,
     T_ERROR = 5,
     T_PONG = 6,
+    T_CREDIT = 7,
+    T_READ_DATA = 8,
+    T_READ_END = 9,
+    T_WRITE_END = 10,
+    T_STAT_RESULT = 11,
+    T_ENTRIES = 12,
+    T_LIST_END = 13,
     T_INIT = 16,
     T_EXEC = 17,
     T_SIGNAL = 18,
     T_PING = 19,
+    T_EXEC2 = 20,
+    T_DATA = 21,
+    T_EOF = 22,
+    T_GRANT = 23,
+    T_READ_FILE = 24,
+    T_WRITE_FILE = 25,
+    T_STAT = 26,
+    T_LIST = 27,
+    T_CANCEL = 28,
+    T_INIT2 = 29,
 };
 
 struct exec_slot {
@@ -87,6 +113,49 @@ struct exec_slot {
     int64_t deadline_ms; /* 0 = no timeout (or already fired) */
     int64_t exit_ms;
     uint64_t cg; /* its cgroup /sys/fs/cgroup/exec/<cg>; 0 = none */
+    /* stdin (EXEC2 with stdin): a ring of STDIN_WINDOW bytes. Invariant while open:
+     * in_outstanding (the host's credit) + in_len + in_owed == STDIN_WINDOW. */
+    int in_fd;                   /* write end of the child's stdin pipe; -1 = none/closed */
+    uint8_t *in_buf;
+    uint32_t in_head, in_len;
+    uint32_t in_outstanding;     /* bytes the host may still send */
+    uint32_t in_owed;            /* bytes passed on (or dropped), not yet returned as credit */
+    int in_eof;                  /* the host sent EOF */
+    int in_broken;               /* the host overran its credit: drop everything */
+};
+
+/* A running READ_FILE, WRITE_FILE or LIST (version 2). */
+enum { FOP_READ = 1, FOP_WRITE = 2, FOP_LIST = 3 };
+#define MAX_FOPS 16
+#define LIST_DEPTH 64
+#define WRITE_WINDOW (1024u * 1024u)
+#define ENTRY_MAX (4 + MAX_WIRE_PATH + 33 + MAX_WIRE_PATH)
+
+struct list_level {
+    DIR *dir;
+    size_t prefix; /* length of the name prefix ("a/b/") for this level's entries */
+};
+
+struct fop {
+    int used, kind;
+    uint32_t id;
+    int fd;
+    char *path;
+    uint64_t credit; /* READ/LIST: bytes the agent may still send */
+    /* READ */
+    uint64_t remaining, sent;
+    /* WRITE */
+    char *tmp;
+    uint32_t mode, uid, gid;
+    uint64_t written;
+    uint32_t outstanding, owed;
+    /* LIST */
+    struct list_level stack[LIST_DEPTH];
+    int depth, recursive, truncated, done;
+    uint32_t count, max;
+    char *name;       /* MAX_WIRE_PATH + 256: the current entry's relative name */
+    uint8_t *pending; /* ENTRY_MAX: the next entry, encoded, not yet sent */
+    uint32_t pending_len;
 };
 
 struct mount_record {
@@ -116,8 +185,10 @@ static int64_t cg_retry_at;
 
 static uint8_t inbuf[HDR_LEN + MAX_PAYLOAD];
 static size_t inlen;
-static uint8_t outbuf[HDR_LEN + MAX_OUTPUT_CHUNK + 64 + MAX_ERROR_MESSAGE];
+/* Room for the largest frame the agent sends: READ_DATA / ENTRIES (64 KiB) + slack. */
+static uint8_t outbuf[HDR_LEN + MAX_DATA_CHUNK + 2 * MAX_WIRE_PATH + 256];
 static uint8_t chunk[MAX_OUTPUT_CHUNK];
+static char *default_cwd; /* INIT2's workdir; NULL = "/" */
 
 /* ------------------------------------------------------------------ utils */
 
@@ -293,6 +364,12 @@ static void send_hello(void) {
     memcpy(p + 8, AGENT_VERSION, vlen);
     put_u64(p + 8 + vlen, (uint64_t)clock_ms(CLOCK_BOOTTIME));
     send_frame(T_HELLO, 0, p, 16 + vlen);
+}
+
+static void send_credit(uint32_t id, uint32_t bytes) {
+    uint8_t *p = outbuf + HDR_LEN;
+    put_u32(p, bytes);
+    send_frame(T_CREDIT, id, p, 4);
 }
 
 /* ------------------------------------------------------ payload reading */
@@ -607,8 +684,10 @@ static void finish_exec(struct exec_slot *e) {
     put_u64(p + 11, (uint64_t)(e->exit_ms - e->start_ms));
     uint32_t id = e->id;
     cg_release(e->cg);
+    close_fd(&e->in_fd);
+    free(e->in_buf);
     memset(e, 0, sizeof *e);
-    e->fd[0] = e->fd[1] = -1;
+    e->fd[0] = e->fd[1] = e->in_fd = -1;
     send_frame(T_EXIT, id, p, 19);
 }
 
@@ -646,26 +725,63 @@ static void __attribute__((noreturn)) child_fail(int errfd, int stage) {
     _exit(127);
 }
 
-enum { STAGE_CWD = 1, STAGE_SETUP = 2 };
+enum { STAGE_CWD = 1, STAGE_SETUP = 2, STAGE_CRED = 3 };
 
-static void handle_exec(uint32_t id, struct reader *r) {
+static int request_running(uint32_t id);
+static void send_credit(uint32_t id, uint32_t bytes);
+
+/* EXEC (v2 = 0) and EXEC2 (v2 = 1): the same steps; EXEC2 adds credentials, a default
+ * cwd, a stdin pipe and a pids limit. */
+static void handle_exec(uint32_t id, struct reader *r, int v2) {
     uint32_t timeout_ms = rd_u32(r);
     uint32_t caps[2];
     caps[0] = rd_u32(r);
     caps[1] = rd_u32(r);
+    uint32_t uid = NO_ID, gid = NO_ID, pids_max = 0, ngroups = 0;
+    uint8_t want_stdin = 0;
+    gid_t *groups = NULL;
+    if (v2) {
+        uid = rd_u32(r);
+        gid = rd_u32(r);
+        pids_max = rd_u32(r);
+        want_stdin = rd_u8(r);
+    }
     char *cwd = rd_str(r);
     uint32_t argc = 0, envc = 0;
     char **argv = rd_strlist(r, &argc);
     char **envp = rd_strlist(r, &envc);
-    int outp[2] = {-1, -1}, errp[2] = {-1, -1}, ctl[2] = {-1, -1};
+    if (v2) {
+        ngroups = rd_u32(r);
+        if (r->bad || ngroups > (r->len - r->off) / 4 || ngroups > NGROUPS_MAX) {
+            r->bad = 1;
+        } else {
+            groups = calloc((size_t)ngroups + 1, sizeof *groups);
+            if (!groups)
+                r->bad = 1;
+            for (uint32_t i = 0; i < ngroups && groups; i++)
+                groups[i] = (gid_t)rd_u32(r);
+        }
+    }
+    int outp[2] = {-1, -1}, errp[2] = {-1, -1}, ctl[2] = {-1, -1}, inp[2] = {-1, -1};
     int cg_procs = -1;
     uint64_t cg = 0;
+    uint8_t *in_buf = NULL;
+    /* Credentials change only when asked for something other than the agent's own. */
+    int set_creds = v2 && (uid != geteuid() || gid != getegid() || ngroups > 0);
 
-    if (!rd_done(r) || argc < 1) {
-        send_error(id, EPROTO, "malformed EXEC payload");
+    if (!rd_done(r) || argc < 1 || want_stdin > 1 || (v2 && (uid == NO_ID || gid == NO_ID))) {
+        send_error(id, EPROTO, "malformed %s payload", v2 ? "EXEC2" : "EXEC");
         goto out;
     }
-    if (find_exec(id)) {
+    if (v2 && !cwd[0]) {
+        free(cwd);
+        cwd = strdup(default_cwd ? default_cwd : "/");
+        if (!cwd) {
+            send_error(id, ENOMEM, "out of memory");
+            goto out;
+        }
+    }
+    if (request_running(id)) {
         send_error(id, EEXIST, "request id %u is already running", id);
         goto out;
     }
@@ -678,11 +794,15 @@ static void handle_exec(uint32_t id, struct reader *r) {
         goto out;
     }
     if (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 ||
-        pipe2(ctl, O_CLOEXEC) < 0) {
+        pipe2(ctl, O_CLOEXEC) < 0 || (want_stdin && pipe2(inp, O_CLOEXEC) < 0)) {
         send_error(id, errno, "pipe: %s", strerror(errno));
         goto out;
     }
-    cg = cg_create(0, &cg_procs);
+    if (want_stdin && !(in_buf = malloc(STDIN_WINDOW))) {
+        send_error(id, ENOMEM, "out of memory");
+        goto out;
+    }
+    cg = cg_create(pids_max, &cg_procs);
     int64_t start = now_ms();
     pid_t pid = fork();
     if (pid < 0) {
@@ -700,12 +820,15 @@ static void handle_exec(uint32_t id, struct reader *r) {
         sigprocmask(SIG_SETMASK, &none, NULL);
         if (setsid() < 0)
             child_fail(ctl[1], STAGE_SETUP);
-        int devnull = open("/dev/null", O_RDONLY);
+        int devnull = want_stdin ? inp[0] : open("/dev/null", O_RDONLY);
         if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(outp[1], 1) < 0 ||
             dup2(errp[1], 2) < 0)
             child_fail(ctl[1], STAGE_SETUP);
         if (devnull > 2)
             close(devnull);
+        if (set_creds && (setgroups(ngroups, groups) < 0 || setgid((gid_t)gid) < 0 ||
+                          setuid((uid_t)uid) < 0))
+            child_fail(ctl[1], STAGE_CRED);
         if (chdir(cwd) < 0)
             child_fail(ctl[1], STAGE_CWD);
         environ = envp;
@@ -722,6 +845,7 @@ static void handle_exec(uint32_t id, struct reader *r) {
     close_fd(&ctl[1]);
     close_fd(&outp[1]);
     close_fd(&errp[1]);
+    close_fd(&inp[0]);
     int msg[2];
     ssize_t got;
     do {
@@ -734,6 +858,8 @@ static void handle_exec(uint32_t id, struct reader *r) {
         }
         if (msg[0] == STAGE_CWD)
             send_error(id, msg[1], "cwd %s: %s", cwd, strerror(msg[1]));
+        else if (msg[0] == STAGE_CRED)
+            send_error(id, msg[1], "credentials %u:%u: %s", uid, gid, strerror(msg[1]));
         else
             send_error(id, msg[1], "exec setup: %s", strerror(msg[1]));
         goto out;
@@ -744,6 +870,14 @@ static void handle_exec(uint32_t id, struct reader *r) {
     e->pid = pid;
     e->cg = cg;
     cg = 0;
+    e->in_fd = inp[1];
+    inp[1] = -1;
+    if (want_stdin) {
+        fcntl(e->in_fd, F_SETFL, O_NONBLOCK);
+        e->in_buf = in_buf;
+        in_buf = NULL;
+        e->in_outstanding = STDIN_WINDOW;
+    }
     e->fd[0] = outp[0];
     e->fd[1] = errp[0];
     outp[0] = errp[0] = -1;
@@ -753,6 +887,8 @@ static void handle_exec(uint32_t id, struct reader *r) {
     e->cap[1] = caps[1];
     e->start_ms = start;
     e->deadline_ms = timeout_ms ? start + timeout_ms : 0;
+    if (want_stdin)
+        send_credit(id, STDIN_WINDOW);
 out:
     close_fd(&outp[0]);
     close_fd(&outp[1]);
@@ -761,7 +897,11 @@ out:
     close_fd(&ctl[0]);
     close_fd(&ctl[1]);
     close_fd(&cg_procs);
+    close_fd(&inp[0]);
+    close_fd(&inp[1]);
     cg_release(cg); /* only when the exec did not start */
+    free(in_buf);
+    free(groups);
     free(cwd);
     free_strlist(argv, argc);
     free_strlist(envp, envc);
@@ -789,6 +929,786 @@ static void handle_signal(uint32_t id, struct reader *r) {
         cg_kill(e->cg);
 }
 
+/* ------------------------------------------------------------ exec stdin */
+
+static int request_running(uint32_t id);
+
+/* Return credit for bytes that left the stdin buffer (batched). */
+static void stdin_credit(struct exec_slot *e) {
+    if (e->in_broken || e->in_eof || !e->in_owed)
+        return;
+    if (e->in_owed < STDIN_WINDOW / 4 && e->in_len > 0)
+        return;
+    send_credit(e->id, e->in_owed);
+    e->in_outstanding += e->in_owed;
+    e->in_owed = 0;
+}
+
+/* Write what the pipe takes (never blocks); close it after EOF once drained. */
+static void stdin_flush(struct exec_slot *e) {
+    while (e->in_fd >= 0 && e->in_len > 0) {
+        uint32_t piece = STDIN_WINDOW - e->in_head;
+        if (piece > e->in_len)
+            piece = e->in_len;
+        ssize_t n = write(e->in_fd, e->in_buf + e->in_head, piece);
+        if (n > 0) {
+            e->in_head = (e->in_head + (uint32_t)n) % STDIN_WINDOW;
+            e->in_len -= (uint32_t)n;
+            e->in_owed += (uint32_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            break;
+        /* EPIPE: the command closed its stdin. What is buffered (and what comes) is dropped. */
+        close_fd(&e->in_fd);
+        e->in_owed += e->in_len;
+        e->in_len = 0;
+    }
+    if (e->in_fd >= 0 && e->in_len == 0 && e->in_eof)
+        close_fd(&e->in_fd);
+    stdin_credit(e);
+}
+
+static void stdin_data(struct exec_slot *e, const uint8_t *data, uint32_t n) {
+    if (!e->in_buf || e->in_broken || e->in_eof)
+        return; /* no stdin, or after EOF: dropped */
+    if (n > e->in_outstanding) {
+        logmsg("request %u sent %u stdin bytes past its credit; stdin closed", e->id, n);
+        e->in_broken = 1;
+        close_fd(&e->in_fd);
+        e->in_len = 0;
+        return;
+    }
+    e->in_outstanding -= n;
+    if (e->in_fd < 0) { /* the command closed its stdin: drop, but keep the host moving */
+        e->in_owed += n;
+    } else {
+        uint32_t tail = (e->in_head + e->in_len) % STDIN_WINDOW;
+        uint32_t first = STDIN_WINDOW - tail < n ? STDIN_WINDOW - tail : n;
+        memcpy(e->in_buf + tail, data, first);
+        memcpy(e->in_buf, data + first, n - first);
+        e->in_len += n;
+    }
+    stdin_flush(e);
+}
+
+/* ------------------------------------------------------- file operations */
+
+static struct fop fops[MAX_FOPS];
+
+static struct fop *find_fop(uint32_t id) {
+    for (int i = 0; i < MAX_FOPS; i++)
+        if (fops[i].used && fops[i].id == id)
+            return &fops[i];
+    return NULL;
+}
+
+static int request_running(uint32_t id) { return find_exec(id) || find_fop(id); }
+
+static void fop_free(struct fop *f) {
+    close_fd(&f->fd);
+    if (f->tmp)
+        unlink(f->tmp); /* a write that did not commit leaves nothing behind */
+    for (int i = 0; i < f->depth; i++)
+        closedir(f->stack[i].dir);
+    free(f->path);
+    free(f->tmp);
+    free(f->name);
+    free(f->pending);
+    memset(f, 0, sizeof *f);
+    f->fd = -1;
+}
+
+static void fop_fail(struct fop *f, int err, const char *what) {
+    send_error(f->id, err, "%s %s: %s", what, f->path, strerror(err));
+    fop_free(f);
+}
+
+/* Claim a slot for request id (answers ERROR and returns NULL when it cannot). */
+static struct fop *fop_new(uint32_t id, int kind, char *path) {
+    struct fop *f = NULL;
+    if (request_running(id)) {
+        send_error(id, EEXIST, "request id %u is already running", id);
+    } else {
+        for (int i = 0; i < MAX_FOPS && !f; i++)
+            if (!fops[i].used)
+                f = &fops[i];
+        if (!f)
+            send_error(id, EAGAIN, "too many concurrent file operations (limit %d)", MAX_FOPS);
+    }
+    if (!f) {
+        free(path);
+        return NULL;
+    }
+    memset(f, 0, sizeof *f);
+    f->used = 1;
+    f->id = id;
+    f->kind = kind;
+    f->fd = -1;
+    f->path = path;
+    return f;
+}
+
+/* A wire path: 1..4096 bytes, no NUL; copied and NUL-terminated (malloc). */
+static char *rd_path(struct reader *r) {
+    const uint8_t *s;
+    uint32_t n = rd_bytes(r, &s);
+    if (r->bad || n == 0 || n > MAX_WIRE_PATH || memchr(s, 0, n)) {
+        r->bad = 1;
+        return NULL;
+    }
+    char *out = malloc((size_t)n + 1);
+    if (!out) {
+        r->bad = 1;
+        return NULL;
+    }
+    memcpy(out, s, n);
+    out[n] = '\0';
+    return out;
+}
+
+static uint8_t file_kind(mode_t mode) {
+    switch (mode & S_IFMT) {
+    case S_IFDIR:
+        return 2;
+    case S_IFLNK:
+        return 3;
+    case S_IFIFO:
+        return 4;
+    case S_IFSOCK:
+        return 5;
+    case S_IFCHR:
+        return 6;
+    case S_IFBLK:
+        return 7;
+    default:
+        return 1;
+    }
+}
+
+/* Encode a wire `stat` at p; returns its length. link may be NULL (not a symlink). */
+static size_t put_stat(uint8_t *p, const struct stat *st, const char *link, size_t link_len) {
+    p[0] = file_kind(st->st_mode);
+    put_u32(p + 1, (uint32_t)(st->st_mode & 07777));
+    put_u32(p + 5, (uint32_t)st->st_uid);
+    put_u32(p + 9, (uint32_t)st->st_gid);
+    put_u64(p + 13, (uint64_t)st->st_size);
+    int64_t ns = (int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec;
+    put_u64(p + 21, (uint64_t)ns);
+    if (p[0] != 3)
+        link_len = 0;
+    put_u32(p + 29, (uint32_t)link_len);
+    if (link_len)
+        memcpy(p + 33, link, link_len);
+    return 33 + link_len;
+}
+
+/* lstat-style `stat` of name in dirfd (a symlink's target read, never followed). */
+static ssize_t stat_at(int dirfd, const char *name, uint8_t *p) {
+    struct stat st;
+    if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+        return -1;
+    char link[MAX_WIRE_PATH];
+    ssize_t link_len = 0;
+    if (S_ISLNK(st.st_mode)) {
+        link_len = readlinkat(dirfd, name, link, sizeof link);
+        if (link_len <= 0) { /* unreadable or too long for the wire: say so */
+            if (link_len == 0 || errno == ENAMETOOLONG)
+                errno = ENAMETOOLONG;
+            return -1;
+        }
+    }
+    return (ssize_t)put_stat(p, &st, link, (size_t)link_len);
+}
+
+static void handle_stat(uint32_t id, struct reader *r) {
+    char *path = rd_path(r);
+    if (!rd_done(r)) {
+        send_error(id, EPROTO, "malformed STAT payload");
+    } else {
+        uint8_t *p = outbuf + HDR_LEN;
+        ssize_t n = stat_at(AT_FDCWD, path, p);
+        if (n < 0)
+            send_error(id, errno, "stat %s: %s", path, strerror(errno));
+        else
+            send_frame(T_STAT_RESULT, id, p, (uint32_t)n);
+    }
+    free(path);
+}
+
+/* ---- READ_FILE */
+
+static void handle_read_file(uint32_t id, struct reader *r) {
+    char *path = rd_path(r);
+    uint64_t offset = rd_u64(r), max_bytes = rd_u64(r);
+    uint32_t window = rd_u32(r);
+    if (!rd_done(r)) {
+        free(path);
+        send_error(id, EPROTO, "malformed READ_FILE payload");
+        return;
+    }
+    struct fop *f = fop_new(id, FOP_READ, path);
+    if (!f)
+        return;
+    /* O_NONBLOCK: opening a fifo must not hang the agent (it is refused below). */
+    f->fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    struct stat st;
+    if (f->fd < 0 || fstat(f->fd, &st) < 0)
+        return fop_fail(f, errno, "open");
+    if (S_ISDIR(st.st_mode))
+        return fop_fail(f, EISDIR, "read");
+    if (!S_ISREG(st.st_mode))
+        return fop_fail(f, EINVAL, "read (not a regular file)");
+    if (offset > (uint64_t)INT64_MAX)
+        return fop_fail(f, EINVAL, "seek");
+    if (lseek(f->fd, (off_t)offset, SEEK_SET) < 0)
+        return fop_fail(f, errno, "seek");
+    f->remaining = max_bytes;
+    f->credit = window;
+}
+
+static void read_finish(struct fop *f) {
+    int truncated = 0;
+    if (f->remaining == 0) { /* stopped by max_bytes: is there more? */
+        char c;
+        ssize_t n;
+        while ((n = read(f->fd, &c, 1)) < 0 && errno == EINTR) {
+        }
+        truncated = n == 1;
+    }
+    struct stat st;
+    if (fstat(f->fd, &st) < 0)
+        return fop_fail(f, errno, "stat");
+    uint8_t *p = outbuf + HDR_LEN;
+    size_t n = put_stat(p, &st, NULL, 0);
+    put_u64(p + n, f->sent);
+    p[n + 8] = (uint8_t)truncated;
+    send_frame(T_READ_END, f->id, p, (uint32_t)(n + 9));
+    fop_free(f);
+}
+
+/* One READ_DATA chunk, if credit allows. Returns 1 when it made progress. */
+static int read_step(struct fop *f) {
+    if (f->remaining == 0) {
+        read_finish(f);
+        return 1;
+    }
+    if (f->credit == 0)
+        return 0;
+    uint64_t want = MAX_DATA_CHUNK;
+    if (want > f->credit)
+        want = f->credit;
+    if (want > f->remaining)
+        want = f->remaining;
+    uint8_t *p = outbuf + HDR_LEN;
+    ssize_t got = read(f->fd, p + 4, (size_t)want);
+    if (got < 0) {
+        if (errno != EINTR)
+            fop_fail(f, errno, "read");
+        return 1;
+    }
+    if (got == 0) {
+        read_finish(f);
+        return 1;
+    }
+    put_u32(p, (uint32_t)got);
+    send_frame(T_READ_DATA, f->id, p, 4 + (uint32_t)got);
+    f->credit -= (uint64_t)got;
+    f->remaining -= (uint64_t)got;
+    f->sent += (uint64_t)got;
+    return 1;
+}
+
+/* ---- WRITE_FILE */
+
+/* mkdir -p the folders above path; new folders get 0755 and, if given, the owner. */
+static int make_parents(const char *path, uint32_t uid, uint32_t gid) {
+    char tmp[PATH_MAX];
+    size_t len = strlen(path);
+    if (len >= sizeof tmp) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(tmp, path, len + 1);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(tmp, 0755) == 0) {
+            if ((uid != NO_ID || gid != NO_ID) && lchown(tmp, uid, gid) < 0)
+                return -1;
+        } else if (errno != EEXIST) {
+            return -1;
+        }
+        *p = '/';
+    }
+    return 0;
+}
+
+static void handle_write_file(uint32_t id, struct reader *r) {
+    static uint64_t counter;
+    char *path = rd_path(r);
+    uint32_t mode = rd_u32(r);
+    uint8_t keep = rd_u8(r), parents = rd_u8(r);
+    uint32_t uid = rd_u32(r), gid = rd_u32(r);
+    if (!rd_done(r) || mode > 07777 || keep > 1 || parents > 1) {
+        free(path);
+        send_error(id, EPROTO, "malformed WRITE_FILE payload");
+        return;
+    }
+    struct fop *f = fop_new(id, FOP_WRITE, path);
+    if (!f)
+        return;
+    size_t len = strlen(path);
+    const char *slash = strrchr(path, '/');
+    size_t dir_len = slash ? (size_t)(slash - path) : 0;
+    if (path[len - 1] == '/')
+        return fop_fail(f, EISDIR, "write");
+    if (parents && make_parents(path, uid, gid) < 0)
+        return fop_fail(f, errno, "create the parents of");
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (S_ISDIR(st.st_mode))
+            return fop_fail(f, EISDIR, "write");
+        if (keep) {
+            mode = st.st_mode & 07777;
+            uid = st.st_uid;
+            gid = st.st_gid;
+        }
+    } else if (errno != ENOENT) {
+        return fop_fail(f, errno, "write");
+    }
+    f->mode = mode;
+    f->uid = uid;
+    f->gid = gid;
+    f->tmp = malloc(dir_len + 64);
+    if (!f->tmp)
+        return fop_fail(f, ENOMEM, "write");
+    snprintf(f->tmp, dir_len + 64, "%.*s%s.pyro-write-%d-%llu.tmp", (int)dir_len, path,
+             slash ? "/" : "", (int)getpid(), (unsigned long long)++counter);
+    f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (f->fd < 0) {
+        int err = errno;
+        free(f->tmp);
+        f->tmp = NULL; /* not ours: never unlink it */
+        return fop_fail(f, err, "write");
+    }
+    f->outstanding = WRITE_WINDOW;
+    send_credit(id, WRITE_WINDOW);
+}
+
+static void write_data(struct fop *f, const uint8_t *data, uint32_t n) {
+    if (n > f->outstanding) {
+        send_error(f->id, EPROTO, "write %s: the host sent %u bytes past its credit", f->path, n);
+        fop_free(f);
+        return;
+    }
+    f->outstanding -= n;
+    for (uint32_t off = 0; off < n;) {
+        ssize_t w = write(f->fd, data + off, n - off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return fop_fail(f, w < 0 ? errno : EIO, "write");
+        off += (uint32_t)w;
+    }
+    f->written += n;
+    f->owed += n;
+    if (f->owed >= WRITE_WINDOW / 2) {
+        send_credit(f->id, f->owed);
+        f->outstanding += f->owed;
+        f->owed = 0;
+    }
+}
+
+static void write_commit(struct fop *f) {
+    /* chown before chmod: chown clears the set-id bits. */
+    if ((f->uid != NO_ID || f->gid != NO_ID) && fchown(f->fd, f->uid, f->gid) < 0)
+        return fop_fail(f, errno, "chown");
+    if (fchmod(f->fd, f->mode) < 0)
+        return fop_fail(f, errno, "chmod");
+    if (rename(f->tmp, f->path) < 0)
+        return fop_fail(f, errno, "rename onto");
+    free(f->tmp);
+    f->tmp = NULL;
+    struct stat st;
+    if (fstat(f->fd, &st) < 0)
+        return fop_fail(f, errno, "stat");
+    uint8_t *p = outbuf + HDR_LEN;
+    size_t n = put_stat(p, &st, NULL, 0);
+    put_u64(p + n, f->written);
+    send_frame(T_WRITE_END, f->id, p, (uint32_t)(n + 8));
+    fop_free(f);
+}
+
+/* ---- LIST */
+
+static void handle_list(uint32_t id, struct reader *r) {
+    char *path = rd_path(r);
+    uint8_t recursive = rd_u8(r);
+    uint32_t max = rd_u32(r), window = rd_u32(r);
+    if (!rd_done(r) || recursive > 1 || max > (1u << 20)) {
+        free(path);
+        send_error(id, EPROTO, "malformed LIST payload");
+        return;
+    }
+    struct fop *f = fop_new(id, FOP_LIST, path);
+    if (!f)
+        return;
+    f->name = malloc(MAX_WIRE_PATH + 256 + 2);
+    f->pending = malloc(ENTRY_MAX);
+    if (!f->name || !f->pending)
+        return fop_fail(f, ENOMEM, "list");
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = fd < 0 ? NULL : fdopendir(fd);
+    if (!d) {
+        int err = errno;
+        if (fd >= 0)
+            close(fd);
+        return fop_fail(f, err, "list");
+    }
+    f->stack[0] = (struct list_level){d, 0};
+    f->depth = 1;
+    f->recursive = recursive;
+    f->max = max;
+    f->credit = window;
+}
+
+/* Encode the next entry into f->pending. Returns 1, or 0 when the walk is over. */
+static int list_next(struct fop *f) {
+    while (f->depth > 0) {
+        struct list_level *top = &f->stack[f->depth - 1];
+        errno = 0;
+        struct dirent *de = readdir(top->dir);
+        if (!de) {
+            closedir(top->dir);
+            f->depth--;
+            continue;
+        }
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+            continue;
+        size_t nlen = strlen(de->d_name);
+        if (top->prefix + nlen > MAX_WIRE_PATH)
+            continue; /* a name the wire cannot carry (deeper than 4096 bytes): skipped */
+        if (f->count >= f->max) {
+            f->truncated = 1;
+            return 0;
+        }
+        memcpy(f->name + top->prefix, de->d_name, nlen + 1);
+        size_t full = top->prefix + nlen;
+        uint8_t *p = f->pending;
+        put_u32(p, (uint32_t)full);
+        memcpy(p + 4, f->name, full);
+        ssize_t st_len = stat_at(dirfd(top->dir), de->d_name, p + 4 + full);
+        if (st_len < 0)
+            continue; /* vanished meanwhile, or an unreadable link: skipped */
+        f->pending_len = (uint32_t)(4 + full + (size_t)st_len);
+        if (f->recursive && p[4 + full] == 2 && f->depth < LIST_DEPTH &&
+            full + 1 < MAX_WIRE_PATH) {
+            int fd = openat(dirfd(top->dir), de->d_name,
+                            O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            DIR *d = fd < 0 ? NULL : fdopendir(fd);
+            if (d) {
+                f->name[full] = '/';
+                f->stack[f->depth++] = (struct list_level){d, full + 1};
+            } else if (fd >= 0) {
+                close(fd);
+            }
+        }
+        return 1;
+    }
+    return 0;
+}
+
+/* One ENTRIES frame, as big as the credit allows; LIST_END when done. */
+static int list_step(struct fop *f) {
+    uint8_t *p = outbuf + HDR_LEN;
+    uint64_t cap = f->credit < MAX_DATA_CHUNK ? f->credit : MAX_DATA_CHUNK;
+    size_t len = 4;
+    uint32_t n = 0;
+    for (;;) {
+        if (!f->pending_len && (f->done || !list_next(f))) {
+            f->done = 1;
+            break;
+        }
+        if (len + f->pending_len > cap)
+            break;
+        memcpy(p + len, f->pending, f->pending_len);
+        len += f->pending_len;
+        f->pending_len = 0;
+        n++;
+        f->count++;
+    }
+    if (n) {
+        put_u32(p, n);
+        send_frame(T_ENTRIES, f->id, p, (uint32_t)len);
+        f->credit -= len;
+    }
+    if (f->done && !f->pending_len) {
+        put_u32(p, f->count);
+        p[4] = (uint8_t)f->truncated;
+        send_frame(T_LIST_END, f->id, p, 5);
+        fop_free(f);
+        return 1;
+    }
+    return n > 0;
+}
+
+/* Advance every file operation by one step; 1 if any could go on at once. */
+static int fops_step(void) {
+    int busy = 0;
+    for (int i = 0; i < MAX_FOPS; i++) {
+        struct fop *f = &fops[i];
+        if (!f->used)
+            continue;
+        if (f->kind == FOP_READ && read_step(f) && fops[i].used)
+            busy = 1;
+        else if (f->kind == FOP_LIST && list_step(f) && fops[i].used)
+            busy = 1;
+    }
+    return busy;
+}
+
+/* ---- DATA / EOF / GRANT / CANCEL: for a running request; otherwise dropped */
+
+static void handle_stream(uint8_t type, uint32_t id, struct reader *r) {
+    const uint8_t *data = NULL;
+    uint32_t n = 0, grant = 0;
+    if (type == T_DATA)
+        n = rd_bytes(r, &data);
+    else if (type == T_GRANT)
+        grant = rd_u32(r);
+    int ok = rd_done(r) && n <= MAX_DATA_CHUNK;
+    struct exec_slot *e = find_exec(id);
+    struct fop *f = find_fop(id);
+    if (!ok) {
+        if (f) {
+            send_error(id, EPROTO, "malformed stream frame (type %u)", type);
+            fop_free(f);
+        } else {
+            logmsg("malformed stream frame (type %u) for request %u dropped", type, id);
+        }
+        return;
+    }
+    if (e) {
+        if (type == T_DATA) {
+            stdin_data(e, data, n);
+        } else if (type == T_EOF && e->in_buf && !e->in_eof) {
+            e->in_eof = 1;
+            stdin_flush(e);
+        }
+        return;
+    }
+    if (!f)
+        return;
+    if (type == T_CANCEL) {
+        send_error(id, ECANCELED, "cancelled");
+        fop_free(f);
+    } else if (type == T_GRANT && f->kind != FOP_WRITE) {
+        f->credit += grant;
+    } else if (type == T_DATA && f->kind == FOP_WRITE) {
+        write_data(f, data, n);
+    } else if (type == T_EOF && f->kind == FOP_WRITE) {
+        write_commit(f);
+    } else {
+        send_error(id, EPROTO, "message type %u does not apply to this request", type);
+        fop_free(f);
+    }
+}
+
+/* ------------------------------------------------------------ network */
+
+static int set_addr(int s, unsigned long req, const char *ifname, const uint8_t *a4) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
+    struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+    sin->sin_family = AF_INET;
+    memcpy(&sin->sin_addr, a4, 4);
+    return ioctl(s, req, &ifr);
+}
+
+/* Address, netmask, MTU, up, default route. Returns 0 or an errno (message in err). */
+static int configure_interface(const char *name, const uint8_t *addr, uint8_t prefix,
+                               const uint8_t *gw, uint32_t mtu, char *err, size_t errlen) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        return errno;
+    }
+    uint32_t mask_h = prefix ? 0xFFFFFFFFu << (32 - prefix) : 0;
+    uint8_t mask[4] = {(uint8_t)(mask_h >> 24), (uint8_t)(mask_h >> 16), (uint8_t)(mask_h >> 8),
+                       (uint8_t)mask_h};
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    const char *step = "SIOCSIFADDR";
+    int rc = set_addr(s, SIOCSIFADDR, name, addr);
+    if (rc < 0 && errno == EEXIST)
+        rc = 0; /* the same address again (INIT2 after a restore) */
+    if (rc == 0) {
+        step = "SIOCSIFNETMASK";
+        rc = set_addr(s, SIOCSIFNETMASK, name, mask);
+    }
+    if (rc == 0 && mtu) {
+        step = "SIOCSIFMTU";
+        ifr.ifr_mtu = (int)mtu;
+        rc = ioctl(s, SIOCSIFMTU, &ifr);
+    }
+    if (rc == 0) {
+        step = "SIOCGIFFLAGS";
+        rc = ioctl(s, SIOCGIFFLAGS, &ifr);
+    }
+    if (rc == 0) {
+        step = "SIOCSIFFLAGS";
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        rc = ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    if (rc == 0 && gw) {
+        step = "SIOCADDRT";
+        struct rtentry rt;
+        memset(&rt, 0, sizeof rt);
+        char dev[IFNAMSIZ];
+        snprintf(dev, sizeof dev, "%s", name);
+        ((struct sockaddr_in *)&rt.rt_dst)->sin_family = AF_INET;
+        ((struct sockaddr_in *)&rt.rt_genmask)->sin_family = AF_INET;
+        struct sockaddr_in *g = (struct sockaddr_in *)&rt.rt_gateway;
+        g->sin_family = AF_INET;
+        memcpy(&g->sin_addr, gw, 4);
+        rt.rt_flags = RTF_UP | RTF_GATEWAY;
+        rt.rt_dev = dev;
+        rc = ioctl(s, SIOCADDRT, &rt);
+        if (rc < 0 && errno == EEXIST)
+            rc = 0;
+    }
+    int saved = errno;
+    close(s);
+    if (rc < 0) {
+        snprintf(err, errlen, "%s %s: %s", step, name, strerror(saved));
+        return saved;
+    }
+    return 0;
+}
+
+/* Rewrite a small file in place (a bind mount there stays valid; a symlink is replaced). */
+static int write_etc(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == ELOOP && unlink(path) == 0)
+        fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -1;
+    size_t len = strlen(text);
+    ssize_t n = write(fd, text, len);
+    int saved = errno;
+    close(fd);
+    if (n != (ssize_t)len) {
+        errno = n < 0 ? saved : EIO;
+        return -1;
+    }
+    return 0;
+}
+
+static int hostname_ok(const uint8_t *s, uint32_t n) {
+    if (n == 0 || n > 253)
+        return 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (!(isalnum(s[i]) || s[i] == '.' || s[i] == '-' || s[i] == '_'))
+            return 0;
+    return 1;
+}
+
+static int rd_addr(struct reader *r, const uint8_t **a, int v4_only) {
+    uint32_t n = rd_bytes(r, a);
+    if (!r->bad && !(n == 4 || (!v4_only && n == 16)))
+        r->bad = 1;
+    return (int)n;
+}
+
+/* Parse (validate == 1) or apply (validate == 0) INIT2's network part at r. */
+static int network_step(uint32_t id, struct reader *r, int validate) {
+    char err[256];
+    static char resolv[4096], hosts[8192];
+    uint32_t nif = rd_u32(r);
+    if (r->bad || nif > 16)
+        return r->bad = 1, -1;
+    for (uint32_t i = 0; i < nif; i++) {
+        char *name = rd_str(r);
+        const uint8_t *addr, *gw;
+        rd_addr(r, &addr, 1);
+        uint8_t prefix = rd_u8(r);
+        uint32_t gwlen = rd_bytes(r, &gw);
+        uint32_t mtu = rd_u32(r);
+        int bad = r->bad || !name || !name[0] || strlen(name) >= IFNAMSIZ || strchr(name, '/') ||
+                  prefix > 32 || (gwlen != 0 && gwlen != 4);
+        if (bad) {
+            free(name);
+            return r->bad = 1, -1;
+        }
+        if (!validate) {
+            int rc = configure_interface(name, addr, prefix, gwlen ? gw : NULL, mtu, err,
+                                         sizeof err);
+            if (rc) {
+                send_error(id, rc, "%s", err);
+                free(name);
+                return -1;
+            }
+        }
+        free(name);
+    }
+    size_t rl = 0, hl = 0;
+    uint32_t nns = rd_u32(r);
+    if (r->bad || nns > 16)
+        return r->bad = 1, -1;
+    for (uint32_t i = 0; i < nns; i++) {
+        const uint8_t *a;
+        int n = rd_addr(r, &a, 0);
+        char text[INET6_ADDRSTRLEN];
+        if (r->bad)
+            return -1;
+        inet_ntop(n == 4 ? AF_INET : AF_INET6, a, text, sizeof text);
+        rl += (size_t)snprintf(resolv + rl, sizeof resolv - rl, "nameserver %s\n", text);
+    }
+    uint32_t nsearch = rd_u32(r);
+    if (r->bad || nsearch > 6)
+        return r->bad = 1, -1;
+    for (uint32_t i = 0; i < nsearch; i++) {
+        const uint8_t *d;
+        uint32_t n = rd_bytes(r, &d);
+        if (r->bad || !hostname_ok(d, n))
+            return r->bad = 1, -1;
+        rl += (size_t)snprintf(resolv + rl, sizeof resolv - rl, "%s%.*s%s", i ? " " : "search ",
+                               (int)n, d, i + 1 == nsearch ? "\n" : "");
+    }
+    hl = (size_t)snprintf(hosts, sizeof hosts, "127.0.0.1\tlocalhost\n::1\tlocalhost\n"
+                                               "127.0.1.1\tpyro\n");
+    uint32_t nhosts = rd_u32(r);
+    if (r->bad || nhosts > 64)
+        return r->bad = 1, -1;
+    for (uint32_t i = 0; i < nhosts; i++) {
+        const uint8_t *a, *name;
+        int n = rd_addr(r, &a, 0);
+        uint32_t nl = rd_bytes(r, &name);
+        char text[INET6_ADDRSTRLEN];
+        if (r->bad || !hostname_ok(name, nl))
+            return r->bad = 1, -1;
+        inet_ntop(n == 4 ? AF_INET : AF_INET6, a, text, sizeof text);
+        hl += (size_t)snprintf(hosts + hl, sizeof hosts - hl, "%s\t%.*s\n", text, (int)nl, name);
+    }
+    if (validate)
+        return 0;
+    if (write_etc("/etc/resolv.conf", resolv) < 0) {
+        send_error(id, errno, "write /etc/resolv.conf: %s", strerror(errno));
+        return -1;
+    }
+    if (write_etc("/etc/hosts", hosts) < 0) {
+        send_error(id, errno, "write /etc/hosts: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------ init */
 
 static int mount_recorded(const char *src, const char *tgt, const char *fs, int ro) {
@@ -813,13 +1733,38 @@ static void record_mount(const char *src, const char *tgt, const char *fs, int r
         n_mounts_done++;
 }
 
-static void handle_init(uint32_t id, struct reader *r) {
+/* Read INIT2's tail after the mounts: workdir and (validate or apply) the network. */
+static int init2_tail(uint32_t id, struct reader *r, int validate) {
+    char *workdir = rd_str(r);
+    uint8_t has_net = rd_u8(r);
+    if (r->bad || has_net > 1) {
+        free(workdir);
+        return r->bad = 1, -1;
+    }
+    if (has_net && network_step(id, r, validate) < 0) {
+        free(workdir);
+        return -1;
+    }
+    if (validate) {
+        free(workdir);
+        return 0;
+    }
+    free(default_cwd);
+    default_cwd = workdir[0] ? workdir : NULL;
+    if (!workdir[0])
+        free(workdir);
+    return 0;
+}
+
+/* INIT (v2 = 0) and INIT2 (v2 = 1). */
+static void handle_init(uint32_t id, struct reader *r, int v2) {
+    const char *what = v2 ? "INIT2" : "INIT";
     uint64_t unix_ns = rd_u64(r);
     const uint8_t *entropy;
     uint32_t elen = rd_bytes(r, &entropy);
     uint32_t count = rd_u32(r);
     if (r->bad || elen > MAX_ENTROPY || count > (r->len - r->off) / 13) {
-        send_error(id, EPROTO, "malformed INIT payload");
+        send_error(id, EPROTO, "malformed %s payload", what);
         return;
     }
     /* Validate the whole payload before acting on any of it. */
@@ -832,8 +1777,10 @@ static void handle_init(uint32_t id, struct reader *r) {
         if (ro > 1)
             r->bad = 1;
     }
+    if (v2 && !r->bad)
+        init2_tail(id, r, 1);
     if (!rd_done(r)) {
-        send_error(id, EPROTO, "malformed INIT payload");
+        send_error(id, EPROTO, "malformed %s payload", what);
         return;
     }
     /* The clock and the entropy pool are the machine's: only PID 1 owns them. */
@@ -888,6 +1835,8 @@ static void handle_init(uint32_t id, struct reader *r) {
         if (failed)
             return;
     }
+    if (v2 && init2_tail(id, r, 0) < 0)
+        return; /* the ERROR is sent */
     send_frame(T_INIT_OK, id, NULL, 0);
 }
 
@@ -897,10 +1846,30 @@ static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, uint
     struct reader r = {payload, len, 0, 0};
     switch (type) {
     case T_INIT:
-        handle_init(id, &r);
+    case T_INIT2:
+        handle_init(id, &r, type == T_INIT2);
         break;
     case T_EXEC:
-        handle_exec(id, &r);
+    case T_EXEC2:
+        handle_exec(id, &r, type == T_EXEC2);
+        break;
+    case T_DATA:
+    case T_EOF:
+    case T_GRANT:
+    case T_CANCEL:
+        handle_stream(type, id, &r);
+        break;
+    case T_READ_FILE:
+        handle_read_file(id, &r);
+        break;
+    case T_WRITE_FILE:
+        handle_write_file(id, &r);
+        break;
+    case T_STAT:
+        handle_stat(id, &r);
+        break;
+    case T_LIST:
+        handle_list(id, &r);
         break;
     case T_SIGNAL:
         handle_signal(id, &r);
@@ -949,6 +1918,9 @@ static void kill_all_execs(void) {
 
 static void shutdown_and_exit(void) {
     kill_all_execs();
+    for (int i = 0; i < MAX_FOPS; i++)
+        if (fops[i].used)
+            fop_free(&fops[i]);
     _exit(0);
 }
 
@@ -974,11 +1946,11 @@ static void read_channel(void) {
 /* ------------------------------------------------------------- main loop */
 
 static void serve(void) {
-    struct pollfd pfd[2 + 2 * MAX_EXECS];
+    struct pollfd pfd[2 + 3 * MAX_EXECS];
     struct {
         struct exec_slot *e;
-        int s;
-    } map[2 + 2 * MAX_EXECS];
+        int s; /* 0 stdout, 1 stderr, 2 stdin */
+    } map[2 + 3 * MAX_EXECS];
 
     for (;;) {
         int64_t now = now_ms();
@@ -1011,6 +1983,10 @@ static void serve(void) {
                 wake = cg_retry_at;
         }
 
+        /* file operations: one step each; poll without sleeping while any can go on */
+        if (fops_step())
+            wake = now;
+
         int n = 0;
         int chan_idx = -1;
         if (chan_retry_at && now < chan_retry_at) {
@@ -1031,6 +2007,11 @@ static void serve(void) {
                     pfd[n++] = (struct pollfd){.fd = execs[i].fd[s], .events = POLLIN};
                 }
             }
+            if (execs[i].used && execs[i].in_fd >= 0 && execs[i].in_len > 0) {
+                map[n].e = &execs[i];
+                map[n].s = 2;
+                pfd[n++] = (struct pollfd){.fd = execs[i].in_fd, .events = POLLOUT};
+            }
         }
 
         int timeout = -1;
@@ -1050,9 +2031,15 @@ static void serve(void) {
             }
             reap_children();
         }
-        for (int i = sig_idx + 1; i < n; i++)
-            if (pfd[i].revents && map[i].e->used && map[i].e->fd[map[i].s] == pfd[i].fd)
-                pump(map[i].e, map[i].s, 1);
+        for (int i = sig_idx + 1; i < n; i++) {
+            struct exec_slot *e = map[i].e;
+            if (!pfd[i].revents || !e->used)
+                continue;
+            if (map[i].s == 2 && e->in_fd == pfd[i].fd)
+                stdin_flush(e);
+            else if (map[i].s < 2 && e->fd[map[i].s] == pfd[i].fd)
+                pump(e, map[i].s, 1);
+        }
         if (chan_idx >= 0 && pfd[chan_idx].revents) {
             if (pfd[chan_idx].revents & (POLLIN | POLLHUP | POLLERR))
                 read_channel();
@@ -1244,7 +2231,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     for (int i = 0; i < MAX_EXECS; i++)
-        execs[i].fd[0] = execs[i].fd[1] = -1;
+        execs[i].fd[0] = execs[i].fd[1] = execs[i].in_fd = -1;
+    for (int i = 0; i < MAX_FOPS; i++)
+        fops[i].fd = -1;
 
     signal(SIGPIPE, SIG_IGN);
     if (pipe2(sigchld_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
