@@ -1007,14 +1007,20 @@ static struct fop *find_fop(uint32_t id) {
 
 static int request_running(uint32_t id) { return find_exec(id) || find_fop(id); }
 
+/* A write that did not commit leaves nothing behind: removed before any reply is sent. */
+static void fop_discard_tmp(struct fop *f) {
+    if (f->tmp)
+        unlink(f->tmp);
+    free(f->tmp);
+    f->tmp = NULL;
+}
+
 static void fop_free(struct fop *f) {
     close_fd(&f->fd);
-    if (f->tmp)
-        unlink(f->tmp); /* a write that did not commit leaves nothing behind */
+    fop_discard_tmp(f);
     for (int i = 0; i < f->depth; i++)
         closedir(f->stack[i].dir);
     free(f->path);
-    free(f->tmp);
     free(f->name);
     free(f->pending);
     memset(f, 0, sizeof *f);
@@ -1022,6 +1028,7 @@ static void fop_free(struct fop *f) {
 }
 
 static void fop_fail(struct fop *f, int err, const char *what) {
+    fop_discard_tmp(f);
     send_error(f->id, err, "%s %s: %s", what, f->path, strerror(err));
     fop_free(f);
 }
@@ -1301,6 +1308,7 @@ static void handle_write_file(uint32_t id, struct reader *r) {
 
 static void write_data(struct fop *f, const uint8_t *data, uint32_t n) {
     if (n > f->outstanding) {
+        fop_discard_tmp(f);
         send_error(f->id, EPROTO, "write %s: the host sent %u bytes past its credit", f->path, n);
         fop_free(f);
         return;
@@ -1485,6 +1493,7 @@ static void handle_stream(uint8_t type, uint32_t id, struct reader *r) {
     struct fop *f = find_fop(id);
     if (!ok) {
         if (f) {
+            fop_discard_tmp(f);
             send_error(id, EPROTO, "malformed stream frame (type %u)", type);
             fop_free(f);
         } else {
@@ -1504,6 +1513,7 @@ static void handle_stream(uint8_t type, uint32_t id, struct reader *r) {
     if (!f)
         return;
     if (type == T_CANCEL) {
+        fop_discard_tmp(f);
         send_error(id, ECANCELED, "cancelled");
         fop_free(f);
     } else if (type == T_GRANT && f->kind != FOP_WRITE) {
@@ -1513,6 +1523,7 @@ static void handle_stream(uint8_t type, uint32_t id, struct reader *r) {
     } else if (type == T_EOF && f->kind == FOP_WRITE) {
         write_commit(f);
     } else {
+        fop_discard_tmp(f);
         send_error(id, EPROTO, "message type %u does not apply to this request", type);
         fop_free(f);
     }
