@@ -490,3 +490,29 @@ def test_fuzz_mutated_frames(original: bytes, flips: list[tuple[int, int]], cut:
     else:
         data += b"\x00" * cut
     _only_protocol_errors(bytes(data))
+
+
+# ------------------------------------------------- the version check at connect
+
+
+class _OneHello:
+    def __init__(self, hello: bytes) -> None:
+        self.data = [hello]
+
+    def read(self, size: int) -> bytes:
+        return self.data.pop(0) if self.data else b""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def test_a_version_1_agent_is_refused_with_the_fix() -> None:
+    from pyro_mcp.guest.channel import AgentChannel
+    from pyro_mcp.guest.protocol import PROTOCOL_VERSION, Hello
+
+    channel = AgentChannel(_OneHello(encode(0, Hello(1, "1.old", 5))))
+    with pytest.raises(GuestProtocolError, match=r"speaks protocol 1.*stale") as info:
+        channel.wait_hello(5)
+    assert info.value.hint is not None and "initramfs" in info.value.hint
+    ok = AgentChannel(_OneHello(encode(0, Hello(PROTOCOL_VERSION, "2.new", 5))))
+    assert ok.wait_hello(5).protocol_version == 2
