@@ -516,3 +516,96 @@ def test_a_version_1_agent_is_refused_with_the_fix() -> None:
     assert info.value.hint is not None and "initramfs" in info.value.hint
     ok = AgentChannel(_OneHello(encode(0, Hello(PROTOCOL_VERSION, "2.new", 5))))
     assert ok.wait_hello(5).protocol_version == 2
+
+
+# ------------------------------------- the host's stream helpers against a lying guest
+
+
+class _ScriptedGuest:
+    """Answers the first request the host writes with prepared frames for its id."""
+
+    def __init__(self, replies: list[Message]) -> None:
+        import threading
+
+        self.replies = replies
+        self.request_id: int | None = None
+        self.ready = threading.Event()
+        self.written: list[bytes] = []
+        self.sent = False
+
+    def read(self, size: int) -> bytes:
+        if self.sent:
+            self.ready.wait(5)
+            return b""  # then EOF
+        self.ready.wait(5)
+        self.sent = True
+        assert self.request_id is not None
+        return b"".join(encode(self.request_id, m) for m in self.replies)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        if self.request_id is None:
+            self.request_id = struct.unpack(">I", data[4:8])[0]
+            self.ready.set()
+
+
+def _channel(replies: list[Message]) -> tuple[object, _ScriptedGuest]:
+    from pyro_mcp.guest.channel import AgentChannel
+
+    guest = _ScriptedGuest(replies)
+    return AgentChannel(guest), guest
+
+
+def test_read_past_the_granted_window_is_a_protocol_error() -> None:
+    from pyro_mcp.guest.channel import AgentChannel
+
+    # 400 bytes (no GRANT due yet: under half the window), then 700 with 600 left
+    channel, _ = _channel([ReadData(b"x" * 400), ReadData(b"x" * 700)])
+    assert isinstance(channel, AgentChannel)
+    with pytest.raises(GuestProtocolError, match="flow control"):
+        channel.read_file(ReadFile(b"/f", window=1000), lambda data: None, 5)
+
+
+def test_list_with_more_entries_than_asked_or_a_wrong_count_is_refused() -> None:
+    from pyro_mcp.guest.channel import AgentChannel
+
+    entry = DirEntry(b"a", FILE)
+    channel, _ = _channel([Entries((entry, entry, entry))])
+    assert isinstance(channel, AgentChannel)
+    with pytest.raises(GuestProtocolError, match="more entries"):
+        channel.list_dir(ListDir(b"/", max_entries=2), 5)
+    channel, _ = _channel([Entries((entry,)), ListEnd(5, False)])
+    assert isinstance(channel, AgentChannel)
+    with pytest.raises(GuestProtocolError, match="count"):
+        channel.list_dir(ListDir(b"/"), 5)
+
+
+def test_a_guest_that_answers_a_read_with_something_else_is_refused() -> None:
+    from pyro_mcp.guest.channel import AgentChannel
+
+    channel, _ = _channel([WriteEnd(FILE, 1)])
+    assert isinstance(channel, AgentChannel)
+    with pytest.raises(GuestProtocolError, match="unexpected WriteEnd"):
+        channel.read_file(ReadFile(b"/f"), lambda data: None, 5)
+
+
+def test_a_guest_that_goes_quiet_or_away_mid_stream_is_an_error() -> None:
+    from pyro_mcp.guest.channel import AgentChannel
+
+    channel, _ = _channel([ReadData(b"partial")])  # then EOF: the channel closes
+    assert isinstance(channel, AgentChannel)
+    with pytest.raises(GuestProtocolError):
+        channel.read_file(ReadFile(b"/f"), lambda data: None, 5)
+
+
+def test_write_waits_for_credit_and_sends_only_what_was_offered() -> None:
+    from pyro_mcp.guest.channel import AgentChannel
+
+    channel, guest = _channel([Credit(10), WriteEnd(FILE, 10)])
+    assert isinstance(channel, AgentChannel)
+    # 25 bytes with 10 of credit: the helper sends 10 and waits; the lying guest then
+    # answers WRITE_END (no more credit), which the helper must not take as success.
+    with pytest.raises(GuestProtocolError, match="unexpected WriteEnd"):
+        channel.write_file(WriteFile(b"/f"), [b"y" * 10, b"z" * 15], 5)
+    sent = FrameDecoder().feed(b"".join(guest.written))
+    assert [m for _, m in sent] == [WriteFile(b"/f"), Data(b"y" * 10)]
