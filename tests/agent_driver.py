@@ -48,6 +48,11 @@ def _have_compiler() -> bool:
 
 @pytest.fixture(scope="session", name="agent_binary")
 def agent_binary_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The agent built from the shipped agent.c; ``PYRO_TEST_AGENT=PATH`` runs the tests
+    against another build of it instead (e.g. one with -fsanitize=address,undefined)."""
+    override = os.environ.get("PYRO_TEST_AGENT")
+    if override:
+        return Path(override)
     if not _have_compiler():
         pytest.skip("no C compiler installed: cannot build the guest agent")
     with pytest.MonkeyPatch.context() as mp:

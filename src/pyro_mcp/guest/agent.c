@@ -1,5 +1,5 @@
 /*
- * pyro-agent: the guest side of the pyro-mcp wire protocol (version 1).
+ * pyro-agent: the guest side of the pyro-mcp wire protocol (version 2).
  *
  * The wire format is specified in docs/protocol.md; the host-side codec is
  * src/pyro_mcp/guest/protocol.py. Keep the three in step.
@@ -7,12 +7,20 @@
  * Modes:
  *   pyro-agent --stdio   channel = fd 0 (read) / fd 1 (write); no boot steps.
  *   /init (PID 1)        mount /dev /proc /sys, load /modules.list, mount
- *                        /dev/vda as the root, switch into it, open the
- *                        virtio-serial port named "agent", serve forever.
+ *                        /dev/vda as the root, switch into it, set up cgroup2
+ *                        (one cgroup per exec), open the virtio-serial port
+ *                        named "agent", serve forever.
  *
- * One thread, one poll() loop over: the channel, a SIGCHLD self-pipe and the
- * stdout/stderr pipes of every running exec. Every field read from the wire
+ * One thread, one poll() loop over: the channel, a SIGCHLD self-pipe, the
+ * stdout/stderr pipes of every running exec and the stdin pipes that have
+ * bytes waiting. File operations (read, write, list) advance one step per loop
+ * turn, within the credit the host granted, so nothing blocks the loop for
+ * long and nothing is buffered without bound. Every field read from the wire
  * is bounds-checked; a malformed request gets an ERROR frame (EPROTO).
+ *
+ * One file on purpose (~2,300 lines): the agent is one static binary whose
+ * build is keyed by this file's hash (guest/build.py); sections below follow
+ * the order of docs/protocol.md (frames, execs, stdin, files, network, init).
  *
  * Build: cc -static -Os -Wall -Wextra -Werror -o pyro-agent agent.c \
  *           -DAGENT_VERSION="\"1.x\""
