@@ -76,19 +76,26 @@ class Result:
         return self.final
 
 
+def spawn_agent(
+    binary: Path, stderr_path: Path, prefix: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """``binary --stdio`` (under ``prefix``) with pipes for its channel, stderr to a file."""
+    with stderr_path.open("wb") as err:
+        return subprocess.Popen(
+            [*prefix, str(binary), "--stdio"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+
+
 class Agent:
     """Drives one `pyro-agent --stdio` process through the protocol codec."""
 
     def __init__(self, binary: Path, stderr_path: Path, prefix: Sequence[str] = ()) -> None:
         """``prefix``: a wrapper command (e.g. ``unshare -n``) the agent runs under."""
         self.stderr_path = stderr_path
-        with stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [*prefix, str(binary), "--stdio"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
+        self.proc = spawn_agent(binary, stderr_path, prefix)
         self.decoder = FrameDecoder(GUEST_TO_HOST)
         self.pending: list[tuple[int, Message]] = []
         self.hello = self.next_frame()

@@ -11,7 +11,6 @@ import errno
 import hashlib
 import os
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from agent_driver import (  # noqa: F401 (fixtures)
     PipeIO,
     agent_binary_fixture,
     agent_fixture,
+    spawn_agent,
     vm_rss_kib,
 )
 from pyro_mcp.errors import InvalidInputError
@@ -58,13 +58,7 @@ class Guest:
     """An agent process behind an AgentChannel (its reader thread drains the agent)."""
 
     def __init__(self, binary: Path, stderr_path: Path) -> None:
-        self.stderr = stderr_path.open("wb")
-        self.proc = subprocess.Popen(
-            [str(binary), "--stdio"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-        )
+        self.proc = spawn_agent(binary, stderr_path)
         self.channel = AgentChannel(PipeIO(self.proc))
         self.channel.wait_hello(T)
 
@@ -82,7 +76,6 @@ class Guest:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait(10)
-        self.stderr.close()
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ from pyro_mcp.guest.protocol import (
     WriteFile,
     encode,
 )
+from test_protocol import _only_protocol_errors
 
 FILE = FileStat(FileKind.FILE, 0o644, 1000, 1000, 5, 1_700_000_000_123_456_789)
 LINK = FileStat(FileKind.SYMLINK, 0o777, 0, 0, 11, -1, b"/etc/passwd")
@@ -454,18 +455,6 @@ def test_fuzz_round_trip(items: list[tuple[int, Message]], chunk: int) -> None:
     for i in range(0, len(stream), chunk):
         got += decoder.feed(stream[i : i + chunk])
     assert got == items
-
-
-def _only_protocol_errors(data: bytes) -> None:
-    decoder = FrameDecoder()
-    try:
-        decoded = decoder.feed(data)
-    except GuestProtocolError as exc:
-        assert "undecodable" not in exc.message  # the catch-all must never be what fired
-        return
-    reencoded = b"".join(encode(rid, m) for rid, m in decoded)  # canonical
-    assert data.startswith(reencoded)
-    assert len(data) - len(reencoded) == decoder.buffered
 
 
 @given(st.binary(max_size=80))

@@ -474,9 +474,8 @@ static int rd_done(struct reader *r) { return !r->bad && r->off == r->len; }
 
 /* --------------------------------------------------------------- cgroups */
 
-/* Write a short string to a file (cgroup control files). Returns 0 or -1 (errno set). */
-static int write_file(const char *path, const char *text) {
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
+/* Write text to fd in one write() and close it. Returns 0 or -1 (errno set). */
+static int write_text_and_close(int fd, const char *text) {
     if (fd < 0)
         return -1;
     size_t len = strlen(text);
@@ -488,6 +487,11 @@ static int write_file(const char *path, const char *text) {
         return -1;
     }
     return 0;
+}
+
+/* Write a short string to an existing file (cgroup control files). */
+static int write_file(const char *path, const char *text) {
+    return write_text_and_close(open(path, O_WRONLY | O_CLOEXEC), text);
 }
 
 static uint32_t mem_total_mib(void) {
@@ -1616,17 +1620,7 @@ static int write_etc(const char *path, const char *text) {
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd < 0 && errno == ELOOP && unlink(path) == 0)
         fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -1;
-    size_t len = strlen(text);
-    ssize_t n = write(fd, text, len);
-    int saved = errno;
-    close(fd);
-    if (n != (ssize_t)len) {
-        errno = n < 0 ? saved : EIO;
-        return -1;
-    }
-    return 0;
+    return write_text_and_close(fd, text);
 }
 
 static int hostname_ok(const uint8_t *s, uint32_t n) {
