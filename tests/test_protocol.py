@@ -322,6 +322,18 @@ def test_fuzz_round_trip(items: list[tuple[int, Message]], chunk: int) -> None:
     assert got == items
 
 
+def mutate(original: bytes, flips: list[tuple[int, int]], cut: int) -> bytes:
+    """``original`` with bytes overwritten at ``flips`` and ``cut`` bytes cut or added."""
+    data = bytearray(original)
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    if cut < 0:
+        del data[cut:]
+    else:
+        data += b"\x00" * cut
+    return bytes(data)
+
+
 def _only_protocol_errors(data: bytes) -> None:
     decoder = FrameDecoder()
     try:
@@ -356,11 +368,4 @@ def test_fuzz_random_payloads_behind_valid_headers(payload: bytes) -> None:
 )
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzz_mutated_frames(original: bytes, flips: list[tuple[int, int]], cut: int) -> None:
-    data = bytearray(original)
-    for pos, value in flips:
-        data[pos % len(data)] = value
-    if cut < 0:
-        del data[cut:]
-    else:
-        data += b"\x00" * cut
-    _only_protocol_errors(bytes(data))
+    _only_protocol_errors(mutate(original, flips, cut))

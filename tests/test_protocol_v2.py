@@ -45,7 +45,7 @@ from pyro_mcp.guest.protocol import (
     WriteFile,
     encode,
 )
-from test_protocol import _only_protocol_errors
+from test_protocol import _only_protocol_errors, mutate
 
 FILE = FileStat(FileKind.FILE, 0o644, 1000, 1000, 5, 1_700_000_000_123_456_789)
 LINK = FileStat(FileKind.SYMLINK, 0o777, 0, 0, 11, -1, b"/etc/passwd")
@@ -471,14 +471,7 @@ def test_fuzz_random_payloads_behind_v2_headers(payload: bytes) -> None:
 )
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzz_mutated_frames(original: bytes, flips: list[tuple[int, int]], cut: int) -> None:
-    data = bytearray(original)
-    for pos, value in flips:
-        data[pos % len(data)] = value
-    if cut < 0:
-        del data[cut:]
-    else:
-        data += b"\x00" * cut
-    _only_protocol_errors(bytes(data))
+    _only_protocol_errors(mutate(original, flips, cut))
 
 
 # ------------------------------------------------- the version check at connect

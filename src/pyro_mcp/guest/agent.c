@@ -1072,20 +1072,14 @@ static struct fop *fop_new(uint32_t id, int kind, char *path) {
 
 /* A wire path: 1..4096 bytes, no NUL; copied and NUL-terminated (malloc). */
 static char *rd_path(struct reader *r) {
-    const uint8_t *s;
-    uint32_t n = rd_bytes(r, &s);
-    if (r->bad || n == 0 || n > MAX_WIRE_PATH || memchr(s, 0, n)) {
+    char *s = rd_str(r);
+    size_t n = s ? strlen(s) : 0;
+    if (s && (n == 0 || n > MAX_WIRE_PATH)) {
+        free(s);
         r->bad = 1;
         return NULL;
     }
-    char *out = malloc((size_t)n + 1);
-    if (!out) {
-        r->bad = 1;
-        return NULL;
-    }
-    memcpy(out, s, n);
-    out[n] = '\0';
-    return out;
+    return s;
 }
 
 static uint8_t file_kind(mode_t mode) {
