@@ -33,6 +33,7 @@ from pyro_mcp.guest.protocol import (
     Cancel,
     Credit,
     Data,
+    Entries,
     Eof,
     Error,
     FileKind,
@@ -407,6 +408,33 @@ def test_a_host_that_stops_granting_stops_the_read(agent: Agent, tmp_path: Path)
         assert isinstance(msg, ReadData)
         got += msg.data
     assert got == data and msg.bytes_sent == len(data)
+
+
+def test_a_host_that_stops_granting_stops_the_listing(agent: Agent, tmp_path: Path) -> None:
+    for i in range(2000):
+        (tmp_path / f"{i:04}-{'n' * 60}").write_bytes(b"")
+    agent.send(1, ListDir(bytes(tmp_path), max_entries=5000, window=70_000))
+    time.sleep(0.3)  # let the agent use up its credit
+    agent.send(2, Ping())
+    got, size = 0, 0
+    while True:
+        rid, msg = agent.next_frame()
+        if (rid, msg) == (2, Pong()):
+            break  # the agent still answers
+        assert rid == 1 and isinstance(msg, Entries)
+        got += len(msg.entries)
+        size += len(encode(1, msg)) - 12
+    assert 0 < got < 2001 and size <= 70_000  # within the window, not a byte more
+    with pytest.raises(AssertionError, match="timed out"):
+        agent.next_frame(0.5)  # the next frame would pass the credit: nothing comes
+    agent.send(1, Grant(1 << 24))
+    while True:
+        rid, msg = agent.next_frame()
+        if isinstance(msg, ListEnd):
+            break
+        assert isinstance(msg, Entries)
+        got += len(msg.entries)
+    assert got == msg.count == 2001  # and agent.stderr
 
 
 def test_cancelled_read_ends_with_ecanceled(agent: Agent, tmp_path: Path) -> None:
