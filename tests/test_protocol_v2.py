@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyro_mcp.errors import GuestProtocolError, InvalidInputError
+from pyro_mcp.guest.channel import AgentChannel
 from pyro_mcp.guest.protocol import (
     GUEST_TO_HOST,
     HOST_TO_GUEST,
@@ -22,6 +25,7 @@ from pyro_mcp.guest.protocol import (
     DirEntry,
     Entries,
     Eof,
+    Error,
     Exec2,
     FileKind,
     FileStat,
@@ -489,7 +493,6 @@ class _OneHello:
 
 
 def test_a_version_1_agent_is_refused_with_the_fix() -> None:
-    from pyro_mcp.guest.channel import AgentChannel
     from pyro_mcp.guest.protocol import PROTOCOL_VERSION, Hello
 
     channel = AgentChannel(_OneHello(encode(0, Hello(1, "1.old", 5))))
@@ -531,63 +534,75 @@ class _ScriptedGuest:
             self.ready.set()
 
 
-def _channel(replies: list[Message]) -> tuple[object, _ScriptedGuest]:
-    from pyro_mcp.guest.channel import AgentChannel
-
+def _channel(replies: list[Message]) -> tuple[AgentChannel, _ScriptedGuest]:
     guest = _ScriptedGuest(replies)
     return AgentChannel(guest), guest
 
 
 def test_read_past_the_granted_window_is_a_protocol_error() -> None:
-    from pyro_mcp.guest.channel import AgentChannel
-
     # 400 bytes (no GRANT due yet: under half the window), then 700 with 600 left
     channel, _ = _channel([ReadData(b"x" * 400), ReadData(b"x" * 700)])
-    assert isinstance(channel, AgentChannel)
     with pytest.raises(GuestProtocolError, match="flow control"):
         channel.read_file(ReadFile(b"/f", window=1000), lambda data: None, 5)
 
 
 def test_list_with_more_entries_than_asked_or_a_wrong_count_is_refused() -> None:
-    from pyro_mcp.guest.channel import AgentChannel
-
     entry = DirEntry(b"a", FILE)
     channel, _ = _channel([Entries((entry, entry, entry))])
-    assert isinstance(channel, AgentChannel)
     with pytest.raises(GuestProtocolError, match="more entries"):
         channel.list_dir(ListDir(b"/", max_entries=2), 5)
     channel, _ = _channel([Entries((entry,)), ListEnd(5, False)])
-    assert isinstance(channel, AgentChannel)
     with pytest.raises(GuestProtocolError, match="count"):
         channel.list_dir(ListDir(b"/"), 5)
 
 
 def test_a_guest_that_answers_a_read_with_something_else_is_refused() -> None:
-    from pyro_mcp.guest.channel import AgentChannel
-
     channel, _ = _channel([WriteEnd(FILE, 1)])
-    assert isinstance(channel, AgentChannel)
     with pytest.raises(GuestProtocolError, match="unexpected WriteEnd"):
         channel.read_file(ReadFile(b"/f"), lambda data: None, 5)
 
 
 def test_a_guest_that_goes_quiet_or_away_mid_stream_is_an_error() -> None:
-    from pyro_mcp.guest.channel import AgentChannel
-
     channel, _ = _channel([ReadData(b"partial")])  # then EOF: the channel closes
-    assert isinstance(channel, AgentChannel)
     with pytest.raises(GuestProtocolError):
         channel.read_file(ReadFile(b"/f"), lambda data: None, 5)
 
 
 def test_write_waits_for_credit_and_sends_only_what_was_offered() -> None:
-    from pyro_mcp.guest.channel import AgentChannel
-
     channel, guest = _channel([Credit(10), WriteEnd(FILE, 10)])
-    assert isinstance(channel, AgentChannel)
     # 25 bytes with 10 of credit: the helper sends 10 and waits; the lying guest then
     # answers WRITE_END (no more credit), which the helper must not take as success.
     with pytest.raises(GuestProtocolError, match="unexpected WriteEnd"):
         channel.write_file(WriteFile(b"/f"), [b"y" * 10, b"z" * 15], 5)
     sent = FrameDecoder().feed(b"".join(guest.written))
     assert [m for _, m in sent] == [WriteFile(b"/f"), Data(b"y" * 10)]
+
+
+_guest_replies = st.lists(
+    st.one_of(
+        _messages.filter(lambda m: encode(1, m)[3] in GUEST_TO_HOST),
+        st.builds(ReadData, st.binary(max_size=3000)),
+        st.just(Credit(100)),
+    ),
+    max_size=6,
+)
+
+
+@given(_guest_replies)
+@settings(max_examples=300, deadline=None)
+def test_fuzz_stream_helpers_against_any_guest_replies(replies: list[Message]) -> None:
+    """Whatever a guest answers, each helper returns its final frame or raises
+    GuestProtocolError; nothing else escapes, and a read never exceeds its window."""
+
+    received = bytearray()
+    calls: list[tuple[Callable[[AgentChannel], object], tuple[type, ...]]] = [
+        (lambda ch: ch.read_file(ReadFile(b"/f", window=4096), received.extend, 2), (ReadEnd,)),
+        (lambda ch: ch.write_file(WriteFile(b"/f"), [b"d" * 150], 2), (WriteEnd,)),
+        (lambda ch: ch.list_dir(ListDir(b"/", max_entries=3, window=4096), 2)[1], (ListEnd,)),
+        (lambda ch: ch.stat(b"/f", 2), (FileStat,)),
+    ]
+    for call, final in calls:
+        channel = AgentChannel(_ScriptedGuest(list(replies)))
+        with contextlib.suppress(GuestProtocolError):
+            assert isinstance(call(channel), (*final, Error))
+    assert len(received) <= 4096 * 2  # the window, plus one grant of half of it
