@@ -292,6 +292,8 @@ MALFORMED += [
     (_net(iface=_iface(b"eth0", b"\x0a\x00\x00\x01", 8, b"\x0a\x00")), "IPv4"),
     (_net(servers=struct.pack(">I", 1) + b(b"\x01" * 5)), "IP address"),
     (_net(search=struct.pack(">I", 1) + b(b"a b")), "host name"),
+    (_net(search=struct.pack(">I", 7) + b(b"a") * 7), "limit is 6"),
+    (_net(hosts=struct.pack(">I", 65) + (b(b"\x01" * 4) + b(b"h")) * 65), "limit is 64"),
     (_net(hosts=struct.pack(">I", 1) + b(b"\x01" * 4) + b(b"evil\nline")), "host name"),
 ]
 
@@ -335,6 +337,8 @@ BAD_ENCODE: list[Message] = [
     Init2(0, b"", network=NetConfig((Interface("eth0", "10.0.0.1", 8, "nope"),))),
     Init2(0, b"", network=NetConfig(nameservers=("1.2.3",))),
     Init2(0, b"", network=NetConfig(search=("a b",))),
+    Init2(0, b"", network=NetConfig(nameservers=("10.0.0.1",) * 17)),
+    Init2(0, b"", network=NetConfig(search=("a",) * 7)),
     Init2(0, b"", network=NetConfig(search="example.test")),  # type: ignore[arg-type]
     Init2(0, b"", network=NetConfig(hosts=(HostEntry("1.2.3.4", "x\n1.1.1.1 y"),))),
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "MAX_OUTPUT_CHUNK",
     "MAX_PATH",
     "MAX_PAYLOAD",
+    "NET_LIMITS",
     "PROTOCOL_VERSION",
     "STDERR",
     "STDOUT",
@@ -773,7 +774,17 @@ def _encode_v2(w: _Writer, m: Message) -> None:
             _encode_network(w, m.network)
 
 
+# Most items of each NetConfig list the agent takes (it refuses more as malformed).
+NET_LIMITS: dict[str, int] = {"interfaces": 16, "nameservers": 16, "search": 6, "hosts": 64}
+
+
 def _encode_network(w: _Writer, net: NetConfig) -> None:
+    for field, limit in NET_LIMITS.items():
+        value = getattr(net, field)
+        if isinstance(value, tuple | list) and len(value) > limit:
+            raise InvalidInputError(
+                f"NetConfig.{field} has {len(value)} items; the limit is {limit}"
+            )
     for i, iface in enumerate(w.items(net.interfaces, Interface, "NetConfig.interfaces")):
         assert isinstance(iface, Interface)
         what = f"NetConfig.interfaces[{i}]"
@@ -1092,7 +1103,8 @@ def _decode_v2(mtype: MsgType, r: _Reader) -> Message:
 
 def _decode_network(r: _Reader) -> NetConfig:
     interfaces = []
-    for i in range(r.count("interfaces", 4 + 4 + 1 + 4 + 4)):
+    limit = NET_LIMITS
+    for i in range(r.bounded("interfaces count", r.count("interfaces", 17), limit["interfaces"])):
         name = r.str_(f"interfaces[{i}].name")
         if not 0 < len(name.encode()) <= MAX_IFNAME or "/" in name or name in (".", ".."):
             raise GuestProtocolError(f"INIT2.interfaces[{i}].name is not an interface name")
@@ -1104,11 +1116,13 @@ def _decode_network(r: _Reader) -> NetConfig:
         gateway = str(ipaddress.ip_address(gateway_raw)) if gateway_raw else None
         mtu = r.u32(f"interfaces[{i}].mtu")
         interfaces.append(Interface(name, address, prefix_len, gateway, mtu))
-    nameservers = tuple(r.address(f"nameservers[{i}]") for i in range(r.count("nameservers", 4)))
-    search = r.str_list("search")
+    n = r.bounded("nameservers count", r.count("nameservers", 4), limit["nameservers"])
+    nameservers = tuple(r.address(f"nameservers[{i}]") for i in range(n))
+    n = r.bounded("search count", r.count("search", 4), limit["search"])
+    search = tuple(r.str_(f"search[{i}]") for i in range(n))
     hosts = tuple(
         HostEntry(r.address(f"hosts[{i}].address"), r.str_(f"hosts[{i}].name"))
-        for i in range(r.count("hosts", 8))
+        for i in range(r.bounded("hosts count", r.count("hosts", 8), limit["hosts"]))
     )
     for what, name in [("search", d) for d in search] + [("hosts", h.name) for h in hosts]:
         try:
