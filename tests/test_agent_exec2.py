@@ -320,3 +320,19 @@ def test_init2_unknown_interface_is_an_error(netns_agent: Agent) -> None:
         1,
         Error(errno.ENODEV, "SIOCSIFADDR pyro-nope0: No such device"),
     )
+
+
+def test_init2_at_its_limits_writes_every_hosts_line(netns_agent: Agent) -> None:
+    names = [f"{i:02}" + "h" * 251 for i in range(64)]  # 64 names of 253 characters
+    net = NetConfig(
+        nameservers=tuple(f"10.0.0.{i}" for i in range(1, 17)),
+        search=tuple("d" * 253 for _ in range(6)),
+        hosts=tuple(HostEntry(f"2001:db8::{i:x}", n) for i, n in enumerate(names)),
+    )
+    netns_agent.send(1, Init2(time.time_ns(), b"", (), "", net))
+    assert netns_agent.next_frame() == (1, InitOk())
+    netns_agent.send(2, exec2(("cat", "/etc/hosts", "/etc/resolv.conf")))
+    lines = netns_agent.collect(2).stdout.decode().splitlines()
+    assert [line.split("\t")[1] for line in lines[3:67]] == names
+    assert len([line for line in lines if line.startswith("nameserver ")]) == 16
+    assert lines[-1] == "search " + " ".join("d" * 253 for _ in range(6))

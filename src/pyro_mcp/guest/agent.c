@@ -1123,13 +1123,14 @@ static ssize_t stat_at(int dirfd, const char *name, uint8_t *p) {
     struct stat st;
     if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
         return -1;
-    char link[MAX_WIRE_PATH];
+    char link[MAX_WIRE_PATH + 1]; /* one more: a longer target reads as truncated */
     ssize_t link_len = 0;
     if (S_ISLNK(st.st_mode)) {
         link_len = readlinkat(dirfd, name, link, sizeof link);
-        if (link_len <= 0) { /* unreadable or too long for the wire: say so */
-            if (link_len == 0 || errno == ENAMETOOLONG)
-                errno = ENAMETOOLONG;
+        if (link_len < 0)
+            return -1;
+        if (link_len == 0 || link_len > (ssize_t)MAX_WIRE_PATH) {
+            errno = ENAMETOOLONG; /* too long for the wire */
             return -1;
         }
     }
@@ -1617,6 +1618,20 @@ static int write_etc(const char *path, const char *text) {
     return write_text_and_close(fd, text);
 }
 
+/* snprintf at buf + *len, keeping *len within the buffer (output cut at its end). */
+static void appendf(char *buf, size_t size, size_t *len, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void appendf(char *buf, size_t size, size_t *len, const char *fmt, ...) {
+    if (*len + 1 >= size)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf + *len, size - *len, fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        *len = *len + (size_t)n < size ? *len + (size_t)n : size - 1;
+}
+
 static int hostname_ok(const uint8_t *s, uint32_t n) {
     if (n == 0 || n > 253)
         return 0;
@@ -1636,7 +1651,9 @@ static int rd_addr(struct reader *r, const uint8_t **a, int v4_only) {
 /* Parse (validate == 1) or apply (validate == 0) INIT2's network part at r. */
 static int network_step(uint32_t id, struct reader *r, int validate) {
     char err[256];
-    static char resolv[4096], hosts[8192];
+    /* Sized for the limits (16 servers, 6 domains, 64 entries of 253-byte names);
+     * appendf never writes past the end anyway. */
+    static char resolv[4096], hosts[64 * 300 + 128];
     uint32_t nif = rd_u32(r);
     if (r->bad || nif > 16)
         return r->bad = 1, -1;
@@ -1675,7 +1692,7 @@ static int network_step(uint32_t id, struct reader *r, int validate) {
         if (r->bad)
             return -1;
         inet_ntop(n == 4 ? AF_INET : AF_INET6, a, text, sizeof text);
-        rl += (size_t)snprintf(resolv + rl, sizeof resolv - rl, "nameserver %s\n", text);
+        appendf(resolv, sizeof resolv, &rl, "nameserver %s\n", text);
     }
     uint32_t nsearch = rd_u32(r);
     if (r->bad || nsearch > 6)
@@ -1685,10 +1702,10 @@ static int network_step(uint32_t id, struct reader *r, int validate) {
         uint32_t n = rd_bytes(r, &d);
         if (r->bad || !hostname_ok(d, n))
             return r->bad = 1, -1;
-        rl += (size_t)snprintf(resolv + rl, sizeof resolv - rl, "%s%.*s%s", i ? " " : "search ",
+        appendf(resolv, sizeof resolv, &rl, "%s%.*s%s", i ? " " : "search ",
                                (int)n, d, i + 1 == nsearch ? "\n" : "");
     }
-    hl = (size_t)snprintf(hosts, sizeof hosts, "127.0.0.1\tlocalhost\n::1\tlocalhost\n"
+    appendf(hosts, sizeof hosts, &hl, "127.0.0.1\tlocalhost\n::1\tlocalhost\n"
                                                "127.0.1.1\tpyro\n");
     uint32_t nhosts = rd_u32(r);
     if (r->bad || nhosts > 64)
@@ -1701,7 +1718,7 @@ static int network_step(uint32_t id, struct reader *r, int validate) {
         if (r->bad || !hostname_ok(name, nl))
             return r->bad = 1, -1;
         inet_ntop(n == 4 ? AF_INET : AF_INET6, a, text, sizeof text);
-        hl += (size_t)snprintf(hosts + hl, sizeof hosts - hl, "%s\t%.*s\n", text, (int)nl, name);
+        appendf(hosts, sizeof hosts, &hl, "%s\t%.*s\n", text, (int)nl, name);
     }
     if (validate)
         return 0;
