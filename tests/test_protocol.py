@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pyro_mcp.errors import GuestProtocolError, InvalidInputError
 from pyro_mcp.guest.protocol import (
+    FRAME_VERSION,
     GUEST_TO_HOST,
     HEADER_LEN,
     MAX_ENTROPY,
@@ -70,10 +71,11 @@ def test_round_trip(request_id: int, message: Message) -> None:
     assert decode_all(data) == [(request_id, message)]
 
 
-def test_every_message_type_is_sampled() -> None:
+def test_every_v1_message_type_is_sampled() -> None:
     sampled = {type(m) for _, m in SAMPLES}
     assert sampled == {Hello, InitOk, Output, Exit, Error, Pong, Init, Exec, Signal, Ping}
-    assert {int(t) for t in MsgType} == {1, 2, 3, 4, 5, 6, 16, 17, 18, 19}
+    v1 = {1, 2, 3, 4, 5, 6, 16, 17, 18, 19}
+    assert v1 <= {int(t) for t in MsgType}  # version 2 adds types (tests/test_protocol_v2.py)
 
 
 # Frozen wire format: changing any of these is a protocol change (bump PROTOCOL_VERSION
@@ -117,7 +119,8 @@ FROZEN: list[tuple[int, Message, str]] = [
 
 @pytest.mark.parametrize(("request_id", "message", "hexed"), FROZEN)
 def test_frozen_wire_format(request_id: int, message: Message, hexed: str) -> None:
-    assert PROTOCOL_VERSION == 1
+    assert FRAME_VERSION == 1  # the header byte; HELLO announces PROTOCOL_VERSION
+    assert PROTOCOL_VERSION == 2
     assert MAX_PAYLOAD == 262144
     assert encode(request_id, message).hex() == hexed
     assert decode_all(bytes.fromhex(hexed)) == [(request_id, message)]
@@ -163,7 +166,8 @@ def s(text: bytes) -> bytes:
 MALFORMED: list[tuple[bytes, str]] = [
     (b"XY" + encode(1, Ping())[2:], "magic"),
     (frame(19, b"", version=2), "version"),
-    (frame(7, b""), "unknown message type 7"),
+    (frame(14, b""), "unknown message type 14"),
+    (frame(30, b""), "unknown message type 30"),
     (frame(0, b""), "unknown message type 0"),
     (struct.pack(">2sBBII", b"PY", 1, 3, 1, MAX_PAYLOAD + 1), "exceeds"),
     (struct.pack(">2sBBII", b"PY", 1, 3, 1, 2**32 - 1), "exceeds"),
@@ -318,6 +322,18 @@ def test_fuzz_round_trip(items: list[tuple[int, Message]], chunk: int) -> None:
     assert got == items
 
 
+def mutate(original: bytes, flips: list[tuple[int, int]], cut: int) -> bytes:
+    """``original`` with bytes overwritten at ``flips`` and ``cut`` bytes cut or added."""
+    data = bytearray(original)
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    if cut < 0:
+        del data[cut:]
+    else:
+        data += b"\x00" * cut
+    return bytes(data)
+
+
 def _only_protocol_errors(data: bytes) -> None:
     decoder = FrameDecoder()
     try:
@@ -352,11 +368,4 @@ def test_fuzz_random_payloads_behind_valid_headers(payload: bytes) -> None:
 )
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzz_mutated_frames(original: bytes, flips: list[tuple[int, int]], cut: int) -> None:
-    data = bytearray(original)
-    for pos, value in flips:
-        data[pos % len(data)] = value
-    if cut < 0:
-        del data[cut:]
-    else:
-        data += b"\x00" * cut
-    _only_protocol_errors(bytes(data))
+    _only_protocol_errors(mutate(original, flips, cut))

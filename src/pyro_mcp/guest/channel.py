@@ -1,4 +1,14 @@
-"""Host side of the agent channel: one reader thread, requests multiplexed by id."""
+"""Host side of the agent channel: one reader thread, requests multiplexed by id.
+
+Besides the request plumbing (``open``/``send``/``call``), the protocol version 2
+streams have helpers here that keep the flow-control rules of docs/protocol.md:
+:class:`InboundCredit` (a guest→host stream must stay within what was granted),
+:class:`OutboundCredit` (send only what the agent offered), and the file helpers
+:meth:`AgentChannel.read_file`, :meth:`~AgentChannel.write_file`,
+:meth:`~AgentChannel.list_dir` and :meth:`~AgentChannel.stat`. They return the
+agent's ``Error`` as a value (its errno says what went wrong in the guest) and raise
+:class:`GuestProtocolError` when the guest breaks the protocol or goes quiet.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +16,35 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from pyro_mcp.errors import BootError, GuestProtocolError
 from pyro_mcp.guest.protocol import (
+    DEFAULT_WINDOW,
     GUEST_TO_HOST,
+    MAX_DATA_CHUNK,
     PROTOCOL_VERSION,
+    Credit,
+    Data,
+    DirEntry,
+    Entries,
+    Eof,
+    Error,
+    FileStat,
     FrameDecoder,
+    Grant,
     Hello,
+    ListDir,
+    ListEnd,
     Message,
+    ReadData,
+    ReadEnd,
+    ReadFile,
+    Stat,
+    StatResult,
+    WriteEnd,
+    WriteFile,
     encode,
 )
 
@@ -86,8 +116,9 @@ class AgentChannel:
         if item.protocol_version != PROTOCOL_VERSION:
             raise GuestProtocolError(
                 f"the guest agent speaks protocol {item.protocol_version}, "
-                f"this host speaks {PROTOCOL_VERSION}",
-                hint="rebuild the initramfs: remove the initramfs folder in the cache",
+                f"this host speaks {PROTOCOL_VERSION}: the initramfs or agent binary is stale",
+                hint="remove the agent, initramfs and snapshots folders in the pyro cache "
+                "(they are rebuilt from this version's agent.c on the next run)",
             )
         return item
 
@@ -126,3 +157,158 @@ class AgentChannel:
             return reply
         finally:
             self.close_request(request_id)
+
+    # ------------------------------------------------------- version 2 streams
+
+    def _next(self, q: queue.Queue[Delivery], timeout: float, what: str) -> Message:
+        try:
+            item = q.get(timeout=timeout)
+        except queue.Empty:
+            raise GuestProtocolError(f"the guest agent went quiet during {what}") from None
+        if isinstance(item, ChannelClosed):
+            raise GuestProtocolError(item.reason)
+        return item
+
+    def read_file(
+        self, request: ReadFile, sink: Callable[[bytes], None], timeout: float
+    ) -> ReadEnd | Error:
+        """Stream a guest file into ``sink``; ``timeout`` bounds each wait for the agent."""
+        credit = InboundCredit(request.window)
+        request_id, q = self.open()
+        try:
+            self.send(request_id, request)
+            while True:
+                reply = self._next(q, timeout, "a file read")
+                if isinstance(reply, ReadData):
+                    credit.received(len(reply.data))
+                    sink(reply.data)
+                    grant = credit.grant_due()
+                    if grant:
+                        self.send(request_id, Grant(grant))
+                elif isinstance(reply, ReadEnd | Error):
+                    return reply
+                else:
+                    raise GuestProtocolError(f"unexpected {type(reply).__name__} in a file read")
+        finally:
+            self.close_request(request_id)
+
+    def write_file(
+        self, request: WriteFile, chunks: Iterable[bytes], timeout: float
+    ) -> WriteEnd | Error:
+        """Write ``chunks`` (any sizes) to a guest file, atomically, within the agent's credit."""
+        credit = OutboundCredit()
+        request_id, q = self.open()
+        try:
+            self.send(request_id, request)
+            for chunk in _split(chunks):
+                while credit.available < len(chunk):
+                    reply = self._next(q, timeout, "a file write")
+                    if isinstance(reply, Credit):
+                        credit.credit(reply.bytes)
+                    elif isinstance(reply, Error):
+                        return reply
+                    else:
+                        raise GuestProtocolError(
+                            f"unexpected {type(reply).__name__} in a file write"
+                        )
+                credit.take(len(chunk))
+                self.send(request_id, Data(chunk))
+            self.send(request_id, Eof())
+            while True:
+                reply = self._next(q, timeout, "a file write")
+                if isinstance(reply, WriteEnd | Error):
+                    return reply
+                if not isinstance(reply, Credit):
+                    raise GuestProtocolError(f"unexpected {type(reply).__name__} in a file write")
+        finally:
+            self.close_request(request_id)
+
+    def list_dir(self, request: ListDir, timeout: float) -> tuple[list[DirEntry], ListEnd | Error]:
+        """All entries of a LIST (at most ``request.max_entries``) and its final frame."""
+        credit = InboundCredit(request.window)
+        entries: list[DirEntry] = []
+        request_id, q = self.open()
+        try:
+            self.send(request_id, request)
+            while True:
+                reply = self._next(q, timeout, "a listing")
+                if isinstance(reply, Entries):
+                    credit.received(len(encode(0, reply)) - 12)
+                    entries.extend(reply.entries)
+                    if len(entries) > request.max_entries:
+                        raise GuestProtocolError("the guest listed more entries than asked for")
+                    grant = credit.grant_due()
+                    if grant:
+                        self.send(request_id, Grant(grant))
+                elif isinstance(reply, ListEnd | Error):
+                    if isinstance(reply, ListEnd) and reply.count != len(entries):
+                        raise GuestProtocolError("LIST_END.count does not match the entries")
+                    return entries, reply
+                else:
+                    raise GuestProtocolError(f"unexpected {type(reply).__name__} in a listing")
+        finally:
+            self.close_request(request_id)
+
+    def stat(self, path: bytes, timeout: float) -> FileStat | Error:
+        """``lstat`` of a guest path."""
+        reply = self.call(Stat(path), timeout)
+        if isinstance(reply, StatResult):
+            return reply.stat
+        if isinstance(reply, Error):
+            return reply
+        raise GuestProtocolError(f"unexpected {type(reply).__name__} answering STAT")
+
+
+def _split(chunks: Iterable[bytes]) -> Iterable[bytes]:
+    for chunk in chunks:
+        for i in range(0, len(chunk), MAX_DATA_CHUNK):
+            yield chunk[i : i + MAX_DATA_CHUNK]
+
+
+class InboundCredit:
+    """A guest→host stream's credit: what the host granted, and when to grant more.
+
+    The agent may send at most ``window`` bytes beyond what the host has consumed; a
+    guest that sends more breaks the protocol. More credit is due once half the
+    window has been consumed (fewer, larger GRANTs).
+    """
+
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
+        self.window = window
+        self.left = window
+        self._consumed = 0
+
+    def received(self, n: int) -> None:
+        if n > self.left:
+            raise GuestProtocolError(
+                f"the guest sent {n} bytes with a credit of {self.left}: it ignores flow control"
+            )
+        self.left -= n
+        self._consumed += n
+
+    def grant_due(self) -> int:
+        """Bytes to GRANT now (0: not yet); the caller has consumed what it received."""
+        if self._consumed < max(1, self.window // 2):
+            return 0
+        grant, self._consumed = self._consumed, 0
+        self.left += grant
+        return grant
+
+
+class OutboundCredit:
+    """A host→guest stream's credit: the sum of the agent's CREDITs minus what was sent."""
+
+    _LIMIT = 1 << 40  # a guest cannot make the host buffer more than it offers anyway
+
+    def __init__(self) -> None:
+        self.available = 0
+
+    def credit(self, n: int) -> None:
+        self.available += n
+        if self.available > self._LIMIT:
+            raise GuestProtocolError("the guest granted an absurd amount of credit")
+
+    def take(self, n: int) -> None:
+        if n > self.available:
+            raise ValueError(f"{n} bytes exceed the credit of {self.available}")
+        self.available -= n
