@@ -217,6 +217,34 @@ def _proc_dict(pid: ProcessId | None) -> dict[str, int] | None:
     return pid.to_dict() if pid else None
 
 
+def _guest_to_dict(config: VMConfig | TaskConfig) -> dict[str, Any]:
+    """The config fields VMs and tasks share: what the guest is made as, and when."""
+    return {
+        "environment": config.environment,
+        "vcpu_count": config.vcpu_count,
+        "mem_mib": config.mem_mib,
+        "network": config.network,
+        "ttl_seconds": config.ttl_seconds,
+        "created_at": config.created_at,
+        "expires_at": config.expires_at,
+        "backend": config.backend,
+    }
+
+
+def _guest_from_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_guest_to_dict` read back, each field checked for its type."""
+    return {
+        "environment": str(d["environment"]),
+        "vcpu_count": int(d["vcpu_count"]),
+        "mem_mib": int(d["mem_mib"]),
+        "network": bool(d["network"]),
+        "ttl_seconds": int(d["ttl_seconds"]),
+        "created_at": float(d["created_at"]),
+        "expires_at": float(d["expires_at"]),
+        "backend": str(d["backend"]),
+    }
+
+
 @dataclass(frozen=True)
 class VMConfig:
     """What a VM was created as; never changes after create."""
@@ -237,14 +265,7 @@ class VMConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "vm_id": self.vm_id,
-            "environment": self.environment,
-            "vcpu_count": self.vcpu_count,
-            "mem_mib": self.mem_mib,
-            "network": self.network,
-            "ttl_seconds": self.ttl_seconds,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "backend": self.backend,
+            **_guest_to_dict(self),
             "acceleration": self.acceleration,
             "owner": _proc_dict(self.owner),
             "mounts": [m.to_dict() for m in self.mounts],
@@ -254,14 +275,7 @@ class VMConfig:
     def from_dict(cls, d: dict[str, Any]) -> VMConfig:
         return cls(
             vm_id=str(d["vm_id"]),
-            environment=str(d["environment"]),
-            vcpu_count=int(d["vcpu_count"]),
-            mem_mib=int(d["mem_mib"]),
-            network=bool(d["network"]),
-            ttl_seconds=int(d["ttl_seconds"]),
-            created_at=float(d["created_at"]),
-            expires_at=float(d["expires_at"]),
-            backend=str(d["backend"]),
+            **_guest_from_dict(d),
             acceleration=str(d["acceleration"]),
             owner=_process(d.get("owner")),
             mounts=tuple(MountSpec.from_dict(m) for m in d.get("mounts", [])),
@@ -372,14 +386,7 @@ class TaskConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "task_id": self.task_id,
-            "environment": self.environment,
-            "vcpu_count": self.vcpu_count,
-            "mem_mib": self.mem_mib,
-            "network": self.network,
-            "ttl_seconds": self.ttl_seconds,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "backend": self.backend,
+            **_guest_to_dict(self),
             "execution_mode": self.execution_mode,
             "workspace_seed": self.workspace_seed.to_dict() if self.workspace_seed else None,
         }
@@ -388,14 +395,7 @@ class TaskConfig:
     def from_dict(cls, d: dict[str, Any]) -> TaskConfig:
         return cls(
             task_id=str(d["task_id"]),
-            environment=str(d["environment"]),
-            vcpu_count=int(d["vcpu_count"]),
-            mem_mib=int(d["mem_mib"]),
-            network=bool(d["network"]),
-            ttl_seconds=int(d["ttl_seconds"]),
-            created_at=float(d["created_at"]),
-            expires_at=float(d["expires_at"]),
-            backend=str(d["backend"]),
+            **_guest_from_dict(d),
             execution_mode=str(d["execution_mode"]),
             workspace_seed=_seed_from_dict(d.get("workspace_seed")),
         )
