@@ -107,7 +107,7 @@ def test_the_store_reaps_expired_interrupted_and_incomplete_tasks(
     incomplete_id, incomplete = tasks.records.create_folder()  # no record, long ago
     os.utime(incomplete, (time.time() - 3600, time.time() - 3600))
     young_id, _ = tasks.records.create_folder()  # no record yet: being created
-    orphan_lock = tasks.tasks_dir / ".task-0123456789ab.lock"
+    orphan_lock = tasks.records.root / ".task-0123456789ab.lock"
     orphan_lock.touch()
 
     assert tasks.reap_expired() == {
@@ -115,7 +115,7 @@ def test_the_store_reaps_expired_interrupted_and_incomplete_tasks(
         interrupted_id: "create_interrupted",
         incomplete_id: "incomplete",
     }
-    left = sorted(p.name for p in tasks.tasks_dir.iterdir() if not p.name.startswith("."))
+    left = sorted(p.name for p in tasks.records.root.iterdir() if not p.name.startswith("."))
     assert left == sorted([creating_id, kept_id, young_id])
     assert not orphan_lock.exists()
     with pytest.raises(NotFoundError, match=f"task {expired_id} does not exist"):

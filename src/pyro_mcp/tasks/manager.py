@@ -43,7 +43,7 @@ from pyro_mcp.models import (
     WorkspaceSeed,
 )
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
-from pyro_mcp.records import RecordStore, TaskConfig, TaskRecord
+from pyro_mcp.records import RecordStore, TaskConfig, TaskRecord, state_dir_error
 from pyro_mcp.records import TaskRuntime as TaskState
 from pyro_mcp.state import ProcessId
 from pyro_mcp.tasks.runtime import TaskRuntime, runtime_for
@@ -57,9 +57,8 @@ class TaskManager:
 
     def __init__(self, vms: VMManager, *, allow_host_compat: bool = False) -> None:
         self.vms = vms
-        self.tasks_dir = vms.state_root / "tasks"
         self.records: RecordStore[TaskRecord] = RecordStore(
-            self.tasks_dir,
+            vms.state_root / "tasks",
             kind="task",
             filename="task.json",
             decode=TaskRecord.from_dict,
@@ -153,7 +152,10 @@ class TaskManager:
             try:
                 self.records.save(record)
                 staging = task_dir / "workspace"
-                staging.mkdir(mode=0o700)
+                try:
+                    staging.mkdir(mode=0o700)
+                except OSError as exc:
+                    raise state_dir_error(task_dir, exc) from exc
                 progress(ProgressEvent("seed", "preparing /workspace"))
                 seed = seed_tree(staging, source_path, exclude=exclude, seed_limits=seed_limits)
                 record = TaskRecord(replace(record.config, workspace_seed=seed), record.runtime)
@@ -165,7 +167,10 @@ class TaskManager:
                             f"in {seed.seed_ms} ms",
                         )
                     )
-                runtime.prepare_workspace(task_dir, staging, seed.entry_count)
+                try:
+                    runtime.prepare_workspace(task_dir, staging, seed.entry_count)
+                except OSError as exc:
+                    raise state_dir_error(task_dir, exc) from exc
                 runtime.start(record, progress)
                 record.runtime.creator = None
                 self.records.save(record)

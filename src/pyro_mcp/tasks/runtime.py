@@ -37,7 +37,7 @@ from pyro_mcp.errors import InvalidInputError, NotFoundError, PyroError, StateEr
 from pyro_mcp.manager import ExecOutcome, VMManager
 from pyro_mcp.models import TaskStatus
 from pyro_mcp.progress import ProgressEvent, ProgressFn
-from pyro_mcp.records import RecordStore, TaskRecord
+from pyro_mcp.records import RecordStore, TaskRecord, state_dir_error
 from pyro_mcp.vmm import backend_info, get_backend, get_sandbox_backend
 from pyro_mcp.vmm.base import Backend, BackendInfo
 
@@ -137,7 +137,11 @@ class VMGuest:
         state.vm_id = info.vm_id
         state.acceleration = info.acceleration
         self.records.save(record)
-        self.attach(self.records.folder(config.task_id), vms.records.folder(info.vm_id))
+        vm_dir = vms.records.folder(info.vm_id)
+        try:
+            self.attach(self.records.folder(config.task_id), vm_dir)
+        except OSError as exc:
+            raise state_dir_error(vm_dir, exc) from exc
         started = vms.start(info.vm_id, progress=progress)
         state.boot = started.boot
         state.environment_version = started.environment_version
