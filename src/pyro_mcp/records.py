@@ -7,6 +7,12 @@ checked on read, see :mod:`pyro_mcp.state`) beside whatever else belongs to it
 and task managers give it a codec (``to_dict``/``from_dict``) and, for
 reaping, a function that says why a record should go.
 
+Records are typed, config (fixed at create) apart from runtime state:
+:class:`VMRecord` (all frozen: a change makes a new record, ``with_runtime``)
+and :class:`TaskRecord`, whose :class:`TaskRuntime` is mutable by choice: the
+task code updates its fields in place while it holds the task's lock, then
+saves the record. On disk: ``{"schema": 2, "config": {...}, "runtime": {...}}``.
+
 OS errors on the state folder are translated here, once, into
 :class:`~pyro_mcp.errors.StateError` with one wording.
 """
