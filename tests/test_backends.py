@@ -70,10 +70,10 @@ def test_the_layers_above_vmm_never_name_a_backend(module: object) -> None:
 
 def test_tasks_pick_their_runtime_from_the_backend(tmp_path: Path) -> None:
     from pyro_mcp.manager import VMManager
-    from pyro_mcp.tasks.records import TaskRecords
+    from pyro_mcp.tasks import TaskManager
 
     vms = VMManager(state_root=tmp_path)
-    records = TaskRecords(tmp_path / "tasks")
+    records = TaskManager(vms).records
     kinds = {name: type(runtime_for(name, vms, records)) for name in vmm.BACKEND_NAMES}
     assert kinds == {
         "qemu": DiskRuntime,

@@ -9,7 +9,6 @@ VMM outliving its VM, no half-written state file, and a documented way back
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -37,7 +36,8 @@ from pyro_mcp.errors import (
 )
 from pyro_mcp.manager import VMManager
 from pyro_mcp.progress import ProgressEvent
-from pyro_mcp.state import ProcessId
+from pyro_mcp.records import TaskRecord
+from pyro_mcp.state import ProcessId, read_json
 
 pytestmark = pytest.mark.vm
 
@@ -442,11 +442,12 @@ def test_missing_qemu(
     assert_clean(state_dir)
 
 
-def task_records(state_dir: Path) -> dict[str, dict[str, Any]]:
+def task_records(state_dir: Path) -> dict[str, TaskRecord]:
+    """The task records on disk, each read and checked as pyro reads it."""
     out = {}
     for task_json in (state_dir / "tasks").glob("task-*/task.json"):
         with contextlib.suppress(FileNotFoundError):
-            out[task_json.parent.name] = json.loads(task_json.read_text())
+            out[task_json.parent.name] = TaskRecord.from_dict(read_json(task_json))
     return out
 
 
@@ -476,13 +477,13 @@ def test_sigkill_of_task_create(
         stderr=subprocess.DEVNULL,
     )
 
-    def new_tasks() -> dict[str, dict[str, Any]]:
+    def new_tasks() -> dict[str, TaskRecord]:
         return {k: v for k, v in task_records(state_dir).items() if k != existing.task_id}
 
     def at_stage() -> bool:
         assert proc.poll() is None, "task create finished before it was killed"
         if stage == "seed":
-            return any(r["status"] == "creating" for r in new_tasks().values())
+            return any(r.runtime.status == "creating" for r in new_tasks().values())
         vms = records(state_dir)
         return any(r["status"] == "starting" for r in vms.values())
 
@@ -494,7 +495,7 @@ def test_sigkill_of_task_create(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert all(r["status"] == "creating" for r in new_tasks().values())  # all parse
+    assert all(r.runtime.status == "creating" for r in new_tasks().values())  # all parse
 
     reaped = Pyro(state_dir=state_dir, reap=False).reap_expired()  # any later pyro call does
     assert set(reaped.reasons.values()) == {"create_interrupted"}

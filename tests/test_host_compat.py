@@ -16,6 +16,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ import pytest
 from helpers import Ticker, wait_until
 from pyro_mcp.api import Pyro
 from pyro_mcp.errors import BackendUnavailableError, InvalidInputError, PyroError
+from pyro_mcp.records import TaskRecord
 from pyro_mcp.state import read_json, write_json_atomic
 from pyro_mcp.vmm import host_compat, pids
 from pyro_mcp.workspace.archive import UnsafeSeedError
@@ -224,9 +226,9 @@ def test_same_extraction_rules(hc: Pyro, state_dir: Path, tmp_path: Path) -> Non
 def test_expired_host_compat_tasks_are_reaped(hc: Pyro, state_dir: Path) -> None:
     tid = hc.create_task("debian:12-base").task_id
     path = state_dir / "tasks" / tid / "task.json"
-    record = read_json(path)
-    record["expires_at"] = time.time() - 1
-    write_json_atomic(path, record)
+    record = TaskRecord.from_dict(read_json(path))
+    expired = TaskRecord(replace(record.config, expires_at=time.time() - 1), record.runtime)
+    write_json_atomic(path, expired.to_dict())
     assert hc.reap_expired().reasons == {tid: "ttl_expired"}
     assert not (state_dir / "tasks" / tid).exists()
 

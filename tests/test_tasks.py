@@ -24,6 +24,7 @@ import pytest
 
 from pyro_mcp.api import Pyro
 from pyro_mcp.errors import InvalidInputError, NotFoundError
+from pyro_mcp.records import TaskRecord
 from pyro_mcp.state import read_json
 from pyro_mcp.workspace.archive import UnsafeSeedError
 
@@ -64,7 +65,8 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def status_mode(state_dir: Path, task_id: str) -> str:
-    return str(read_json(state_dir / "tasks" / task_id / "task.json")["execution_mode"])
+    record = TaskRecord.from_dict(read_json(state_dir / "tasks" / task_id / "task.json"))
+    return record.config.execution_mode
 
 
 def make_project(root: Path) -> Path:

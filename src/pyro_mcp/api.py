@@ -362,6 +362,5 @@ class Pyro:
     def reap_expired(self) -> ReapResult:
         """Remove VMs and tasks past their TTL, and leftovers of dead processes."""
         reasons = self._manager.reap_expired()
-        tasks = self._tasks.reap_expired()
-        reasons.update(tasks.reasons)
+        reasons.update(self._tasks.reap_expired())
         return ReapResult(reaped=sorted(reasons), reasons=reasons)

@@ -7,6 +7,12 @@ checked on read, see :mod:`pyro_mcp.state`) beside whatever else belongs to it
 and task managers give it a codec (``to_dict``/``from_dict``) and, for
 reaping, a function that says why a record should go.
 
+Records are typed, config (fixed at create) apart from runtime state:
+:class:`VMRecord` (all frozen: a change makes a new record, ``with_runtime``)
+and :class:`TaskRecord`, whose :class:`TaskRuntime` is mutable by choice: the
+task code updates its fields in place while it holds the task's lock, then
+saves the record. On disk: ``{"schema": 2, "config": {...}, "runtime": {...}}``.
+
 OS errors on the state folder are translated here, once, into
 :class:`~pyro_mcp.errors.StateError` with one wording.
 """
@@ -22,11 +28,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, get_args
 
 from pyro_mcp import paths
 from pyro_mcp.control import MountSpec
 from pyro_mcp.errors import InvalidInputError, NotFoundError, StateError
+from pyro_mcp.models import BootKind, TaskStatus
 from pyro_mcp.state import (
     ProcessId,
     read_json,
@@ -34,6 +41,9 @@ from pyro_mcp.state import (
     remove_orphan_locks,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:
+    from pyro_mcp.workspace.seed import SeedResult
 
 INCOMPLETE_GRACE_S = 60.0  # a folder without a record younger than this is being created
 
@@ -228,6 +238,34 @@ def _proc_dict(pid: ProcessId | None) -> dict[str, int] | None:
     return pid.to_dict() if pid else None
 
 
+def _guest_to_dict(config: VMConfig | TaskConfig) -> dict[str, Any]:
+    """The config fields VMs and tasks share: what the guest is made as, and when."""
+    return {
+        "environment": config.environment,
+        "vcpu_count": config.vcpu_count,
+        "mem_mib": config.mem_mib,
+        "network": config.network,
+        "ttl_seconds": config.ttl_seconds,
+        "created_at": config.created_at,
+        "expires_at": config.expires_at,
+        "backend": config.backend,
+    }
+
+
+def _guest_from_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_guest_to_dict` read back, each field checked for its type."""
+    return {
+        "environment": str(d["environment"]),
+        "vcpu_count": int(d["vcpu_count"]),
+        "mem_mib": int(d["mem_mib"]),
+        "network": bool(d["network"]),
+        "ttl_seconds": int(d["ttl_seconds"]),
+        "created_at": float(d["created_at"]),
+        "expires_at": float(d["expires_at"]),
+        "backend": str(d["backend"]),
+    }
+
+
 @dataclass(frozen=True)
 class VMConfig:
     """What a VM was created as; never changes after create."""
@@ -248,14 +286,7 @@ class VMConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "vm_id": self.vm_id,
-            "environment": self.environment,
-            "vcpu_count": self.vcpu_count,
-            "mem_mib": self.mem_mib,
-            "network": self.network,
-            "ttl_seconds": self.ttl_seconds,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "backend": self.backend,
+            **_guest_to_dict(self),
             "acceleration": self.acceleration,
             "owner": _proc_dict(self.owner),
             "mounts": [m.to_dict() for m in self.mounts],
@@ -265,14 +296,7 @@ class VMConfig:
     def from_dict(cls, d: dict[str, Any]) -> VMConfig:
         return cls(
             vm_id=str(d["vm_id"]),
-            environment=str(d["environment"]),
-            vcpu_count=int(d["vcpu_count"]),
-            mem_mib=int(d["mem_mib"]),
-            network=bool(d["network"]),
-            ttl_seconds=int(d["ttl_seconds"]),
-            created_at=float(d["created_at"]),
-            expires_at=float(d["expires_at"]),
-            backend=str(d["backend"]),
+            **_guest_from_dict(d),
             acceleration=str(d["acceleration"]),
             owner=_process(d.get("owner")),
             mounts=tuple(MountSpec.from_dict(m) for m in d.get("mounts", [])),
@@ -335,3 +359,126 @@ class VMRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VMRecord:
         return cls(VMConfig.from_dict(d["config"]), VMRuntime.from_dict(d["runtime"]))
+
+
+# ---------------------------------------------------------------- task records
+
+SEED_MODES = ("empty", "directory", "tar_archive")  # workspace.seed.SeedMode
+
+
+def _seed_from_dict(d: Any) -> SeedResult | None:
+    if d is None:
+        return None
+    # Imported here: the archive code stays off the import path of VM-only callers.
+    from pyro_mcp.workspace.seed import SeedResult
+
+    if d["mode"] not in SEED_MODES:
+        raise ValueError(f"unknown workspace seed mode {d['mode']!r}")
+    return SeedResult(
+        mode=d["mode"],
+        source_path=None if d["source_path"] is None else str(d["source_path"]),
+        destination=str(d["destination"]),
+        entry_count=int(d["entry_count"]),
+        bytes_written=int(d["bytes_written"]),
+        sha256=None if d["sha256"] is None else str(d["sha256"]),
+        exclude=tuple(str(p) for p in d.get("exclude", ())),
+        seed_ms=int(d.get("seed_ms", 0)),
+    )
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What a task was created as. ``workspace_seed`` is set once, while the task
+    is still "creating" (the record is written before seeding, so that a create
+    cut short is found and reaped); nothing changes after create."""
+
+    task_id: str
+    environment: str
+    vcpu_count: int
+    mem_mib: int
+    network: bool
+    ttl_seconds: int
+    created_at: float
+    expires_at: float
+    backend: str
+    execution_mode: str
+    workspace_seed: SeedResult | None = None  # None until seeded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            **_guest_to_dict(self),
+            "execution_mode": self.execution_mode,
+            "workspace_seed": self.workspace_seed.to_dict() if self.workspace_seed else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskConfig:
+        return cls(
+            task_id=str(d["task_id"]),
+            **_guest_from_dict(d),
+            execution_mode=str(d["execution_mode"]),
+            workspace_seed=_seed_from_dict(d.get("workspace_seed")),
+        )
+
+
+@dataclass
+class TaskRuntime:
+    """What a task is doing now. Mutable, unlike :class:`VMRuntime`: the task code
+    updates its fields in place while it holds the task's lock, and saves the record."""
+
+    status: TaskStatus = "creating"  # recorded: creating, then running (VM) or ready
+    environment_version: str = ""
+    creator: ProcessId | None = None  # the creating process, until create finishes
+    acceleration: str | None = None
+    vm_id: str | None = None  # the task's current VM (None for host_compat)
+    boot: BootKind | None = None
+    hostfs: str | None = None  # host_compat: the environment's unpacked root
+    detail: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "environment_version": self.environment_version,
+            "creator": _proc_dict(self.creator),
+            "acceleration": self.acceleration,
+            "vm_id": self.vm_id,
+            "boot": self.boot,
+            "hostfs": self.hostfs,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskRuntime:
+        if d["status"] not in get_args(TaskStatus):
+            raise ValueError(f"unknown task status {d['status']!r}")
+        boot = d.get("boot")
+        if boot is not None and boot not in get_args(BootKind):
+            raise ValueError(f"unknown boot kind {boot!r}")
+        return cls(
+            status=d["status"],
+            environment_version=str(d["environment_version"]),
+            creator=_process(d.get("creator")),
+            acceleration=d.get("acceleration"),
+            vm_id=d.get("vm_id"),
+            boot=cast("BootKind | None", boot),
+            hostfs=d.get("hostfs"),
+            detail=d.get("detail"),
+        )
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    config: TaskConfig
+    runtime: TaskRuntime
+
+    @property
+    def record_id(self) -> str:
+        return self.config.task_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "runtime": self.runtime.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskRecord:
+        return cls(TaskConfig.from_dict(d["config"]), TaskRuntime.from_dict(d["runtime"]))

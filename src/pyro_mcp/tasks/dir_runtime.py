@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from pyro_mcp.commands import BASE_ENV, ExecOptions, build_argv
 from pyro_mcp.limits import TASK_WORKSPACE
 from pyro_mcp.manager import ExecOutcome, VMManager
 from pyro_mcp.models import TaskStatus
 from pyro_mcp.progress import ProgressFn
-from pyro_mcp.tasks.records import TaskRecords
+from pyro_mcp.records import RecordStore, TaskRecord
 from pyro_mcp.tasks.runtime import VMGuest
 from pyro_mcp.vmm.base import SandboxBackend
 
@@ -46,7 +45,9 @@ class DirectoryVMRuntime(VMGuest):
 
 
 class DirectorySandboxRuntime:
-    def __init__(self, backend: SandboxBackend, vms: VMManager, records: TaskRecords) -> None:
+    def __init__(
+        self, backend: SandboxBackend, vms: VMManager, records: RecordStore[TaskRecord]
+    ) -> None:
         self.backend = backend
         self.vms = vms
         self.records = records
@@ -55,27 +56,28 @@ class DirectorySandboxRuntime:
         del task_dir, entry_count
         _open_folder(staging)
 
-    def start(self, record: dict[str, Any], progress: ProgressFn) -> None:
-        env = self.vms.store.ensure(record["environment"], progress=progress)
-        record["environment_version"] = env.version
-        record["hostfs"] = str(self.backend.prepare_root(env, progress))
-        record["acceleration"] = self.backend.probe().acceleration or "none"
-        record["status"] = "ready"
+    def start(self, record: TaskRecord, progress: ProgressFn) -> None:
+        state = record.runtime
+        env = self.vms.store.ensure(record.config.environment, progress=progress)
+        state.environment_version = env.version
+        state.hostfs = str(self.backend.prepare_root(env, progress))
+        state.acceleration = self.backend.probe().acceleration or "none"
+        state.status = "ready"
 
     def exec(
         self,
-        record: dict[str, Any],
+        record: TaskRecord,
         command: str | list[str],
         options: ExecOptions,
         progress: ProgressFn,
-    ) -> tuple[dict[str, Any], ExecOutcome]:
-        root = Path(record["hostfs"] or "")
+    ) -> tuple[TaskRecord, ExecOutcome]:
+        root = Path(record.runtime.hostfs or "")
         if not (root / "usr").is_dir():  # the cached tree was pruned: unpack it again
-            installed = self.vms.store.ensure(record["environment"], progress=progress)
+            installed = self.vms.store.ensure(record.config.environment, progress=progress)
             root = self.backend.prepare_root(installed, progress)
         data = self.backend.run(
             root,
-            self.records.tasks_dir / record["task_id"] / FOLDER,
+            self.records.folder(record.record_id) / FOLDER,
             build_argv(command, options.env),
             cwd=options.cwd_or(TASK_WORKSPACE),
             env={**BASE_ENV, **options.env},
@@ -85,8 +87,8 @@ class DirectorySandboxRuntime:
         )
         return record, ExecOutcome(**data)
 
-    def observed_status(self, record: dict[str, Any]) -> tuple[TaskStatus, str | None]:
-        return record["status"], record.get("detail")
+    def observed_status(self, record: TaskRecord) -> tuple[TaskStatus, str | None]:
+        return record.runtime.status, record.runtime.detail
 
-    def discard(self, record: dict[str, Any]) -> None:
+    def discard(self, record: TaskRecord) -> None:
         del record  # nothing runs between commands

@@ -1,7 +1,8 @@
 """Tasks: persistent workspaces that keep their files across commands.
 
 A task is a folder ``<state>/tasks/<task_id>/`` holding its record
-(``task.json``, see :mod:`pyro_mcp.tasks.records`) and its workspace, whose
+(``task.json``, a :class:`~pyro_mcp.records.TaskRecord` in the shared
+:class:`~pyro_mcp.records.RecordStore`) and its workspace, whose
 form is the backend's ``workspace_kind`` (see :mod:`pyro_mcp.tasks.runtime`):
 an ext4 image in a VM (qemu) or a host folder (gvisor, host_compat).
 
@@ -20,11 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 from pyro_mcp import limits
 from pyro_mcp.commands import ExecOptions
@@ -38,21 +37,19 @@ from pyro_mcp.errors import (
 from pyro_mcp.manager import VMManager
 from pyro_mcp.models import (
     ExecResult,
-    ReapResult,
     TaskDeleteResult,
     TaskExecResult,
     TaskInfo,
     WorkspaceSeed,
 )
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
+from pyro_mcp.records import RecordStore, TaskConfig, TaskRecord, state_dir_error
+from pyro_mcp.records import TaskRuntime as TaskState
 from pyro_mcp.state import ProcessId
-from pyro_mcp.tasks.records import TaskRecords
 from pyro_mcp.tasks.runtime import TaskRuntime, runtime_for
 from pyro_mcp.vmm import SANDBOX_BACKEND_NAMES, fallback_backend, get_sandbox_backend
 from pyro_mcp.workspace.archive import SeedLimits
 from pyro_mcp.workspace.seed import resolve_source, seed_tree
-
-INCOMPLETE_GRACE_S = 60.0
 
 
 class TaskManager:
@@ -60,8 +57,14 @@ class TaskManager:
 
     def __init__(self, vms: VMManager, *, allow_host_compat: bool = False) -> None:
         self.vms = vms
-        self.tasks_dir = vms.state_root / "tasks"
-        self.records = TaskRecords(self.tasks_dir)
+        self.records: RecordStore[TaskRecord] = RecordStore(
+            vms.state_root / "tasks",
+            kind="task",
+            filename="task.json",
+            decode=TaskRecord.from_dict,
+            check_id=limits.check_task_id,
+            list_hint="list tasks with `pyro task list`",
+        )
         self.allow_host_compat = allow_host_compat
 
     # -- helpers ------------------------------------------------------------
@@ -127,41 +130,35 @@ class TaskManager:
         backend = self._choose_backend()
         runtime = self._runtime(backend)
 
-        self.records.ensure_root()
-        task_id = f"task-{secrets.token_hex(6)}"
-        task_dir = self.tasks_dir / task_id
+        task_id, task_dir = self.records.create_folder()
         now = time.time()
-        creator = ProcessId.of(os.getpid())
-        record: dict[str, Any] = {
-            "task_id": task_id,
-            "environment": spec.name,
-            "environment_version": spec.version,
-            "status": "creating",
-            "creator": creator.to_dict() if creator else None,
-            "backend": backend,
-            "acceleration": None,
-            "execution_mode": runtime.backend.execution_mode,
-            "vm_id": None,
-            "boot": None,
-            "vcpu_count": vcpu_count,
-            "mem_mib": mem_mib,
-            "network": network,
-            "ttl_seconds": ttl_seconds,
-            "created_at": now,
-            "expires_at": now + ttl_seconds,
-            "workspace_seed": None,
-            "hostfs": None,
-            "detail": None,
-        }
-        task_dir.mkdir(mode=0o700)
-        try:
-            with self.records.lock(task_id):
+        record = TaskRecord(
+            TaskConfig(
+                task_id=task_id,
+                environment=spec.name,
+                vcpu_count=vcpu_count,
+                mem_mib=mem_mib,
+                network=network,
+                ttl_seconds=ttl_seconds,
+                created_at=now,
+                expires_at=now + ttl_seconds,
+                backend=backend,
+                execution_mode=runtime.backend.execution_mode,
+            ),
+            TaskState(environment_version=spec.version, creator=ProcessId.of(os.getpid())),
+        )
+        # The lock's file goes with the folder when a failed create removes it.
+        with self.records.lock(task_id):
+            try:
                 self.records.save(record)
                 staging = task_dir / "workspace"
-                staging.mkdir(mode=0o700)
+                try:
+                    staging.mkdir(mode=0o700)
+                except OSError as exc:
+                    raise state_dir_error(task_dir, exc) from exc
                 progress(ProgressEvent("seed", "preparing /workspace"))
                 seed = seed_tree(staging, source_path, exclude=exclude, seed_limits=seed_limits)
-                record["workspace_seed"] = seed.to_dict()
+                record = TaskRecord(replace(record.config, workspace_seed=seed), record.runtime)
                 if seed.mode != "empty":
                     progress(
                         ProgressEvent(
@@ -170,23 +167,25 @@ class TaskManager:
                             f"in {seed.seed_ms} ms",
                         )
                     )
-                runtime.prepare_workspace(task_dir, staging, seed.entry_count)
+                try:
+                    runtime.prepare_workspace(task_dir, staging, seed.entry_count)
+                except OSError as exc:
+                    raise state_dir_error(task_dir, exc) from exc
                 runtime.start(record, progress)
-                record["creator"] = None
+                record.runtime.creator = None
                 self.records.save(record)
-        except BaseException:
-            self._discard(record)
-            self.records.remove_lock(task_id)  # released above; nobody else knows the id
-            raise
+            except BaseException:
+                self._discard(task_id, record)
+                raise
         return self._info(record)
 
-    def _discard(self, record: dict[str, Any]) -> None:
-        """Stop a task's guest and remove its folder (failed create, delete, reap)."""
-        backend = record.get("backend")
-        if backend:
+    def _discard(self, task_id: str, record: TaskRecord | None) -> None:
+        """Stop a task's guest and remove its folder (failed create, delete, reap);
+        without a (readable) record there is only the folder to remove."""
+        if record is not None:
             with contextlib.suppress(InvalidInputError):
-                self._runtime(backend).discard(record)
-        self.records.remove(record["task_id"])
+                self._runtime(record.config.backend).discard(record)
+        self.records.remove(task_id)
 
     # -- exec ---------------------------------------------------------------
     def exec(
@@ -202,21 +201,22 @@ class TaskManager:
         cmd = limits.check_command(command)
         opts = options or ExecOptions()
         record = self.records.load(task_id)
-        if record["status"] == "creating":
+        if record.runtime.status == "creating":
             raise VMStateError(
                 f"task {task_id} is still being created", hint="wait for task create to finish"
             )
-        if time.time() >= float(record["expires_at"]):
+        if time.time() >= record.config.expires_at:
             raise VMStateError(
                 f"task {task_id} has outlived its TTL and is being removed",
                 hint="create a new task",
             )
-        record, outcome = self._runtime(record["backend"]).exec(record, cmd, opts, progress)
+        record, outcome = self._runtime(record.config.backend).exec(record, cmd, opts, progress)
+        config, state = record.config, record.runtime
         return TaskExecResult(
             task_id=task_id,
-            vm_id=record.get("vm_id"),
-            environment=record["environment"],
-            environment_version=record["environment_version"],
+            vm_id=state.vm_id,
+            environment=config.environment,
+            environment_version=state.environment_version,
             command=cmd,
             stdout=outcome.stdout.decode("utf-8", "replace"),
             stderr=outcome.stderr.decode("utf-8", "replace"),
@@ -225,41 +225,44 @@ class TaskManager:
             exit_code=outcome.exit_code,
             timed_out=outcome.timed_out,
             duration_ms=outcome.duration_ms,
-            execution_mode=record["execution_mode"],
-            backend=record["backend"],
-            acceleration=record["acceleration"] or "none",
-            boot=record.get("boot"),
+            execution_mode=config.execution_mode,
+            backend=config.backend,
+            acceleration=state.acceleration or "none",
+            boot=state.boot,
         )
 
     # -- queries ------------------------------------------------------------
-    def _info(self, record: dict[str, Any]) -> TaskInfo:
-        status, detail = self._runtime(record["backend"]).observed_status(record)
-        seed = record.get("workspace_seed") or {
-            "mode": "empty",
-            "source_path": None,
-            "destination": limits.TASK_WORKSPACE,
-            "entry_count": 0,
-            "bytes_written": 0,
-            "sha256": None,
-        }
+    def _info(self, record: TaskRecord) -> TaskInfo:
+        config, state = record.config, record.runtime
+        status, detail = self._runtime(config.backend).observed_status(record)
+        seed = config.workspace_seed
         return TaskInfo(
-            task_id=record["task_id"],
-            environment=record["environment"],
-            environment_version=record["environment_version"],
+            task_id=config.task_id,
+            environment=config.environment,
+            environment_version=state.environment_version,
             status=status,
-            execution_mode=record["execution_mode"],
-            backend=record["backend"],
-            acceleration=record.get("acceleration") or "none",
-            vm_id=record.get("vm_id"),
-            vcpu_count=record["vcpu_count"],
-            mem_mib=record["mem_mib"],
-            network=record["network"],
-            ttl_seconds=record["ttl_seconds"],
-            created_at=record["created_at"],
-            expires_at=record["expires_at"],
+            execution_mode=config.execution_mode,
+            backend=config.backend,
+            acceleration=state.acceleration or "none",
+            vm_id=state.vm_id,
+            vcpu_count=config.vcpu_count,
+            mem_mib=config.mem_mib,
+            network=config.network,
+            ttl_seconds=config.ttl_seconds,
+            created_at=config.created_at,
+            expires_at=config.expires_at,
             workspace_path=limits.TASK_WORKSPACE,
-            workspace_seed=WorkspaceSeed(**seed),
-            boot=record.get("boot"),
+            workspace_seed=WorkspaceSeed(**seed.to_dict())
+            if seed
+            else WorkspaceSeed(
+                mode="empty",
+                source_path=None,
+                destination=limits.TASK_WORKSPACE,
+                entry_count=0,
+                bytes_written=0,
+                sha256=None,
+            ),
+            boot=state.boot,
             detail=detail,
         )
 
@@ -268,62 +271,44 @@ class TaskManager:
 
     def list(self) -> list[TaskInfo]:
         out = []
-        for task_dir in self.records.task_dirs():
-            with contextlib.suppress(FileNotFoundError, StateError, KeyError, InvalidInputError):
-                out.append(self._info(self.records.read(task_dir)))
+        for record in self.records.records():
+            with contextlib.suppress(InvalidInputError):  # a backend this version lacks
+                out.append(self._info(record))
         return out
 
     # -- removal ------------------------------------------------------------
     def delete(self, task_id: str) -> TaskDeleteResult:
         """Stop the task's VM and remove it with its workspace. A second delete
         of the same task is a NotFoundError."""
-        task_dir = self.records.task_dir(task_id)
+        task_dir = self.records.folder(task_id)
         with self.records.lock(task_id):
             try:
-                record: dict[str, Any] | None = self.records.read(task_dir)
-            except FileNotFoundError:
+                record: TaskRecord | None = self.records.load(task_id)
+            except NotFoundError:
                 if not task_dir.exists():
-                    raise NotFoundError(
-                        f"task {task_id} does not exist (it may have been deleted already, "
-                        "or reaped after its TTL)",
-                        hint="list tasks with `pyro task list`",
-                    ) from None
-                record = None
+                    raise
+                record = None  # a folder without a record: a create cut short
             except StateError:
                 record = None
-            self._discard(record or {"task_id": task_id})
+            self._discard(task_id, record)
         return TaskDeleteResult(task_id=task_id, deleted=True)
 
-    def reap_expired(self) -> ReapResult:
+    def reap_expired(self) -> dict[str, str]:
         """Remove tasks past their TTL, creates interrupted by a dead process, and
-        folders without a record."""
-        reasons: dict[str, str] = {}
-        now = time.time()
-        for task_dir in self.records.task_dirs():
-            task_id = task_dir.name
-            try:
-                record = self.records.read(task_dir)
-            except FileNotFoundError:
-                with contextlib.suppress(OSError):
-                    if now - task_dir.stat().st_mtime > INCOMPLETE_GRACE_S:
-                        self.records.remove(task_id)
-                        reasons[task_id] = "incomplete"
-                continue
-            except StateError:
-                continue
-            reason = None
-            creator = ProcessId.from_dict(record.get("creator"))
-            if now >= float(record.get("expires_at", 0)):
-                reason = "ttl_expired"
-            elif record.get("status") == "creating" and (creator is None or not creator.alive()):
-                reason = "create_interrupted"
-            if reason is None:
-                continue
-            with contextlib.suppress(NotFoundError, InvalidInputError):
-                self.delete(task_id)
-                reasons[task_id] = reason
-        self.records.remove_orphan_locks()
-        return ReapResult(reaped=sorted(reasons), reasons=reasons)
+        folders without a record. Returns the ids removed, with why."""
+
+        def why(record: TaskRecord, now: float) -> str | None:
+            if now >= record.config.expires_at:
+                return "ttl_expired"
+            creator = record.runtime.creator
+            if record.runtime.status == "creating" and (creator is None or not creator.alive()):
+                return "create_interrupted"
+            return None
+
+        def delete(task_id: str, _reason: str) -> None:
+            self.delete(task_id)
+
+        return self.records.reap(why, delete)
 
     # -- one-shot in a sandbox backend (host_compat) ------------------------------------------
     def run_host_compat(

@@ -37,7 +37,7 @@ from pyro_mcp.errors import InvalidInputError, NotFoundError, PyroError, StateEr
 from pyro_mcp.manager import ExecOutcome, VMManager
 from pyro_mcp.models import TaskStatus
 from pyro_mcp.progress import ProgressEvent, ProgressFn
-from pyro_mcp.tasks.records import TaskRecords
+from pyro_mcp.records import RecordStore, TaskRecord, state_dir_error
 from pyro_mcp.vmm import backend_info, get_backend, get_sandbox_backend
 from pyro_mcp.vmm.base import Backend, BackendInfo
 
@@ -53,34 +53,34 @@ class TaskRuntime(Protocol):
         workspace this kind of runtime uses."""
         ...
 
-    def start(self, record: dict[str, Any], progress: ProgressFn) -> None:
+    def start(self, record: TaskRecord, progress: ProgressFn) -> None:
         """Make the task usable (lock held): start its guest, or prepare what each
         command's sandbox needs. Sets ``status``, ``acceleration`` and, for a VM,
-        ``vm_id`` and ``boot`` in ``record``."""
+        ``vm_id`` and ``boot`` in ``record.runtime``."""
         ...
 
     def exec(
         self,
-        record: dict[str, Any],
+        record: TaskRecord,
         command: str | list[str],
         options: ExecOptions,
         progress: ProgressFn,
-    ) -> tuple[dict[str, Any], ExecOutcome]:
+    ) -> tuple[TaskRecord, ExecOutcome]:
         """Run ``command`` (checked by the caller, like ``options``; ``cwd=None`` is
         /workspace) in the task, restarting its guest first if it is gone; returns the
         (possibly updated) record and the outcome."""
         ...
 
-    def observed_status(self, record: dict[str, Any]) -> tuple[TaskStatus, str | None]:
+    def observed_status(self, record: TaskRecord) -> tuple[TaskStatus, str | None]:
         """(status, detail) as they are now, not as last recorded."""
         ...
 
-    def discard(self, record: dict[str, Any]) -> None:
+    def discard(self, record: TaskRecord) -> None:
         """Stop whatever runs for the task (its folder is removed by the caller)."""
         ...
 
 
-def runtime_for(backend: str, vms: VMManager, records: TaskRecords) -> TaskRuntime:
+def runtime_for(backend: str, vms: VMManager, records: RecordStore[TaskRecord]) -> TaskRuntime:
     """The runtime for tasks on ``backend``, chosen by what the backend declares."""
     from pyro_mcp.tasks.dir_runtime import DirectorySandboxRuntime, DirectoryVMRuntime
     from pyro_mcp.tasks.vm_runtime import DiskRuntime
@@ -100,7 +100,7 @@ class VMGuest:
     #: What the guest agent mounts at INIT.
     mounts: tuple[Mapping[str, Any], ...] = ()
 
-    def __init__(self, backend: Backend, vms: VMManager, records: TaskRecords) -> None:
+    def __init__(self, backend: Backend, vms: VMManager, records: RecordStore[TaskRecord]) -> None:
         self.backend = backend
         self.vms = vms
         self.records = records
@@ -109,48 +109,53 @@ class VMGuest:
         """Give the VM's folder (before its start) the task's workspace."""
         raise NotImplementedError
 
-    def start(self, record: dict[str, Any], progress: ProgressFn) -> None:
+    def start(self, record: TaskRecord, progress: ProgressFn) -> None:
         self._start_vm(record, progress)
-        record["status"] = "running"
+        record.runtime.status = "running"
 
-    def _start_vm(self, record: dict[str, Any], progress: ProgressFn) -> None:
+    def _start_vm(self, record: TaskRecord, progress: ProgressFn) -> None:
         """Create and boot a VM for the task on its workspace (lock held)."""
-        remaining = math.ceil(record["expires_at"] - time.time())
+        config, state = record.config, record.runtime
+        remaining = math.ceil(config.expires_at - time.time())
         if remaining <= 0:
             raise VMStateError(
-                f"task {record['task_id']} has outlived its TTL", hint="create a new task"
+                f"task {config.task_id} has outlived its TTL", hint="create a new task"
             )
         # Always the task's own backend (a restart must not switch it).
         vms = VMManager(
             state_root=self.vms.state_root, store=self.vms.store, backend=self.backend.name
         )
         info = vms.create(
-            record["environment"],
-            vcpu_count=record["vcpu_count"],
-            mem_mib=record["mem_mib"],
+            config.environment,
+            vcpu_count=config.vcpu_count,
+            mem_mib=config.mem_mib,
             # The task's reaper removes it at the task's TTL in any case.
             ttl_seconds=max(remaining, limits.MIN_TTL_SECONDS),
-            network=record["network"],
+            network=config.network,
             mounts=self.mounts,
         )
-        record["vm_id"] = info.vm_id
-        record["acceleration"] = info.acceleration
+        state.vm_id = info.vm_id
+        state.acceleration = info.acceleration
         self.records.save(record)
-        self.attach(self.records.tasks_dir / record["task_id"], vms.vms_dir / info.vm_id)
+        vm_dir = vms.records.folder(info.vm_id)
+        try:
+            self.attach(self.records.folder(config.task_id), vm_dir)
+        except OSError as exc:
+            raise state_dir_error(vm_dir, exc) from exc
         started = vms.start(info.vm_id, progress=progress)
-        record["boot"] = started.boot
-        record["environment_version"] = started.environment_version
+        state.boot = started.boot
+        state.environment_version = started.environment_version
 
     def exec(
         self,
-        record: dict[str, Any],
+        record: TaskRecord,
         command: str | list[str],
         options: ExecOptions,
         progress: ProgressFn,
-    ) -> tuple[dict[str, Any], ExecOutcome]:
+    ) -> tuple[TaskRecord, ExecOutcome]:
         record = self._ensure_vm(record, progress)
         outcome = self.vms.exec(
-            record["vm_id"],
+            str(record.runtime.vm_id),
             command,
             options,
             default_cwd=limits.TASK_WORKSPACE,
@@ -158,8 +163,8 @@ class VMGuest:
         )
         return record, outcome
 
-    def _vm_running(self, record: dict[str, Any]) -> bool:
-        vm_id = record.get("vm_id")
+    def _vm_running(self, record: TaskRecord) -> bool:
+        vm_id = record.runtime.vm_id
         if not vm_id:
             return False
         try:
@@ -167,29 +172,29 @@ class VMGuest:
         except (NotFoundError, StateError):
             return False
 
-    def _ensure_vm(self, record: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+    def _ensure_vm(self, record: TaskRecord, progress: ProgressFn) -> TaskRecord:
         """The task's record with a running VM, starting a new one if it is gone."""
         if self._vm_running(record):
             return record
-        task_id = record["task_id"]
+        task_id = record.record_id
         with self.records.lock(task_id):
             record = self.records.load(task_id)
             if self._vm_running(record):
                 return record
-            old = record.get("vm_id")
+            old = record.runtime.vm_id
             reason = self._vm_gone_reason(old)
             if old:
                 with contextlib.suppress(NotFoundError, InvalidInputError, StateError):
                     self.vms.delete(old, reason="task VM restart")
             progress(ProgressEvent("boot", f"task {task_id}: its VM {reason}; starting a new one"))
-            record["vm_id"] = None
+            record.runtime.vm_id = None
             try:
                 self._start_vm(record, progress)
             except PyroError as exc:
-                record["detail"] = f"starting a new VM failed: {exc.message}"
+                record.runtime.detail = f"starting a new VM failed: {exc.message}"
                 self.records.save(record)
                 raise
-            record["detail"] = (
+            record.runtime.detail = (
                 f"VM restarted: the previous one {reason}; /workspace was kept, the rest of "
                 "the guest filesystem started fresh"
             )
@@ -205,20 +210,20 @@ class VMGuest:
             return "no longer exists"
         return f"stopped ({info.detail or info.status})"
 
-    def observed_status(self, record: dict[str, Any]) -> tuple[TaskStatus, str | None]:
-        status: TaskStatus = record["status"]
-        detail = record.get("detail")
+    def observed_status(self, record: TaskRecord) -> tuple[TaskStatus, str | None]:
+        status = record.runtime.status
+        detail = record.runtime.detail
         if status not in ("running", "stopped"):
             return status, detail
         if self._vm_running(record):
             return "running", detail
         return "stopped", (
-            f"its VM {self._vm_gone_reason(record.get('vm_id'))}; the next exec starts "
+            f"its VM {self._vm_gone_reason(record.runtime.vm_id)}; the next exec starts "
             "a new one on the same /workspace"
         )
 
-    def discard(self, record: dict[str, Any]) -> None:
-        vm_id = record.get("vm_id")
+    def discard(self, record: TaskRecord) -> None:
+        vm_id = record.runtime.vm_id
         if vm_id:
             with contextlib.suppress(NotFoundError, InvalidInputError, OSError, StateError):
                 self.vms.delete(vm_id, reason="task removed")
