@@ -148,12 +148,9 @@ def seed_tree(
 
 
 def _write_error(exc: OSError, staging: Path) -> PyroError:
-    if exc.errno == 28:  # ENOSPC
-        return StateError(
-            f"no space left while seeding into {staging.parent}",
-            hint="free disk space under the pyro state directory, or seed less data",
-        )
-    return StateError(f"seeding failed: {exc}", hint="check the pyro state directory")
+    from pyro_mcp.records import state_dir_error
+
+    return state_dir_error(staging.parent, exc)
 
 
 def build_workspace_image(tree: Path, image: Path, *, entry_count: int) -> None:
