@@ -60,9 +60,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--script", default="bench/bench.py")
     parser.add_argument("--json", dest="json_path", type=Path)
-    parser.add_argument("extra", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
-    extra = [x for x in args.extra if x != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    extra = argv[cut + 1 :]  # for the bench script
     sides: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     for round_no in range(args.rounds):
         order = ("A", "B") if round_no % 2 == 0 else ("B", "A")

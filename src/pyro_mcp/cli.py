@@ -22,7 +22,7 @@ import click
 
 from pyro_mcp import limits
 from pyro_mcp._version import __version__
-from pyro_mcp.errors import PyroError
+from pyro_mcp.errors import InvalidInputError, PyroError
 from pyro_mcp.progress import ProgressEvent
 
 EXIT_TIMEOUT = 124
@@ -478,13 +478,10 @@ def task_create(
 
 
 def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
-        env[key] = value
-    return env
+    try:
+        return limits.parse_env_pairs(pairs, what="--env")
+    except InvalidInputError as exc:
+        raise click.BadParameter(exc.message, param_hint="--env") from None
 
 
 @task.command("exec")

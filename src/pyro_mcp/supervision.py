@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pyro_mcp import control
 from pyro_mcp.errors import BootError, PyroError, VMStateError
+from pyro_mcp.procs import kill_process_group, tail_text
 from pyro_mcp.progress import ProgressEvent, ProgressFn
 from pyro_mcp.state import ProcessId
 
@@ -66,10 +67,10 @@ def spawn(vm_dir: Path, launch: control.Launch, progress: ProgressFn) -> control
         proc.stdout.close()
     if not line:
         kill_process_group(proc.pid)
-        tail = tail_file(vm_dir / "supervisor.log")
+        tail = tail_text(vm_dir / "supervisor.log")
         raise BootError(
             f"the VM supervisor failed to start: {tail or 'no output'}",
-            details={"console_tail": tail_file(vm_dir / "console.log")},
+            details={"console_tail": tail_text(vm_dir / "console.log")},
         )
     try:
         event = control.decode_event(line)
@@ -82,7 +83,7 @@ def spawn(vm_dir: Path, launch: control.Launch, progress: ProgressFn) -> control
         proc.wait(timeout=15)
     if isinstance(event, control.Failed):
         error = event.error
-        error.details.setdefault("console_tail", tail_file(vm_dir / "console.log"))
+        error.details.setdefault("console_tail", tail_text(vm_dir / "console.log"))
         raise error
     kill_process_group(proc.pid)
     raise BootError(f"the VM supervisor answered {type(event).__name__} at start-up")
@@ -144,19 +145,3 @@ def stop(
         deadline = time.monotonic() + 5
         while vmm.alive() and time.monotonic() < deadline:
             time.sleep(0.01)
-
-
-def kill_process_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def tail_file(path: Path, max_bytes: int = 4000) -> str:
-    """The end of a log file as text ("" if it cannot be read)."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(max(0, path.stat().st_size - max_bytes))
-            data = fh.read(max_bytes)
-    except OSError:
-        return ""
-    return data.decode("utf-8", "replace").strip()

@@ -27,6 +27,7 @@ from pathlib import Path
 import filelock
 
 from pyro_mcp.errors import EnvironmentBuildError, InvalidInputError
+from pyro_mcp.fsio import sha256_file
 from pyro_mcp.paths import cache_dir
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 
@@ -58,17 +59,9 @@ _S_IFREG = 0o100000
 _S_IFCHR = 0o020000
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def agent_version() -> str:
     """``"1.<first 12 hex digits of sha256(agent.c)>"``: names the agent build."""
-    return f"1.{_sha256_file(AGENT_SOURCE)[:12]}"
+    return f"1.{sha256_file(AGENT_SOURCE)[:12]}"
 
 
 @contextmanager
@@ -257,9 +250,9 @@ def ensure_initramfs(modules: Sequence[Path], progress: ProgressFn = no_progress
     agent = ensure_agent_binary(progress)
     key = hashlib.sha256(_INITRAMFS_LAYOUT)
     key.update(b"\0gz" if INITRAMFS_COMPRESSED else b"\0raw")
-    key.update(b"\0agent\0" + _sha256_file(agent).encode())
+    key.update(b"\0agent\0" + sha256_file(agent).encode())
     for module in modules:
-        key.update(b"\0module\0" + module.name.encode() + b"\0" + _sha256_file(module).encode())
+        key.update(b"\0module\0" + module.name.encode() + b"\0" + sha256_file(module).encode())
     suffix = ".cpio.gz" if INITRAMFS_COMPRESSED else ".cpio"
     out_dir = cache_dir() / "initramfs"
     dest = out_dir / f"{key.hexdigest()}{suffix}"

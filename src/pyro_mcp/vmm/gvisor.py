@@ -50,7 +50,6 @@ run`` left behind is removed by the next start (``sweep_stale_cgroups``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -60,13 +59,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pyro_mcp.errors import BackendUnavailableError, BootError, InvalidInputError, PyroError
+from pyro_mcp.procs import die_with_parent, tail_text
 from pyro_mcp.progress import ProgressFn, no_progress
 from pyro_mcp.vmm.base import (
     BackendProbe,
@@ -99,13 +98,7 @@ PROBE_FAILURE_TTL_S = 300.0
 INSTALL_HINT = "install gVisor: apt-get install runsc (or point PYRO_RUNSC at a runsc binary)"
 
 
-_PR_SET_PDEATHSIG = 1
 _VERSION_DATE = re.compile(r"(20\d{6})")
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 # --------------------------------------------------------------------------- finding runsc
@@ -305,7 +298,7 @@ def _probe_sandbox(binary: str, platform: str, rootless: bool) -> None:
         except subprocess.TimeoutExpired:
             raise BackendUnavailableError("a runsc test sandbox did not finish in 60 s") from None
         if proc.returncode != 0 or "pyro-agent" not in proc.stdout:
-            log = _tail_text(work / "state" / "runsc.log", 6) or proc.stderr.strip()[-800:]
+            log = tail_text(work / "state" / "runsc.log", 6) or proc.stderr.strip()[-800:]
             raise BackendUnavailableError(
                 f"runsc cannot start a sandbox here (exit {proc.returncode}): {log or 'no output'}"
             )
@@ -367,18 +360,6 @@ def require_runsc() -> RunscInfo:
 
 
 # --------------------------------------------------------------------------- running
-
-
-def _tail_text(path: Path, max_lines: int) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 16384))
-            data = fh.read()
-    except OSError:
-        return ""
-    lines: deque[str] = deque(data.decode("utf-8", "replace").splitlines(), maxlen=max_lines)
-    return "\n".join(lines)
 
 
 def _explain_exit(status: int, mem_mib: int) -> tuple[str, str]:
@@ -486,8 +467,8 @@ class GvisorHandle:
                 _run([*self.runsc, "delete", "--force", self.container_id], timeout=20)
 
     def console_tail(self, max_lines: int = 40) -> str:
-        tail = _tail_text(self.paths.console, max_lines)
-        log = _tail_text(self.state_root / "runsc.log", 10)
+        tail = tail_text(self.paths.console, max_lines)
+        log = tail_text(self.state_root / "runsc.log", 10)
         if log:
             tail = f"{tail}\n--- runsc.log ---\n{log}" if tail else log
         return tail
@@ -613,7 +594,7 @@ class GvisorBackend:
                 stdout=subprocess.PIPE,
                 stderr=console,
                 cwd=vm_dir,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads yet in the supervisor
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads yet in the supervisor
                 close_fds=True,
             )
         return GvisorHandle(

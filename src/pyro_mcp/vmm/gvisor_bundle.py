@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp import paths
+from pyro_mcp.commands import BASE_ENV
 from pyro_mcp.errors import BootError
 
 FLAGS_ENV = "PYRO_RUNSC_FLAGS"  # extra runsc global flags, appended last (debugging)
@@ -188,7 +189,7 @@ def oci_config(
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
             "args": list(args),
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "env": [f"PATH={BASE_ENV['PATH']}"],
             "cwd": "/",
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 524288}],

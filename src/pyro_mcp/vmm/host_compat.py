@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 
 from pyro_mcp.environments.tree import ensure_rootfs_tree
 from pyro_mcp.errors import BackendUnavailableError, InvalidInputError
+from pyro_mcp.procs import kill_process_group
 from pyro_mcp.vmm import pids
 from pyro_mcp.vmm.base import BackendProbe, WorkspaceKind
 
@@ -196,7 +197,7 @@ def _run_confined(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 timed_out = True
-                _kill_group(proc.pid)
+                kill_process_group(proc.pid)
                 break
             for key, _ in sel.select(timeout=min(remaining, 0.5)):
                 fd = key.fd
@@ -215,10 +216,10 @@ def _run_confined(
             returncode = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc.pid)
+            kill_process_group(proc.pid)
             returncode = proc.wait()
     except BaseException:
-        _kill_group(proc.pid)
+        kill_process_group(proc.pid)
         proc.wait()
         raise
     finally:
@@ -241,11 +242,6 @@ def _run_confined(
         "timed_out": timed_out,
         "duration_ms": int((time.monotonic() - started) * 1000),
     }
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 class HostCompatBackend:

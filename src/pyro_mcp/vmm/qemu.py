@@ -9,20 +9,18 @@ copy-on-write and only reads a few kilobytes of device state.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pyro_mcp.errors import BackendUnavailableError, BootError
+from pyro_mcp.procs import die_with_parent, tail_text
 from pyro_mcp.progress import ProgressFn, no_progress
 from pyro_mcp.vmm.base import (
     WORKSPACE_DISK_MIB,
@@ -36,13 +34,7 @@ from pyro_mcp.vmm.base import (
 from pyro_mcp.vmm.detect import kvm_status
 from pyro_mcp.vmm.qmp import QMPClient
 
-_PR_SET_PDEATHSIG = 1
 _DRIVE_ERRORS = "werror=report,rerror=report"
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def qemu_binary() -> str | None:
@@ -173,16 +165,7 @@ def create_overlay(base: Path, overlay: Path, base_format: str) -> None:
 
 
 def console_tail(path: Path, max_lines: int = 40) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 16384))
-            data = fh.read()
-    except OSError:
-        return ""
-    lines: deque[str] = deque(data.decode("utf-8", "replace").splitlines(), maxlen=max_lines)
-    return "\n".join(lines)
+    return tail_text(path, max_lines)
 
 
 @dataclass
@@ -379,7 +362,7 @@ class QemuBackend:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=(paths.vm_dir / "vmm.log").open("ab"),
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads yet in the supervisor
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads yet in the supervisor
                 close_fds=True,
             )
             deadline = time.monotonic() + timeout

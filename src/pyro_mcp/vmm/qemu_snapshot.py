@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock
 
 from pyro_mcp import paths
+from pyro_mcp.commands import BASE_ENV
 from pyro_mcp.errors import BootError, PyroError
+from pyro_mcp.fsio import sha256_file
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 from pyro_mcp.vmm.base import LaunchSpec, SnapshotRef, VMPaths, snapshots_enabled
 
@@ -66,14 +68,6 @@ def snapshot_key(spec: LaunchSpec) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_snapshot(directory: Path, key: str) -> str | None:
     """None if the snapshot is intact and matches ``key``, else the problem."""
     try:
@@ -86,7 +80,7 @@ def check_snapshot(directory: Path, key: str) -> str | None:
         for name in ARTIFACTS:
             if _fingerprint(directory / name) != meta["fingerprints"][name]:
                 return f"{name} changed since the snapshot was taken"
-        if _sha256(directory / "state") != meta["state_sha256"]:
+        if sha256_file(directory / "state") != meta["state_sha256"]:
             return "device state digest mismatch"
     except (OSError, KeyError):
         return "artifact missing"
@@ -144,7 +138,7 @@ def take_snapshot(spec: LaunchSpec, directory: Path, key: str, progress: Progres
         shutil.rmtree(vm_paths.vm_dir, ignore_errors=True)
         for name in ARTIFACTS:
             (tmp / name).chmod(0o400)
-        digests = {name: _sha256(tmp / name) for name in ARTIFACTS}
+        digests = {name: sha256_file(tmp / name) for name in ARTIFACTS}
         meta: dict[str, Any] = {
             "format": SNAPSHOT_FORMAT,
             "key": key,
@@ -181,7 +175,7 @@ def _warm_up(channel: AgentChannel) -> None:
     profile that a first command needs are already in the snapshot's page cache."""
     from pyro_mcp.guest import protocol as p
 
-    env = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root")
+    env = (f"PATH={BASE_ENV['PATH']}", f"HOME={BASE_ENV['HOME']}")
     for argv in WARM_UP_COMMANDS:
         request_id, q = channel.open()
         try:
