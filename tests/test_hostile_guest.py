@@ -433,3 +433,25 @@ def test_forged_frames_cannot_exceed_the_host_side_caps(
     ticker.assert_responsive()
     qpyro.delete_vm(vm_id)
     assert_no_vmm_left(state_dir)
+
+
+def test_each_exec_runs_in_its_own_bounded_cgroup(qpyro: Pyro, vm_environment: str) -> None:
+    """Every command runs in an exec cgroup with a pids limit (what stops a fork bomb);
+    empty ones are reused, so their number stays small however many commands ran."""
+    m = qpyro.manager
+    vm_id = started_vm(qpyro, vm_environment)
+    for _ in range(20):
+        assert m.exec(vm_id, ["true"]).exit_code == 0
+    own = m.exec(
+        vm_id,
+        [
+            "sh",
+            "-c",
+            'g=$(cut -d: -f3 /proc/self/cgroup); echo "$g"; cat /sys/fs/cgroup$g/pids.max',
+        ],
+    )
+    where, limit = own.stdout.decode().split()
+    assert where.startswith("/exec/") and int(limit) >= 256, own
+    listed = m.exec(vm_id, ["ls", "/sys/fs/cgroup/exec"]).stdout.decode().split()
+    assert 1 <= len([name for name in listed if name.isdigit()]) <= 8, listed
+    qpyro.delete_vm(vm_id)

@@ -190,6 +190,39 @@ static uint64_t cg_next = 1;
 static uint64_t cg_lingering[MAX_LINGERING_CGROUPS]; /* exec cgroups still to remove */
 static int n_cg_lingering;
 static int64_t cg_retry_at;
+/* Empty exec cgroups kept for the next execs: under TCG a cgroup's mkdir + rmdir costs
+ * about 10 ms, more than the rest of an exec round trip. */
+#define MAX_FREE_CGROUPS 8
+static uint64_t cg_free[MAX_FREE_CGROUPS];
+static uint32_t cg_free_pids_max[MAX_FREE_CGROUPS];
+static int n_cg_free;
+/* The pids.max each exec cgroup in use was given (so a reused one is written only when it
+ * changes); an entry with cg 0 is free. */
+static struct {
+    uint64_t cg;
+    uint32_t pids_max;
+} cg_limits[MAX_EXECS + 1];
+
+static void cg_note_pids_max(uint64_t cg, uint32_t pids_max) {
+    for (size_t i = 0; i < sizeof cg_limits / sizeof *cg_limits; i++) {
+        if (cg_limits[i].cg == 0 || cg_limits[i].cg == cg) {
+            cg_limits[i].cg = cg;
+            cg_limits[i].pids_max = pids_max;
+            return;
+        }
+    }
+}
+
+/* The pids.max noted for cg (0 if unknown), forgetting it. */
+static uint32_t cg_take_pids_max(uint64_t cg) {
+    for (size_t i = 0; i < sizeof cg_limits / sizeof *cg_limits; i++) {
+        if (cg_limits[i].cg == cg) {
+            cg_limits[i].cg = 0;
+            return cg_limits[i].pids_max;
+        }
+    }
+    return 0;
+}
 
 static uint8_t inbuf[HDR_LEN + MAX_PAYLOAD];
 static size_t inlen;
@@ -512,9 +545,12 @@ static uint32_t mem_total_mib(void) {
  * Any failure leaves cg_enabled 0: execs then run as before (process groups only).
  */
 static void setup_cgroups(void) {
+    /* favordynmods: moving a process into a cgroup (every exec) then takes no RCU grace
+     * period, which under TCG is several ms; kernels without the option mount without. */
+    unsigned long flags = MS_NOSUID | MS_NODEV | MS_NOEXEC;
     if (mkdir_p(CG_ROOT, 0755) < 0 ||
-        (mount("cgroup2", CG_ROOT, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0 &&
-         errno != EBUSY)) {
+        (mount("cgroup2", CG_ROOT, "cgroup2", flags, "favordynmods") < 0 && errno != EBUSY &&
+         mount("cgroup2", CG_ROOT, "cgroup2", flags, NULL) < 0 && errno != EBUSY)) {
         logmsg("cgroup2 unavailable (%s): execs run without per-exec cgroups", strerror(errno));
         return;
     }
@@ -526,8 +562,10 @@ static void setup_cgroups(void) {
         logmsg("cannot move the agent into its cgroup: %s; no per-exec cgroups", strerror(errno));
         return;
     }
-    /* One controller at a time: a kernel without one still gets the others. */
-    static const char *const controllers[] = {"+pids", "+cpu", "+memory"};
+    /* One controller at a time: a kernel without one still gets the others. No memory
+     * controller: the guest's OOM killer already bounds memory, and a memory cgroup per
+     * exec is the costly part of making one. */
+    static const char *const controllers[] = {"+pids", "+cpu"};
     int have_pids = 0;
     for (size_t i = 0; i < sizeof controllers / sizeof *controllers; i++) {
         if (write_file(CG_ROOT "/cgroup.subtree_control", controllers[i]) == 0)
@@ -565,21 +603,34 @@ static uint64_t cg_create(uint32_t pids_max, int *procs_fd) {
     *procs_fd = -1;
     if (!cg_enabled)
         return 0;
-    uint64_t cg = cg_next++;
+    uint32_t want = pids_max ? pids_max : cg_default_pids_max;
+    uint64_t cg;
+    uint32_t has = 0;
     char path[128], value[32];
-    cg_path(path, sizeof path, cg, NULL);
-    if (mkdir(path, 0755) < 0) {
-        logmsg("mkdir %s: %s; exec runs without its cgroup", path, strerror(errno));
-        return 0;
+    if (n_cg_free > 0) { /* reuse an empty one */
+        n_cg_free--;
+        cg = cg_free[n_cg_free];
+        has = cg_free_pids_max[n_cg_free];
+    } else {
+        cg = cg_next++;
+        cg_path(path, sizeof path, cg, NULL);
+        if (mkdir(path, 0755) < 0) {
+            logmsg("mkdir %s: %s; exec runs without its cgroup", path, strerror(errno));
+            return 0;
+        }
     }
-    snprintf(value, sizeof value, "%u", pids_max ? pids_max : cg_default_pids_max);
-    cg_path(path, sizeof path, cg, "pids.max");
-    if (write_file(path, value) < 0)
-        logmsg("%s: %s", path, strerror(errno));
+    if (has != want) {
+        snprintf(value, sizeof value, "%u", want);
+        cg_path(path, sizeof path, cg, "pids.max");
+        if (write_file(path, value) < 0)
+            logmsg("%s: %s", path, strerror(errno));
+    }
+    cg_note_pids_max(cg, want);
     cg_path(path, sizeof path, cg, "cgroup.procs");
     *procs_fd = open(path, O_WRONLY | O_CLOEXEC);
     if (*procs_fd < 0) {
         logmsg("open %s: %s; exec runs without its cgroup", path, strerror(errno));
+        cg_take_pids_max(cg);
         cg_path(path, sizeof path, cg, NULL);
         rmdir(path);
         return 0;
@@ -610,10 +661,30 @@ static void cg_sweep(void) {
     cg_retry_at = kept ? now_ms() + CG_RETRY_MS : 0;
 }
 
-/* The exec is over: remove its cgroup now or, while background processes live, later. */
+/* Whether the cgroup has no process left (its cgroup.procs reads empty). */
+static int cg_empty(uint64_t cg) {
+    char path[128], buf[16];
+    cg_path(path, sizeof path, cg, "cgroup.procs");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf);
+    close(fd);
+    return n == 0;
+}
+
+/* The exec is over: keep its cgroup for the next exec if it is empty and there is room,
+ * else remove it now or, while background processes live, later. */
 static void cg_release(uint64_t cg) {
     if (!cg)
         return;
+    uint32_t pids_max = cg_take_pids_max(cg);
+    if (n_cg_free < MAX_FREE_CGROUPS && cg_empty(cg)) {
+        cg_free[n_cg_free] = cg;
+        cg_free_pids_max[n_cg_free] = pids_max;
+        n_cg_free++;
+        return;
+    }
     char path[128];
     cg_path(path, sizeof path, cg, NULL);
     if (rmdir(path) == 0 || errno != EBUSY)
