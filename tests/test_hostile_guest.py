@@ -134,18 +134,21 @@ def test_memory_hog_is_killed_by_the_guest_oom_killer(
     qpyro: Pyro, vm_environment: str, state_dir: Path
 ) -> None:
     """``tail`` buffers a line that never ends: 600 MiB in a 512 MiB guest. The guest's
-    OOM killer ends it (non-zero exit, not a timeout); the VM still answers."""
+    OOM killer ends it (non-zero exit, not a timeout); the VM still answers. Under TCG on a
+    busy host the guest can thrash for minutes before the OOM killer acts (seen once at
+    over 120 s on a fresh CI machine), hence the generous timeout: the promise tested is
+    the kill, not its speed."""
     m = qpyro.manager
     vm_id = started_vm(qpyro, vm_environment)
     with Ticker() as ticker:
         started = time.monotonic()
         hog = m.exec(
-            vm_id, "head -c 600m /dev/zero | tail", ExecOptions.checked(timeout_seconds=120)
+            vm_id, "head -c 600m /dev/zero | tail", ExecOptions.checked(timeout_seconds=400)
         )
         elapsed = time.monotonic() - started
         after = m.exec(vm_id, "echo alive", ExecOptions.checked(timeout_seconds=60))
     assert hog.exit_code != 0 and not hog.timed_out, hog
-    assert elapsed < 120 + SLACK_S
+    assert elapsed < 400 + SLACK_S
     assert (after.exit_code, after.stdout) == (0, b"alive\n")
     ticker.assert_responsive()
     qpyro.delete_vm(vm_id)
