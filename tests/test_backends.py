@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import pyro_mcp
-from pyro_mcp import manager, vmm
+from pyro_mcp import control, manager, vmm
 from pyro_mcp.errors import InvalidInputError
 from pyro_mcp.tasks import manager as task_manager
 from pyro_mcp.tasks import runtime_for
@@ -91,15 +91,21 @@ def test_launch_plan_round_trips_through_launch_json(tmp_path: Path) -> None:
         kernel=tmp_path / "vmlinux",
         initramfs=tmp_path / "initrd",
     )
-    plan = LaunchPlan(
-        spec, ({"source": "/dev/vdb", "target": "/workspace"},), SnapshotRef(tmp_path, "k")
-    )
-    launch = plan.to_launch()
-    assert LaunchSpec.from_launch(launch) == spec
-    assert launch["restore"] == {"directory": str(tmp_path), "key": "k"}
-    assert launch["mounts"] == [{"source": "/dev/vdb", "target": "/workspace"}]
+    mount = {"source": "/dev/vdb", "target": "/workspace", "fstype": "ext4", "readonly": False}
+    plan = LaunchPlan(spec, (mount,), SnapshotRef(tmp_path, "k"))
+
+    def through_launch_json(plan: LaunchPlan) -> control.Launch:
+        control.Launch.from_plan("qemu", plan, expires_at=1e9, owner=None, boot_timeout=90.0).write(
+            tmp_path / "launch.json"
+        )
+        return control.Launch.read(tmp_path / "launch.json")
+
+    launch = through_launch_json(plan)
+    assert launch.spec() == spec
+    assert launch.snapshot() == SnapshotRef(tmp_path, "k")
+    assert [m.to_dict() for m in launch.mounts] == [mount]
     bare = LaunchSpec(rootfs=tmp_path, vcpu_count=1, mem_mib=256, agent=tmp_path / "agent")
-    assert LaunchSpec.from_launch(LaunchPlan(bare).to_launch()) == bare
+    assert through_launch_json(LaunchPlan(bare)).spec() == bare
 
 
 def test_snapshot_maintenance_goes_through_the_backends(

@@ -4,8 +4,6 @@ and a clear error once it stops answering."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import time
@@ -14,44 +12,23 @@ from pathlib import Path
 
 import pytest
 
+from agent_driver import PipeIO, agent_binary_fixture  # noqa: F401 (fixture)
 from pyro_mcp import supervisor
 from pyro_mcp.errors import GuestProtocolError
-from pyro_mcp.guest import build
 from pyro_mcp.guest.channel import AgentChannel
 
 
-class _Pipes:
-    """The agent's stdin/stdout as the byte channel AgentChannel reads and writes."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        self._in, self._out = proc.stdin, proc.stdout
-
-    def read(self, size: int) -> bytes:
-        return os.read(self._out.fileno(), size)
-
-    def write(self, data: bytes) -> None:
-        self._in.write(data)
-        self._in.flush()
-
-
 @pytest.fixture
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
-    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
-        pytest.skip("no C compiler installed: cannot build the guest agent")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYRO_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        binary = build.ensure_agent_binary()
+def agent(agent_binary: Path) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
-        [str(binary), "--stdio"],
+        [str(agent_binary), "--stdio"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
     yield proc
-    with_signal = proc.poll() is None
-    if with_signal:
-        proc.send_signal(signal.SIGCONT)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)  # a test may have stopped it
         proc.kill()
     proc.wait(timeout=10)
 
@@ -68,7 +45,7 @@ def test_an_agent_that_answers_ping_keeps_getting_time(
 ) -> None:
     monkeypatch.setattr(supervisor, "LIVENESS_PING_S", 0.2)
     monkeypatch.setattr(supervisor, "LIVENESS_ANSWER_S", 2.0)
-    channel = AgentChannel(_Pipes(agent))
+    channel = AgentChannel(PipeIO(agent))
     channel.wait_hello(timeout=10)
     # The command "should have ended" a grace period ago: from here on only PING counts.
     grace = supervisor._Grace(channel, time.monotonic() - supervisor.HOST_GRACE_S)
@@ -81,7 +58,7 @@ def test_an_agent_that_stops_answering_is_given_up_on(
 ) -> None:
     monkeypatch.setattr(supervisor, "LIVENESS_PING_S", 0.2)
     monkeypatch.setattr(supervisor, "LIVENESS_ANSWER_S", 1.0)
-    channel = AgentChannel(_Pipes(agent))
+    channel = AgentChannel(PipeIO(agent))
     channel.wait_hello(timeout=10)
     grace = supervisor._Grace(channel, time.monotonic() - supervisor.HOST_GRACE_S)
     _check_until(grace, 0.5)  # answering: fine
@@ -95,7 +72,7 @@ def test_the_wait_is_bounded_even_for_an_agent_that_answers(
 ) -> None:
     monkeypatch.setattr(supervisor, "LIVENESS_PING_S", 0.2)
     monkeypatch.setattr(supervisor, "MAX_GRACE_S", supervisor.HOST_GRACE_S + 1.0)
-    channel = AgentChannel(_Pipes(agent))
+    channel = AgentChannel(PipeIO(agent))
     channel.wait_hello(timeout=10)
     grace = supervisor._Grace(channel, time.monotonic() - supervisor.HOST_GRACE_S)
     with pytest.raises(GuestProtocolError, match="did not finish the command"):
@@ -103,11 +80,7 @@ def test_the_wait_is_bounded_even_for_an_agent_that_answers(
 
 
 def test_no_timeout_means_no_grace_checks(agent: subprocess.Popen[bytes]) -> None:
-    channel = AgentChannel(_Pipes(agent))
+    channel = AgentChannel(PipeIO(agent))
     channel.wait_hello(timeout=10)
     grace = supervisor._Grace(channel, None)
     grace.check(time.monotonic() + 10_000)  # nothing to give up on
-
-
-def test_binary_cached_path_exists(agent: subprocess.Popen[bytes]) -> None:
-    assert Path(f"/proc/{agent.pid}").exists()

@@ -241,7 +241,7 @@ class Pyro:
             outcome = self._manager.exec(vm_id, cmd, opts, progress=self._progress)
         finally:
             with contextlib.suppress(PyroError):
-                self._manager.delete(vm_id, reason="exec finished")
+                self._manager.delete(vm_id)
         return self._manager.result(info, cmd, outcome, deleted=True, reason="exec finished")
 
     def stop_vm(self, vm_id: str) -> VMInfo:

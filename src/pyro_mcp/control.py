@@ -30,12 +30,13 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
 from pyro_mcp.errors import InvalidInputError, PyroError, VMStateError
 from pyro_mcp.state import ProcessId
+from pyro_mcp.vmm.base import LaunchPlan, LaunchSpec, SnapshotRef
 
 CONTROL_VERSION = 1
 MAX_LINE_BYTES = 1 << 20  # a request line; results are larger (they carry the output)
@@ -385,7 +386,56 @@ class Launch:
     boot_timeout: float
     mounts: tuple[MountSpec, ...] = ()
     restore: tuple[str, str] | None = None  # (snapshot folder, key)
-    extra: Mapping[str, Any] = field(default_factory=dict)  # backend-specific, JSON-safe
+
+    @classmethod
+    def from_plan(
+        cls,
+        backend: str,
+        plan: LaunchPlan,
+        *,
+        expires_at: float,
+        owner: ProcessId | None,
+        boot_timeout: float,
+    ) -> Launch:
+        """What the backend prepared (``Backend.prepare``), with the supervision terms."""
+        spec = plan.spec
+        return cls(
+            backend=backend,
+            acceleration=spec.acceleration,
+            kernel=str(spec.kernel) if spec.kernel else None,
+            initramfs=str(spec.initramfs) if spec.initramfs else None,
+            rootfs=str(spec.rootfs),
+            agent=str(spec.agent) if spec.agent else None,
+            vcpu_count=spec.vcpu_count,
+            mem_mib=spec.mem_mib,
+            network=spec.network,
+            expires_at=expires_at,
+            owner=owner,
+            boot_timeout=boot_timeout,
+            mounts=tuple(MountSpec.from_dict(dict(m)) for m in plan.mounts),
+            restore=(str(plan.restore.directory), plan.restore.key) if plan.restore else None,
+        )
+
+    def spec(self) -> LaunchSpec:
+        """The backend's start arguments, as :meth:`from_plan` took them."""
+
+        def path(value: str | None) -> Path | None:
+            return Path(value) if value else None
+
+        return LaunchSpec(
+            rootfs=Path(self.rootfs),
+            vcpu_count=self.vcpu_count,
+            mem_mib=self.mem_mib,
+            network=self.network,
+            acceleration=self.acceleration,
+            kernel=path(self.kernel),
+            initramfs=path(self.initramfs),
+            agent=path(self.agent),
+        )
+
+    def snapshot(self) -> SnapshotRef | None:
+        """The snapshot to restore from; None: a cold boot."""
+        return SnapshotRef(Path(self.restore[0]), self.restore[1]) if self.restore else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -403,7 +453,6 @@ class Launch:
             "boot_timeout": self.boot_timeout,
             "mounts": [m.to_dict() for m in self.mounts],
             "restore": list(self.restore) if self.restore else None,
-            "extra": dict(self.extra),
         }
 
     @classmethod
@@ -421,9 +470,8 @@ class Launch:
         ):
             raise ValueError("field 'restore' must be [folder, key] or null")
         mounts = data.get("mounts", [])
-        extra = data.get("extra", {})
-        if not isinstance(mounts, list) or not isinstance(extra, dict):
-            raise ValueError("fields 'mounts' and 'extra' must be a list and an object")
+        if not isinstance(mounts, list):
+            raise ValueError("field 'mounts' must be a list")
         expires = data.get("expires_at")
         timeout = data.get("boot_timeout")
         if not all(
@@ -445,7 +493,6 @@ class Launch:
             boot_timeout=float(timeout),  # type: ignore[arg-type]
             mounts=tuple(MountSpec.from_dict(m) for m in mounts),
             restore=(restore[0], restore[1]) if restore else None,
-            extra=extra,
         )
 
     def write(self, path: Path) -> None:

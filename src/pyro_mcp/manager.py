@@ -303,22 +303,12 @@ class VMManager:
             vm_dir=self.vms_dir / config.vm_id,
             progress=progress,
         )
-        spec = plan.spec
-        launch = control.Launch(
-            backend=config.backend,
-            acceleration=spec.acceleration,
-            kernel=str(spec.kernel) if spec.kernel else None,
-            initramfs=str(spec.initramfs) if spec.initramfs else None,
-            rootfs=str(spec.rootfs),
-            agent=str(spec.agent) if spec.agent else None,
-            vcpu_count=spec.vcpu_count,
-            mem_mib=spec.mem_mib,
-            network=spec.network,
+        launch = control.Launch.from_plan(
+            config.backend,
+            plan,
             expires_at=config.expires_at,
             owner=config.owner,
             boot_timeout=DEFAULT_BOOT_TIMEOUT,
-            mounts=tuple(control.MountSpec.from_dict(dict(m)) for m in plan.mounts),
-            restore=(str(plan.restore.directory), plan.restore.key) if plan.restore else None,
         )
         return launch, env.version
 
@@ -407,7 +397,8 @@ class VMManager:
             self.records.save(record)
             return self._info(record)
 
-    def delete(self, vm_id: str, reason: str = "deleted") -> None:
+    def delete(self, vm_id: str) -> None:
+        """Stop the VM (if it runs) and remove its folder; a missing VM is a NotFoundError."""
         vm_dir = self.records.folder(vm_id)
         with self.records.lock(vm_id):
             try:
@@ -485,7 +476,7 @@ class VMManager:
                 return "owner_exited"
             return None
 
-        return self.records.reap(why, lambda vm_id, reason: self.delete(vm_id, reason=reason))
+        return self.records.reap(why, lambda vm_id, _reason: self.delete(vm_id))
 
     # -- one-shot -----------------------------------------------------------
     def run(
@@ -521,7 +512,7 @@ class VMManager:
             outcome = self.exec(info.vm_id, cmd, options, progress=progress)
         finally:
             with contextlib.suppress(NotFoundError):
-                self.delete(info.vm_id, reason="run finished")
+                self.delete(info.vm_id)
         return self.result(started, cmd, outcome, deleted=True, reason="run finished")
 
     def result(

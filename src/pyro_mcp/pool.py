@@ -114,7 +114,7 @@ class WarmPool:
 
     def _discard(self, vm_id: str) -> None:
         with contextlib.suppress(PyroError):
-            self.manager.delete(vm_id, reason="pool closed")
+            self.manager.delete(vm_id)
 
     def close(self) -> None:
         with self._cond:

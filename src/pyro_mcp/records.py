@@ -129,10 +129,10 @@ class RecordStore(Generic[R]):
                 hint=f"it was written by another pyro-mcp version; remove {where.parent}",
             ) from None
 
-    def not_found(self, record_id: str, why: str = "") -> NotFoundError:
+    def not_found(self, record_id: str) -> NotFoundError:
         return NotFoundError(
-            f"{self.kind} {record_id} does not exist"
-            + (why or " (it may have been deleted, or reaped after its TTL)"),
+            f"{self.kind} {record_id} does not exist (it may have been deleted, or reaped "
+            "after its TTL)",
             hint=self.list_hint,
         )
 

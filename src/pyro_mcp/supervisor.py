@@ -34,7 +34,7 @@ from pyro_mcp.errors import BootError, GuestProtocolError, InvalidInputError, Py
 from pyro_mcp.guest import protocol as p
 from pyro_mcp.guest.channel import AgentChannel, ChannelClosed
 from pyro_mcp.state import ProcessId, write_json_atomic
-from pyro_mcp.vmm.base import LaunchSpec, SnapshotRef, VMPaths
+from pyro_mcp.vmm.base import VMPaths
 
 HOST_GRACE_S = 10.0  # time the agent gets to report a command's end after its timeout
 LIVENESS_PING_S = 2.0  # past the grace: how often the agent is asked whether it is alive
@@ -134,23 +134,13 @@ class Supervisor:
         from pyro_mcp.vmm import get_backend
 
         launch = self.launch
-        spec = LaunchSpec(
-            kernel=Path(launch.kernel) if launch.kernel else None,
-            initramfs=Path(launch.initramfs) if launch.initramfs else None,
-            rootfs=Path(launch.rootfs),
-            vcpu_count=launch.vcpu_count,
-            mem_mib=launch.mem_mib,
-            network=launch.network,
-            acceleration=launch.acceleration,
-            agent=Path(launch.agent) if launch.agent else None,
-        )
-        restore = (
-            SnapshotRef(Path(launch.restore[0]), launch.restore[1]) if launch.restore else None
-        )
+        restore = launch.snapshot()
         backend = get_backend(launch.backend)
         started = time.monotonic()
         boot_timeout = launch.boot_timeout
-        self.handle = backend.start(spec, self.paths, restore=restore, timeout=boot_timeout)
+        self.handle = backend.start(
+            launch.spec(), self.paths, restore=restore, timeout=boot_timeout
+        )
         try:
             self.channel = AgentChannel(self.handle)
             remaining = boot_timeout - (time.monotonic() - started)

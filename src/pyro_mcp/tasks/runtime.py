@@ -185,7 +185,7 @@ class VMGuest:
             reason = self._vm_gone_reason(old)
             if old:
                 with contextlib.suppress(NotFoundError, InvalidInputError, StateError):
-                    self.vms.delete(old, reason="task VM restart")
+                    self.vms.delete(old)
             progress(ProgressEvent("boot", f"task {task_id}: its VM {reason}; starting a new one"))
             record.runtime.vm_id = None
             try:
@@ -226,4 +226,4 @@ class VMGuest:
         vm_id = record.runtime.vm_id
         if vm_id:
             with contextlib.suppress(NotFoundError, InvalidInputError, OSError, StateError):
-                self.vms.delete(vm_id, reason="task removed")
+                self.vms.delete(vm_id)

@@ -50,24 +50,6 @@ class LaunchSpec:
     # boot it from the initramfs. None: the backend finds it itself.
     agent: Path | None = None
 
-    @classmethod
-    def from_launch(cls, launch: Mapping[str, Any]) -> LaunchSpec:
-        """From the manager's ``launch.json`` record (see :meth:`LaunchPlan.to_launch`)."""
-
-        def path(key: str) -> Path | None:
-            return Path(launch[key]) if launch.get(key) else None
-
-        return cls(
-            rootfs=Path(launch["rootfs"]),
-            vcpu_count=int(launch["vcpu_count"]),
-            mem_mib=int(launch["mem_mib"]),
-            network=bool(launch["network"]),
-            acceleration=str(launch["acceleration"]),
-            kernel=path("kernel"),
-            initramfs=path("initramfs"),
-            agent=path("agent"),
-        )
-
 
 @dataclass(frozen=True)
 class SnapshotRef:
@@ -80,32 +62,12 @@ class SnapshotRef:
 @dataclass(frozen=True)
 class LaunchPlan:
     """What :meth:`Backend.prepare` computed for one start: the spec, the mounts the
-    guest agent makes at INIT, and the snapshot to restore (None: cold boot)."""
+    guest agent makes at INIT, and the snapshot to restore (None: cold boot). The
+    manager writes it to ``launch.json`` as a :class:`pyro_mcp.control.Launch`."""
 
     spec: LaunchSpec
     mounts: tuple[Mapping[str, Any], ...] = ()
     restore: SnapshotRef | None = None
-
-    def to_launch(self) -> dict[str, Any]:
-        """The launch fields of ``launch.json`` (the supervisor reads them back with
-        :meth:`LaunchSpec.from_launch`)."""
-        spec = self.spec
-        return {
-            "acceleration": spec.acceleration,
-            "kernel": str(spec.kernel) if spec.kernel else None,
-            "initramfs": str(spec.initramfs) if spec.initramfs else None,
-            "rootfs": str(spec.rootfs),
-            "agent": str(spec.agent) if spec.agent else None,
-            "vcpu_count": spec.vcpu_count,
-            "mem_mib": spec.mem_mib,
-            "network": spec.network,
-            "mounts": [dict(m) for m in self.mounts],
-            "restore": (
-                {"directory": str(self.restore.directory), "key": self.restore.key}
-                if self.restore
-                else None
-            ),
-        }
 
 
 def snapshots_enabled() -> bool:
