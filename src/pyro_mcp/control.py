@@ -11,7 +11,17 @@ unknown type or with a missing or ill-typed field is refused, never guessed at.
                                      exec_done {exit_code, ..., stdout_b64, ...}
     ping                             ok
     shutdown {reason}                ok
+    tunnel                           ok, then guest frames (below)
     (any)                            failed {error: {code, message, hint?, details?}}
+
+``tunnel`` turns the connection into a relay of guest-protocol frames (the
+file operations of :mod:`pyro_mcp.guest.channel`: READ_FILE, WRITE_FILE, STAT,
+LIST and their DATA/EOF/GRANT/CANCEL, plus PING). After its ``ok`` line both
+ends speak docs/protocol.md's framing: the supervisor decodes every frame the
+manager sends (a frame of any other type ends the tunnel), gives each of the
+manager's request ids one of the agent channel's own, and sends the agent's
+answers back under the manager's id. Commands never go through a tunnel: they
+keep ``exec``'s timeout, grace and cancellation.
 
 At start-up the supervisor writes one line on its stdout: ``ready {...}`` or
 ``failed {...}``. A ``failed`` error keeps its class: the manager rebuilds the
@@ -69,7 +79,12 @@ class ShutdownRequest:
     reason: str = "stopped"
 
 
-Request: TypeAlias = ExecRequest | PingRequest | ShutdownRequest
+@dataclass(frozen=True)
+class TunnelRequest:
+    """Relay guest file operations over this connection (answered by :class:`Ok`)."""
+
+
+Request: TypeAlias = ExecRequest | PingRequest | ShutdownRequest | TunnelRequest
 
 
 # ------------------------------------------------------------------- events
@@ -138,6 +153,8 @@ def encode(message: Message) -> bytes:
         body = {"type": "ping"}
     elif isinstance(message, ShutdownRequest):
         body = {"type": "shutdown", "reason": message.reason}
+    elif isinstance(message, TunnelRequest):
+        body = {"type": "tunnel"}
     elif isinstance(message, Heartbeat):
         body = {"type": "heartbeat", "elapsed_ms": message.elapsed_ms}
     elif isinstance(message, Ok):
@@ -259,6 +276,8 @@ def decode_request(line: bytes | str) -> Request:
             return PingRequest()
         if kind == "shutdown":
             return ShutdownRequest(f.str_("reason"))
+        if kind == "tunnel":
+            return TunnelRequest()
         raise ValueError(f"unknown request type {kind!r}")
     except ValueError as exc:
         raise InvalidInputError(f"bad control request: {exc}") from None

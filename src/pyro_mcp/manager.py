@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
@@ -39,6 +39,9 @@ from pyro_mcp.records import RecordStore, VMConfig, VMRecord, VMRuntime, state_d
 from pyro_mcp.state import ProcessId, read_json
 from pyro_mcp.vmm import BackendChoice, execution_mode, get_backend
 from pyro_mcp.vmm.base import LaunchPlan, VMPaths
+
+if TYPE_CHECKING:
+    from pyro_mcp.guest.channel import AgentChannel
 
 DEFAULT_BOOT_TIMEOUT = 90.0
 HOST_COMPAT_OPT_IN = (
@@ -388,6 +391,19 @@ class VMManager:
         raise _ttl_error(record) or GuestProtocolError(
             f"VM {vm_id} stopped while running the command"
         )
+
+    @contextlib.contextmanager
+    def files(self, vm_id: str) -> Iterator[AgentChannel]:
+        """A channel to a running VM's guest agent for file operations (see
+        :func:`pyro_mcp.supervision.tunnel`)."""
+        record = self.records.load(vm_id)
+        if record.runtime.status != "running" or not self._supervisor_alive(record):
+            raise VMStateError(
+                f"VM {vm_id} is not running (status: {self._effective_status(record)[0]})",
+                hint="start it first",
+            )
+        with supervision.tunnel(self.records.folder(vm_id)) as channel:
+            yield channel
 
     def stop(self, vm_id: str) -> VMInfo:
         with self.records.lock(vm_id):

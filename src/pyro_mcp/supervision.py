@@ -17,12 +17,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyro_mcp import control
 from pyro_mcp.errors import BootError, PyroError, VMStateError
 from pyro_mcp.procs import kill_process_group, tail_text
 from pyro_mcp.progress import ProgressEvent, ProgressFn
 from pyro_mcp.state import ProcessId
+
+if TYPE_CHECKING:
+    from pyro_mcp.guest.channel import AgentChannel
 
 READY_SLACK_S = 15.0  # on top of the boot timeout: the supervisor's own start-up
 
@@ -89,18 +93,23 @@ def spawn(vm_dir: Path, launch: control.Launch, progress: ProgressFn) -> control
     raise BootError(f"the VM supervisor answered {type(event).__name__} at start-up")
 
 
-def request(vm_dir: Path, message: control.Request) -> Iterator[control.Event]:
-    """Send one request to the VM's supervisor and yield its events."""
-    vm_id = vm_dir.name
+def _connect(vm_dir: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        try:
-            sock.connect(str(vm_dir / "ctl.sock"))
-        except OSError as exc:
-            raise VMStateError(
-                f"VM {vm_id} is not reachable ({exc.strerror})",
-                hint="check `pyro vm status`; delete and recreate it if it is broken",
-            ) from None
+        sock.connect(str(vm_dir / "ctl.sock"))
+    except OSError as exc:
+        sock.close()
+        raise VMStateError(
+            f"VM {vm_dir.name} is not reachable ({exc.strerror})",
+            hint="check `pyro vm status`; delete and recreate it if it is broken",
+        ) from None
+    return sock
+
+
+def request(vm_dir: Path, message: control.Request) -> Iterator[control.Event]:
+    """Send one request to the VM's supervisor and yield its events."""
+    sock = _connect(vm_dir)
+    try:
         sock.sendall(control.encode(message))
         buf = b""
         while True:
@@ -112,6 +121,52 @@ def request(vm_dir: Path, message: control.Request) -> Iterator[control.Event]:
                 line, _, buf = buf.partition(b"\n")
                 yield control.decode_event(line)
     finally:
+        sock.close()
+
+
+class _SocketIO:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self.sock.recv(size)
+        except OSError:
+            return b""
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+@contextlib.contextmanager
+def tunnel(vm_dir: Path) -> Iterator[AgentChannel]:
+    """An :class:`AgentChannel` to the VM's guest agent for file operations, relayed
+    by its supervisor (:mod:`pyro_mcp.guest.relay`); closed on leaving the block."""
+    from pyro_mcp.guest.channel import AgentChannel
+
+    sock = _connect(vm_dir)
+    try:
+        sock.sendall(control.encode(control.TunnelRequest()))
+        line = b""
+        while not line.endswith(b"\n"):  # byte by byte: what follows is the agent's
+            byte = sock.recv(1)
+            if not byte:
+                raise VMStateError(
+                    f"VM {vm_dir.name}'s supervisor closed the connection",
+                    hint="check `pyro vm status`",
+                )
+            line += byte
+            if len(line) > control.MAX_LINE_BYTES:
+                raise VMStateError(f"VM {vm_dir.name}'s supervisor sent an overlong line")
+        event = control.decode_event(line)
+        if isinstance(event, control.Failed):
+            raise event.error
+        if not isinstance(event, control.Ok):
+            raise VMStateError(f"the supervisor answered {type(event).__name__} to a tunnel")
+        yield AgentChannel(_SocketIO(sock))
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
         sock.close()
 
 

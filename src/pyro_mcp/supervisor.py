@@ -238,7 +238,8 @@ class Supervisor:
                     if len(buf) > c.MAX_LINE_BYTES:
                         raise InvalidInputError("control request too large")
                 conn.settimeout(None)
-                request = c.decode_request(buf.partition(b"\n")[0])
+                line, _, rest = buf.partition(b"\n")
+                request = c.decode_request(line)
                 if isinstance(request, c.PingRequest):
                     _send(conn, c.Ok())
                 elif isinstance(request, c.ShutdownRequest):
@@ -248,6 +249,8 @@ class Supervisor:
                     self.request_stop(request.reason or "stopped")
                     self.handle.kill()
                     _send(conn, c.Ok())
+                elif isinstance(request, c.TunnelRequest):
+                    self._tunnel(conn, rest)
                 else:
                     self._exec(conn, request)
             except PyroError as exc:
@@ -331,6 +334,13 @@ class Supervisor:
         finally:
             grace.close()
             self.channel.close_request(request_id)
+
+    def _tunnel(self, conn: socket.socket, first: bytes) -> None:
+        from pyro_mcp.guest.relay import Relay
+
+        assert self.channel is not None
+        if _send(conn, c.Ok()):
+            Relay(self.channel, conn).run(first)
 
     # -- teardown -----------------------------------------------------------
     def shutdown(self) -> None:
