@@ -87,3 +87,37 @@ __all__ = [
     "write_bytes_atomic",
     "write_json_atomic",
 ]
+
+
+def copy_into_place(source: Path, target: Path) -> None:
+    """Replace ``target`` with a copy of ``source`` (a file, sparse holes kept, or a
+    folder with modes, times and links as they are), via a temporary name beside
+    it: ``target`` is the old one or the whole new one, never a part. Copy-on-write
+    (reflink) where the filesystem has it. The old ``target`` is removed without
+    following links in it."""
+    import shutil
+    import subprocess
+
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.new")
+    old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+    args = ["cp", "--reflink=auto", "--no-dereference", "--preserve=mode,timestamps,links"]
+    if source.is_dir():
+        args.append("--recursive")
+    else:
+        args.append("--sparse=always")
+    proc = subprocess.run(
+        [*args, str(source), str(tmp)], check=False, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise OSError(f"copying {source} failed: {proc.stderr.strip()}")
+    moved = False
+    if target.is_dir() and not target.is_symlink():
+        os.rename(target, old)
+        moved = True
+    os.rename(tmp, target)
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)

@@ -139,3 +139,19 @@ class TaskExecResult(CommandResult):
 class TaskDeleteResult(BaseModel):
     task_id: str
     deleted: bool
+
+
+class TaskResetResult(BaseModel):
+    task_id: str
+    status: str = Field(description="The task's status after the reset.")
+    workspace_seed_mode: str = Field(
+        description="What /workspace was reset to: 'directory' or 'tar_archive' (its seed), "
+        "or 'empty'."
+    )
+    guest_reverted: bool = Field(
+        description="Whether everything outside /workspace started fresh too (installed "
+        "packages, files in /root or /tmp): true on VM backends, where a reset is a new VM."
+    )
+    vm_id: str | None
+    boot: BootKind | None
+    duration_ms: int

@@ -1,7 +1,8 @@
 """Tasks whose /workspace is a host folder (``workspace_kind`` "directory").
 
-``<task>/workspace/`` is the seeded folder itself (mode 0755, inside the
-task's 0700 folder). Two guests use it:
+``<task>/workspace/`` is a copy of the kept seed folder ``<task>/seed/``
+(mode 0755, inside the task's 0700 folder; a reset copies it again). Two
+guests use it:
 
 * :class:`DirectoryVMRuntime`, a long-lived sandbox (gvisor): the VM's folder
   gets a ``workspace`` symlink to it, which the sandbox bind-mounts;
@@ -16,29 +17,41 @@ untrusted (no following links out of it).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyro_mcp.commands import BASE_ENV, ExecOptions, build_argv
+from pyro_mcp.fsio import copy_into_place
 from pyro_mcp.limits import TASK_WORKSPACE
 from pyro_mcp.manager import ExecOutcome, VMManager
 from pyro_mcp.models import TaskStatus
-from pyro_mcp.progress import ProgressFn
-from pyro_mcp.records import RecordStore, TaskRecord
-from pyro_mcp.tasks.runtime import VMGuest
+from pyro_mcp.progress import ProgressEvent, ProgressFn
+from pyro_mcp.records import RecordStore, TaskRecord, state_dir_error
+from pyro_mcp.tasks.runtime import SEED, VMGuest, check_seed_kept
 from pyro_mcp.vmm.base import SandboxBackend
+
+if TYPE_CHECKING:
+    from pyro_mcp.guest.channel import AgentChannel
 
 FOLDER = "workspace"
 
 
-def _open_folder(staging: Path) -> None:
-    os.chmod(staging, 0o755)  # noqa: S103 - /workspace's mode; the task folder is 0700
+def _copy_seed(task_dir: Path) -> None:
+    folder = task_dir / FOLDER
+    copy_into_place(task_dir / SEED, folder)
+    os.chmod(folder, 0o755)  # noqa: S103 - /workspace's mode; the task folder is 0700
 
 
 class DirectoryVMRuntime(VMGuest):
-    def prepare_workspace(self, task_dir: Path, staging: Path, entry_count: int) -> None:
-        del task_dir, entry_count
-        _open_folder(staging)
+    def prepare_workspace(self, task_dir: Path, seed: Path, entry_count: int) -> None:
+        del seed, entry_count
+        _copy_seed(task_dir)
+
+    def restore_workspace(self, task_dir: Path) -> None:
+        _copy_seed(task_dir)
 
     def attach(self, task_dir: Path, vm_dir: Path) -> None:
         os.symlink(task_dir / FOLDER, vm_dir / FOLDER)
@@ -52,9 +65,11 @@ class DirectorySandboxRuntime:
         self.vms = vms
         self.records = records
 
-    def prepare_workspace(self, task_dir: Path, staging: Path, entry_count: int) -> None:
-        del task_dir, entry_count
-        _open_folder(staging)
+    reset_reverts_guest = False  # nothing runs between commands: only /workspace is kept
+
+    def prepare_workspace(self, task_dir: Path, seed: Path, entry_count: int) -> None:
+        del seed, entry_count
+        _copy_seed(task_dir)
 
     def start(self, record: TaskRecord, progress: ProgressFn) -> None:
         state = record.runtime
@@ -64,6 +79,13 @@ class DirectorySandboxRuntime:
         state.acceleration = self.backend.probe().acceleration or "none"
         state.status = "ready"
 
+    def _root(self, record: TaskRecord, progress: ProgressFn) -> Path:
+        root = Path(record.runtime.hostfs or "")
+        if not (root / "usr").is_dir():  # the cached tree was pruned: unpack it again
+            installed = self.vms.store.ensure(record.config.environment, progress=progress)
+            root = self.backend.prepare_root(installed, progress)
+        return root
+
     def exec(
         self,
         record: TaskRecord,
@@ -71,10 +93,7 @@ class DirectorySandboxRuntime:
         options: ExecOptions,
         progress: ProgressFn,
     ) -> tuple[TaskRecord, ExecOutcome]:
-        root = Path(record.runtime.hostfs or "")
-        if not (root / "usr").is_dir():  # the cached tree was pruned: unpack it again
-            installed = self.vms.store.ensure(record.config.environment, progress=progress)
-            root = self.backend.prepare_root(installed, progress)
+        root = self._root(record, progress)
         data = self.backend.run(
             root,
             self.records.folder(record.record_id) / FOLDER,
@@ -92,3 +111,20 @@ class DirectorySandboxRuntime:
 
     def discard(self, record: TaskRecord) -> None:
         del record  # nothing runs between commands
+
+    @contextlib.contextmanager
+    def files(self, record: TaskRecord, progress: ProgressFn) -> Iterator[AgentChannel]:
+        folder = self.records.folder(record.record_id) / FOLDER
+        with self.backend.files(self._root(record, progress), folder) as channel:
+            yield channel
+
+    def reset(self, record: TaskRecord, progress: ProgressFn) -> None:
+        """A new copy of the seed. Commands of this task still running in other
+        processes keep the old folder (now removed) until they end."""
+        task_dir = self.records.folder(record.record_id)
+        check_seed_kept(task_dir)
+        progress(ProgressEvent("reset", "restoring /workspace from the seed"))
+        try:
+            _copy_seed(task_dir)
+        except OSError as exc:
+            raise state_dir_error(task_dir, exc) from exc

@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyro_mcp import limits
 from pyro_mcp.commands import ExecOptions
@@ -40,16 +42,20 @@ from pyro_mcp.models import (
     TaskDeleteResult,
     TaskExecResult,
     TaskInfo,
+    TaskResetResult,
     WorkspaceSeed,
 )
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 from pyro_mcp.records import RecordStore, TaskConfig, TaskRecord, state_dir_error
 from pyro_mcp.records import TaskRuntime as TaskState
 from pyro_mcp.state import ProcessId
-from pyro_mcp.tasks.runtime import TaskRuntime, runtime_for
+from pyro_mcp.tasks.runtime import SEED, TaskRuntime, check_seed_kept, runtime_for
 from pyro_mcp.vmm import SANDBOX_BACKEND_NAMES, fallback_backend, get_sandbox_backend
 from pyro_mcp.workspace.archive import SeedLimits
 from pyro_mcp.workspace.seed import resolve_source, seed_tree
+
+if TYPE_CHECKING:
+    from pyro_mcp.guest.channel import AgentChannel
 
 
 class TaskManager:
@@ -151,7 +157,7 @@ class TaskManager:
         with self.records.lock(task_id):
             try:
                 self.records.save(record)
-                staging = task_dir / "workspace"
+                staging = task_dir / SEED
                 try:
                     staging.mkdir(mode=0o700)
                 except OSError as exc:
@@ -200,16 +206,7 @@ class TaskManager:
         cancel kills the command; the task stays."""
         cmd = limits.check_command(command)
         opts = options or ExecOptions()
-        record = self.records.load(task_id)
-        if record.runtime.status == "creating":
-            raise VMStateError(
-                f"task {task_id} is still being created", hint="wait for task create to finish"
-            )
-        if time.time() >= record.config.expires_at:
-            raise VMStateError(
-                f"task {task_id} has outlived its TTL and is being removed",
-                hint="create a new task",
-            )
+        record = self._usable(task_id)
         record, outcome = self._runtime(record.config.backend).exec(record, cmd, opts, progress)
         config, state = record.config, record.runtime
         return TaskExecResult(
@@ -223,6 +220,68 @@ class TaskManager:
             backend=config.backend,
             acceleration=state.acceleration or "none",
             boot=state.boot,
+        )
+
+    def _usable(self, task_id: str) -> TaskRecord:
+        record = self.records.load(task_id)
+        if record.runtime.status == "creating":
+            raise VMStateError(
+                f"task {task_id} is still being created", hint="wait for task create to finish"
+            )
+        if time.time() >= record.config.expires_at:
+            raise VMStateError(
+                f"task {task_id} has outlived its TTL and is being removed",
+                hint="create a new task",
+            )
+        return record
+
+    @contextlib.contextmanager
+    def files(
+        self, task_id: str, *, progress: ProgressFn = no_progress
+    ) -> Iterator[tuple[TaskRecord, AgentChannel]]:
+        """The task's record and a channel to its guest agent for file operations
+        (:mod:`pyro_mcp.workspace.files`); the guest is restarted first if gone."""
+        record = self._usable(task_id)
+        with self._runtime(record.config.backend).files(record, progress) as channel:
+            yield record, channel
+
+    def seed_folder(self, task_id: str) -> Path:
+        """The task's kept seed (what ``diff`` compares with)."""
+        return check_seed_kept(self.records.folder(task_id))
+
+    # -- reset --------------------------------------------------------------
+    def reset(self, task_id: str, *, progress: ProgressFn = no_progress) -> TaskResetResult:
+        """Put /workspace back to the task's seed (kept at create), stopping what runs.
+        On VM backends this is a new VM: the rest of the guest starts fresh too."""
+        started = time.monotonic()
+        self._usable(task_id)
+        with self.records.lock(task_id):
+            record = self._usable(task_id)
+            runtime = self._runtime(record.config.backend)
+            try:
+                runtime.reset(record, progress)
+            except BaseException:
+                # The workspace is the old one or the seed, never a mix (copy_into_place);
+                # a VM that did not start is started again by the next call.
+                record.runtime.detail = "the last reset failed; reset again or delete the task"
+                self.records.save(record)
+                raise
+            record.runtime.detail = "reset to its seed" + (
+                "; the rest of the guest filesystem started fresh"
+                if runtime.reset_reverts_guest
+                else ""
+            )
+            self.records.save(record)
+        seed = record.config.workspace_seed
+        status, _ = runtime.observed_status(record)
+        return TaskResetResult(
+            task_id=task_id,
+            status=status,
+            workspace_seed_mode=seed.mode if seed else "empty",
+            guest_reverted=runtime.reset_reverts_guest,
+            vm_id=record.runtime.vm_id,
+            boot=record.runtime.boot,
+            duration_ms=int((time.monotonic() - started) * 1000),
         )
 
     # -- queries ------------------------------------------------------------

@@ -16,10 +16,12 @@ at a backend's name. Runtimes that keep a VM share :class:`VMGuest`: the VM has
 no owner process and the task's TTL, and if it is gone (host reboot, crash,
 ``pyro vm delete``) the next exec starts a new one over the same workspace.
 
-The file operations of the next release (read, write, edit, list, diff,
-export, reset) are methods of this interface too: the disk kind goes through
-the guest agent (the host never parses a guest-written filesystem), the
-directory kind through its own tree.
+Every task keeps its seed, as pyro wrote it, in ``<task>/seed/`` (never
+given to the guest): :meth:`TaskRuntime.prepare_workspace` makes the workspace
+from it, :meth:`TaskRuntime.reset` makes it again, and ``task_diff`` compares
+against it. File operations (:mod:`pyro_mcp.workspace.files`, diff, export) go
+through :meth:`TaskRuntime.files`, a channel to the guest agent: the host never
+parses a guest-written filesystem or walks a folder a guest wrote.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pyro_mcp import limits
 from pyro_mcp.commands import ExecOptions
@@ -41,6 +44,12 @@ from pyro_mcp.records import RecordStore, TaskRecord, state_dir_error
 from pyro_mcp.vmm import backend_info, get_backend, get_sandbox_backend
 from pyro_mcp.vmm.base import Backend, BackendInfo
 
+if TYPE_CHECKING:
+    from pyro_mcp.guest.channel import AgentChannel
+
+SEED = "seed"
+"""The task folder's copy of the seed as pyro wrote it (host-only, never in a guest)."""
+
 
 class TaskRuntime(Protocol):
     """A task's guest and workspace, as the task manager uses them."""
@@ -48,9 +57,9 @@ class TaskRuntime(Protocol):
     @property
     def backend(self) -> BackendInfo: ...
 
-    def prepare_workspace(self, task_dir: Path, staging: Path, entry_count: int) -> None:
-        """Turn the seeded ``staging`` folder (``task_dir/workspace``) into the
-        workspace this kind of runtime uses."""
+    def prepare_workspace(self, task_dir: Path, seed: Path, entry_count: int) -> None:
+        """Make the workspace this kind of runtime uses from the ``seed`` folder
+        (``task_dir/seed``, kept), and what :meth:`reset` needs to make it again."""
         ...
 
     def start(self, record: TaskRecord, progress: ProgressFn) -> None:
@@ -79,6 +88,32 @@ class TaskRuntime(Protocol):
         """Stop whatever runs for the task (its folder is removed by the caller)."""
         ...
 
+    def files(
+        self, record: TaskRecord, progress: ProgressFn
+    ) -> AbstractContextManager[AgentChannel]:
+        """A channel to the guest agent for file operations (the guest restarted
+        first if it is gone)."""
+        ...
+
+    def reset(self, record: TaskRecord, progress: ProgressFn) -> None:
+        """Stop what runs in the task, make the workspace again from the kept seed and
+        make the task usable (lock held; ``record.runtime`` updated)."""
+        ...
+
+    #: Whether :meth:`reset` also starts the rest of the guest's filesystem fresh.
+    reset_reverts_guest: bool
+
+
+def check_seed_kept(task_dir: Path) -> Path:
+    """The task's kept seed folder; tasks made before pyro-mcp kept one have none."""
+    seed = task_dir / SEED
+    if not seed.is_dir():
+        raise VMStateError(
+            f"task {task_dir.name} has no kept seed (it was created by an older pyro-mcp)",
+            hint="create a new task from the same source",
+        )
+    return seed
+
 
 def runtime_for(backend: str, vms: VMManager, records: RecordStore[TaskRecord]) -> TaskRuntime:
     """The runtime for tasks on ``backend``, chosen by what the backend declares."""
@@ -99,6 +134,7 @@ class VMGuest:
 
     #: What the guest agent mounts at INIT.
     mounts: tuple[Mapping[str, Any], ...] = ()
+    reset_reverts_guest = True  # a reset is a new VM
 
     def __init__(self, backend: Backend, vms: VMManager, records: RecordStore[TaskRecord]) -> None:
         self.backend = backend
@@ -108,6 +144,29 @@ class VMGuest:
     def attach(self, task_dir: Path, vm_dir: Path) -> None:
         """Give the VM's folder (before its start) the task's workspace."""
         raise NotImplementedError
+
+    def restore_workspace(self, task_dir: Path) -> None:
+        """Make the workspace again from what :meth:`prepare_workspace` kept."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def files(self, record: TaskRecord, progress: ProgressFn) -> Iterator[AgentChannel]:
+        record = self._ensure_vm(record, progress)
+        with self.vms.files(str(record.runtime.vm_id)) as channel:
+            yield channel
+
+    def reset(self, record: TaskRecord, progress: ProgressFn) -> None:
+        task_dir = self.records.folder(record.record_id)
+        check_seed_kept(task_dir)
+        self.discard(record)
+        record.runtime.vm_id = None
+        progress(ProgressEvent("reset", "restoring /workspace from the seed"))
+        try:
+            self.restore_workspace(task_dir)
+        except OSError as exc:
+            raise state_dir_error(task_dir, exc) from exc
+        self._start_vm(record, progress)
+        record.runtime.status = "running"
 
     def start(self, record: TaskRecord, progress: ProgressFn) -> None:
         self._start_vm(record, progress)

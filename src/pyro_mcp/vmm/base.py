@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pyro_mcp.limits import TASK_WORKSPACE
 from pyro_mcp.progress import ProgressFn, no_progress
+
+if TYPE_CHECKING:
+    from pyro_mcp.guest.channel import AgentChannel
 
 
 @dataclass(frozen=True)
@@ -222,4 +226,8 @@ class SandboxBackend(BackendInfo, Protocol):
         stderr_cap: int,
     ) -> dict[str, Any]:
         """Run one command confined; the fields of an exec outcome."""
+        ...
+
+    def files(self, root: Path, workspace: Path) -> AbstractContextManager[AgentChannel]:
+        """The guest agent in the same confinement, for file operations on ``workspace``."""
         ...

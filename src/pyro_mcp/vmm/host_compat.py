@@ -40,10 +40,10 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pyro_mcp.environments.tree import ensure_rootfs_tree
 from pyro_mcp.errors import BackendUnavailableError, InvalidInputError
@@ -51,7 +51,11 @@ from pyro_mcp.procs import kill_process_group
 from pyro_mcp.vmm import pids
 from pyro_mcp.vmm.base import BackendProbe, WorkspaceKind
 
+if TYPE_CHECKING:
+    from pyro_mcp.guest.channel import AgentChannel
+
 NAME = "host_compat"
+AGENT_IN_SANDBOX = "/tmp/.pyro-agent"
 HOSTNAME = "pyro-task"
 
 
@@ -244,6 +248,62 @@ def _run_confined(
     }
 
 
+class _PipeIO:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self._in = proc.stdin.fileno()
+        self._out = proc.stdout.fileno()
+
+    def read(self, size: int) -> bytes:
+        try:
+            return os.read(self._out, size)
+        except OSError:
+            return b""
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._in, view) :]
+
+
+@contextlib.contextmanager
+def files(rootfs: Path, workspace: Path) -> Iterator[AgentChannel]:
+    """The guest agent (``--stdio``) in the same sandbox a command gets, for file
+    operations on the task's workspace: the host itself never walks the folder the
+    sandbox writes (its links could point anywhere on the host)."""
+    from pyro_mcp.guest.build import ensure_agent_binary
+    from pyro_mcp.guest.channel import AgentChannel
+
+    binary = require()
+    if not workspace.is_dir():
+        raise InvalidInputError(f"the task workspace {workspace} is missing")
+    agent = ensure_agent_binary()
+    full = bwrap_argv(binary, rootfs, workspace, [AGENT_IN_SANDBOX, "--stdio"], cwd="/", env={})
+    # The agent is bound in after /tmp's tmpfs exists (bwrap applies options in order).
+    at = full.index("--chdir")
+    full[at:at] = ["--ro-bind", str(agent), AGENT_IN_SANDBOX]
+    proc = subprocess.Popen(
+        full,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+    try:
+        channel = AgentChannel(_PipeIO(proc))
+        channel.wait_hello(timeout=30)
+        yield channel
+    finally:
+        kill_process_group(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
 class HostCompatBackend:
     """Commands on the host kernel, one bubblewrap sandbox each (see the module
     docstring): a per-command sandbox, never a VM."""
@@ -263,3 +323,4 @@ class HostCompatBackend:
     # The module's functions serve as they are: there is no per-backend state.
     prepare_root = staticmethod(ensure_rootfs_tree)
     run = staticmethod(run)
+    files = staticmethod(files)
