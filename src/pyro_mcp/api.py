@@ -26,6 +26,7 @@ from pyro_mcp.models import (
     TaskDeleteResult,
     TaskExecResult,
     TaskInfo,
+    TaskResetResult,
     VMInfo,
 )
 from pyro_mcp.progress import ProgressFn, no_progress
@@ -358,6 +359,12 @@ class Pyro:
     def delete_task(self, task_id: str) -> TaskDeleteResult:
         """Stop the task's VM and remove it with its workspace."""
         return self._tasks.delete(task_id)
+
+    def reset_task(self, task_id: str) -> TaskResetResult:
+        """Put the task's /workspace back to its seed (kept at create; the host
+        folder is not read again), stopping what runs in it. On VM backends this is
+        a new VM, so everything outside /workspace starts fresh too."""
+        return self._tasks.reset(task_id, progress=self._progress)
 
     def reap_expired(self) -> ReapResult:
         """Remove VMs and tasks past their TTL, and leftovers of dead processes."""

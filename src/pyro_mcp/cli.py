@@ -574,6 +574,16 @@ def task_delete(task_id: str, as_json: bool) -> None:
         click.echo(f"deleted {task_id}")
 
 
+def _register_file_commands() -> None:
+    from pyro_mcp.cli_files import COMMANDS
+
+    for command in COMMANDS:
+        task.add_command(command)
+
+
+_register_file_commands()
+
+
 # -- MCP -----------------------------------------------------------------------
 @cli.group()
 def mcp() -> None:
@@ -611,6 +621,14 @@ def mcp() -> None:
     help="Folder a source_path may come from (repeatable). Used when the client "
     "offers no MCP roots; default: the working directory.",
 )
+@click.option(
+    "--allow-write",
+    "allow_write",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, resolve_path=True),
+    help="Folder task_export may write into (repeatable), besides the client's MCP "
+    "roots. Default: none (the working directory is not writable unless named).",
+)
 def mcp_serve(
     transport: str,
     host: str,
@@ -618,6 +636,7 @@ def mcp_serve(
     token: str | None,
     profile: str,
     allow_paths: tuple[str, ...],
+    allow_write: tuple[str, ...],
 ) -> None:
     """Run the MCP server (stdio by default)."""
     from pathlib import Path
@@ -628,6 +647,7 @@ def mcp_serve(
     config = ServerConfig(
         profile=profile,  # type: ignore[arg-type]
         allow_paths=[Path(p) for p in allow_paths],
+        allow_write=[Path(p) for p in allow_write],
         backend=backend,
     )
     try:

@@ -91,6 +91,7 @@ def instructions(tool_names: Sequence[str]) -> str:
 class ServerConfig:
     profile: Profile = DEFAULT_PROFILE
     allow_paths: Sequence[Path] = ()
+    allow_write: Sequence[Path] = ()
     backend: str | None = None
     state_dir: Path | None = None
     reap_on_start: bool = True
@@ -214,8 +215,9 @@ class PyroMCPServer:
         else:
             try:
                 roots = await self._source_roots(ctx) if _takes_source_path(spec) else None
+                writable = await self._write_roots(ctx) if _writes_host(spec) else ()
                 outcome = await self.run_tool(
-                    spec, params.arguments, roots, ctx.session.report_progress
+                    spec, params.arguments, roots, ctx.session.report_progress, writable
                 )
             except PyroError as exc:
                 outcome = ToolOutcome.from_error(exc)
@@ -231,6 +233,19 @@ class PyroMCPServer:
 
     async def _source_roots(self, ctx: ServerRequestContext[Any]) -> list[Path]:
         """Client roots when offered, else --allow-path, else the working directory."""
+        found = await self._client_roots(ctx)
+        if found:
+            return found
+        if self.config.allow_paths:
+            return list(self.config.allow_paths)
+        return [Path.cwd()]
+
+    async def _write_roots(self, ctx: ServerRequestContext[Any]) -> list[Path]:
+        """Where ``task_export`` may write: the client's roots and --allow-write, never
+        the working directory unless it is one of them."""
+        return [*(await self._client_roots(ctx)), *self.config.allow_write]
+
+    async def _client_roots(self, ctx: ServerRequestContext[Any]) -> list[Path]:
         caps = ctx.session.client_capabilities
         if caps is not None and caps.roots is not None and ctx.session.can_send_request:
             try:
@@ -244,12 +259,8 @@ class PyroMCPServer:
                     hint="retry; or start the server with `--allow-path DIR`",
                 ) from None
             roots = [_root_path(str(r.uri)) for r in result.roots]
-            found = [r for r in roots if r is not None]
-            if found:
-                return found
-        if self.config.allow_paths:
-            return list(self.config.allow_paths)
-        return [Path.cwd()]
+            return [r for r in roots if r is not None]
+        return []
 
     # -- running a tool off the event loop ----------------------------------
     async def run_tool(
@@ -258,8 +269,9 @@ class PyroMCPServer:
         arguments: dict[str, Any] | None,
         roots: list[Path] | None,
         report: Callable[[float, float | None, str | None], Awaitable[None]],
+        write_roots: Sequence[Path] = (),
     ) -> ToolOutcome:
-        tool_ctx = ToolContext(source_roots=roots)
+        tool_ctx = ToolContext(source_roots=roots, write_roots=write_roots)
         state = _ProgressState()
         done = threading.Event()
 
@@ -444,6 +456,10 @@ def _to_mcp(outcome: ToolOutcome) -> types.CallToolResult:
 
 def _takes_source_path(spec: ToolSpec) -> bool:
     return "source_path" in spec.input_model.model_fields
+
+
+def _writes_host(spec: ToolSpec) -> bool:
+    return "dest" in spec.input_model.model_fields
 
 
 def _root_path(uri: str) -> Path | None:

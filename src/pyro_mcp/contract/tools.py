@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pyro_mcp.contract.file_tools import FILE_TOOLS
 from pyro_mcp.contract.spec import DEFAULT_PROFILE, PROFILES, Profile, ToolSpec
 from pyro_mcp.contract.task_tools import TASK_TOOLS
 from pyro_mcp.contract.vm_tools import LIST_ENVIRONMENTS, VM_LIFECYCLE_TOOLS, VM_RUN
 from pyro_mcp.errors import InvalidInputError, NotFoundError
 
-TOOLS: tuple[ToolSpec, ...] = (VM_RUN, LIST_ENVIRONMENTS, *TASK_TOOLS, *VM_LIFECYCLE_TOOLS)
+TOOLS: tuple[ToolSpec, ...] = (
+    VM_RUN,
+    LIST_ENVIRONMENTS,
+    *TASK_TOOLS,
+    *FILE_TOOLS,
+    *VM_LIFECYCLE_TOOLS,
+)
 
 TOOLS_BY_NAME: dict[str, ToolSpec] = {t.name: t for t in TOOLS}
 
