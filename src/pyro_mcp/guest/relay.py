@@ -117,5 +117,6 @@ class Relay:
         with self._lock:
             still_open = list(self._ids.values())
         for ours in still_open:
-            with contextlib.suppress(OSError, GuestProtocolError):
+            # ValueError: a pipe the channel writes to is already closed
+            with contextlib.suppress(OSError, ValueError, GuestProtocolError):
                 self.channel.send(ours, p.Cancel())
