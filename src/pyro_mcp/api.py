@@ -11,9 +11,9 @@ subclass with a message and hint; a failing command is a normal result.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from pyro_mcp import limits
 from pyro_mcp.commands import ExecOptions
@@ -34,7 +34,16 @@ from pyro_mcp.tasks import TaskManager
 
 if TYPE_CHECKING:
     from pyro_mcp.pool import WarmPool
+    from pyro_mcp.tasks.files import TaskFiles
     from pyro_mcp.workspace.archive import SeedLimits
+    from pyro_mcp.workspace.diff import DiffResult
+    from pyro_mcp.workspace.export import ExportResult
+    from pyro_mcp.workspace.files import (
+        FileEditResult,
+        FileListResult,
+        FileReadResult,
+        FileWriteResult,
+    )
 
 
 class Pyro:
@@ -359,6 +368,145 @@ class Pyro:
     def delete_task(self, task_id: str) -> TaskDeleteResult:
         """Stop the task's VM and remove it with its workspace."""
         return self._tasks.delete(task_id)
+
+    # -- a task's files -----------------------------------------------------
+    @property
+    def _files(self) -> TaskFiles:
+        from pyro_mcp.tasks.files import TaskFiles
+
+        return TaskFiles(self._tasks)
+
+    def read_task_file(
+        self,
+        task_id: str,
+        path: str,
+        *,
+        offset: int = 0,
+        max_bytes: int = 256 << 10,
+        start_line: int | None = None,
+        end_line: int | None = None,
+        line_numbers: bool = False,
+    ) -> FileReadResult:
+        """Read a file of the task (relative paths are under /workspace). UTF-8 text
+        comes back as text, anything else base64 (``encoding`` says which); the
+        result says ``size`` and ``truncated``. ``start_line``/``end_line`` (1-based,
+        inclusive) return just those lines; ``line_numbers`` prefixes each line with
+        its number, for reading (not for ``edit_task_file``'s ``old_text``).
+        :meth:`read_task_bytes` returns a whole file of any size as bytes."""
+        return self._files.read(
+            task_id,
+            path,
+            offset=offset,
+            max_bytes=max_bytes,
+            start_line=start_line,
+            end_line=end_line,
+            line_numbers=line_numbers,
+            progress=self._progress,
+        )
+
+    def read_task_bytes(
+        self,
+        task_id: str,
+        path: str,
+        sink: Callable[[bytes], None] | None = None,
+        *,
+        offset: int = 0,
+        max_bytes: int | None = None,
+    ) -> bytes:
+        """A file's exact bytes, streamed: into ``sink`` chunk by chunk (then b"" is
+        returned), or collected and returned when ``sink`` is None."""
+        out = bytearray()
+        self._files.stream(
+            task_id,
+            path,
+            sink or out.extend,
+            offset=offset,
+            max_bytes=max_bytes,
+            progress=self._progress,
+        )
+        return bytes(out)
+
+    def write_task_file(
+        self,
+        task_id: str,
+        path: str,
+        content: str | bytes | Iterable[bytes] | BinaryIO,
+        *,
+        encoding: Literal["utf-8", "base64"] = "utf-8",
+        mode: int | None = None,
+    ) -> FileWriteResult:
+        """Write a file of the task atomically (a temporary file, then a rename),
+        creating its parent folders. ``content``: text (``encoding`` "utf-8", or
+        "base64" for bytes given as base64 text), bytes, an iterable of bytes or a
+        binary file object (both streamed). ``mode`` None keeps an existing file's
+        mode (0644 for a new one)."""
+        from pyro_mcp.workspace.files import decode_content
+
+        data: bytes | Iterable[bytes]
+        if isinstance(content, str):
+            data = decode_content(content, encoding)
+        elif isinstance(content, bytes | bytearray | memoryview):
+            data = bytes(content)
+        elif hasattr(content, "read"):
+            reader = content
+
+            def chunks() -> Iterator[bytes]:
+                while chunk := reader.read(1 << 20):
+                    yield chunk
+
+            data = chunks()
+        else:
+            data = content
+        return self._files.write(task_id, path, data, mode=mode, progress=self._progress)
+
+    def edit_task_file(
+        self,
+        task_id: str,
+        path: str,
+        old_text: str,
+        new_text: str,
+        *,
+        replace_all: bool = False,
+    ) -> FileEditResult:
+        """Replace ``old_text`` (exact, and unique unless ``replace_all``) by
+        ``new_text`` in a text file of the task; returns the count and a short diff."""
+        return self._files.edit(
+            task_id, path, old_text, new_text, replace_all=replace_all, progress=self._progress
+        )
+
+    def list_task_files(
+        self,
+        task_id: str,
+        path: str = limits.TASK_WORKSPACE,
+        *,
+        recursive: bool = False,
+        max_entries: int = 1000,
+    ) -> FileListResult:
+        """A folder's entries (type, size, mode, mtime, link target; links are never
+        followed), capped at ``max_entries`` with ``truncated`` set."""
+        return self._files.list(
+            task_id, path, recursive=recursive, max_entries=max_entries, progress=self._progress
+        )
+
+    def diff_task(self, task_id: str, path: str | None = None) -> DiffResult:
+        """What changed in /workspace since the task was created (against its seed,
+        or empty), with a patch ``git apply`` takes on the original folder."""
+        return self._files.diff(task_id, path, progress=self._progress)
+
+    def export_task(
+        self,
+        task_id: str,
+        dest: str | Path,
+        *,
+        path: str = limits.TASK_WORKSPACE,
+        overwrite: bool = False,
+    ) -> ExportResult:
+        """Copy ``path`` (default all of /workspace) out of the task into the host
+        folder ``dest``, or a ``.tar``/``.tar.gz`` archive. Links that leave the
+        tree, special files and entries past the caps are skipped and listed."""
+        return self._files.export(
+            task_id, dest, path=path, overwrite=overwrite, progress=self._progress
+        )
 
     def reset_task(self, task_id: str) -> TaskResetResult:
         """Put the task's /workspace back to its seed (kept at create; the host
