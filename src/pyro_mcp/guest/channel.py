@@ -12,6 +12,7 @@ agent's ``Error`` as a value (its errno says what went wrong in the guest) and r
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -25,6 +26,7 @@ from pyro_mcp.guest.protocol import (
     GUEST_TO_HOST,
     MAX_DATA_CHUNK,
     PROTOCOL_VERSION,
+    Cancel,
     Credit,
     Data,
     DirEntry,
@@ -175,6 +177,7 @@ class AgentChannel:
         """Stream a guest file into ``sink``; ``timeout`` bounds each wait for the agent."""
         credit = InboundCredit(request.window)
         request_id, q = self.open()
+        done = False
         try:
             self.send(request_id, request)
             while True:
@@ -186,11 +189,12 @@ class AgentChannel:
                     if grant:
                         self.send(request_id, Grant(grant))
                 elif isinstance(reply, ReadEnd | Error):
+                    done = True
                     return reply
                 else:
                     raise GuestProtocolError(f"unexpected {type(reply).__name__} in a file read")
         finally:
-            self.close_request(request_id)
+            self._abandon(request_id, done)
 
     def write_file(
         self, request: WriteFile, chunks: Iterable[bytes], timeout: float
@@ -198,6 +202,7 @@ class AgentChannel:
         """Write ``chunks`` (any sizes) to a guest file, atomically, within the agent's credit."""
         credit = OutboundCredit()
         request_id, q = self.open()
+        done = False
         try:
             self.send(request_id, request)
             for chunk in _split(chunks):
@@ -206,6 +211,7 @@ class AgentChannel:
                     if isinstance(reply, Credit):
                         credit.credit(reply.bytes)
                     elif isinstance(reply, Error):
+                        done = True
                         return reply
                     else:
                         raise GuestProtocolError(
@@ -217,17 +223,19 @@ class AgentChannel:
             while True:
                 reply = self._next(q, timeout, "a file write")
                 if isinstance(reply, WriteEnd | Error):
+                    done = True
                     return reply
                 if not isinstance(reply, Credit):
                     raise GuestProtocolError(f"unexpected {type(reply).__name__} in a file write")
         finally:
-            self.close_request(request_id)
+            self._abandon(request_id, done)
 
     def list_dir(self, request: ListDir, timeout: float) -> tuple[list[DirEntry], ListEnd | Error]:
         """All entries of a LIST (at most ``request.max_entries``) and its final frame."""
         credit = InboundCredit(request.window)
         entries: list[DirEntry] = []
         request_id, q = self.open()
+        done = False
         try:
             self.send(request_id, request)
             while True:
@@ -241,13 +249,23 @@ class AgentChannel:
                     if grant:
                         self.send(request_id, Grant(grant))
                 elif isinstance(reply, ListEnd | Error):
+                    done = True
                     if isinstance(reply, ListEnd) and reply.count != len(entries):
                         raise GuestProtocolError("LIST_END.count does not match the entries")
                     return entries, reply
                 else:
                     raise GuestProtocolError(f"unexpected {type(reply).__name__} in a listing")
         finally:
-            self.close_request(request_id)
+            self._abandon(request_id, done)
+
+    def _abandon(self, request_id: int, done: bool) -> None:
+        """End a stream's request; one left before its final frame (a sink or a chunk
+        source raised, the agent went quiet) is CANCELled, so the agent drops its temporary
+        file and frees its file-operation slot instead of waiting for us forever."""
+        self.close_request(request_id)
+        if not done and self.closed_reason is None:
+            with contextlib.suppress(OSError, ValueError):  # the channel is going away
+                self.send(request_id, Cancel())
 
     def stat(self, path: bytes, timeout: float) -> FileStat | Error:
         """``lstat`` of a guest path."""
