@@ -194,7 +194,7 @@ class AgentChannel:
                 else:
                     raise GuestProtocolError(f"unexpected {type(reply).__name__} in a file read")
         finally:
-            self._abandon(request_id, done)
+            self._abandon(request_id, q, done, timeout)
 
     def write_file(
         self, request: WriteFile, chunks: Iterable[bytes], timeout: float
@@ -228,7 +228,7 @@ class AgentChannel:
                 if not isinstance(reply, Credit):
                     raise GuestProtocolError(f"unexpected {type(reply).__name__} in a file write")
         finally:
-            self._abandon(request_id, done)
+            self._abandon(request_id, q, done, timeout)
 
     def list_dir(self, request: ListDir, timeout: float) -> tuple[list[DirEntry], ListEnd | Error]:
         """All entries of a LIST (at most ``request.max_entries``) and its final frame."""
@@ -256,16 +256,28 @@ class AgentChannel:
                 else:
                     raise GuestProtocolError(f"unexpected {type(reply).__name__} in a listing")
         finally:
-            self._abandon(request_id, done)
+            self._abandon(request_id, q, done, timeout)
 
-    def _abandon(self, request_id: int, done: bool) -> None:
-        """End a stream's request; one left before its final frame (a sink or a chunk
-        source raised, the agent went quiet) is CANCELled, so the agent drops its temporary
-        file and frees its file-operation slot instead of waiting for us forever."""
-        self.close_request(request_id)
-        if not done and self.closed_reason is None:
-            with contextlib.suppress(OSError, ValueError):  # the channel is going away
-                self.send(request_id, Cancel())
+    def _abandon(
+        self, request_id: int, q: queue.Queue[Delivery], done: bool, timeout: float
+    ) -> None:
+        """End a stream's request. One left before its final frame (a sink or a chunk
+        source raised, the agent went quiet) is CANCELled and its final frame awaited (at
+        most ``timeout``, 5 s), so the agent has dropped its temporary file and freed its
+        file-operation slot by the time the caller sees the exception."""
+        try:
+            if not done and self.closed_reason is None:
+                with contextlib.suppress(OSError, ValueError):  # the channel is going away
+                    self.send(request_id, Cancel())
+                    deadline = time.monotonic() + min(timeout, 5.0)
+                    while (left := deadline - time.monotonic()) > 0:
+                        item = q.get(timeout=left)
+                        if isinstance(item, ChannelClosed | Error | ReadEnd | WriteEnd | ListEnd):
+                            break
+        except queue.Empty:
+            pass
+        finally:
+            self.close_request(request_id)
 
     def stat(self, path: bytes, timeout: float) -> FileStat | Error:
         """``lstat`` of a guest path."""

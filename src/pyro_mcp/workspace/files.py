@@ -232,7 +232,7 @@ def guest_path(path: str, base: str = TASK_WORKSPACE) -> str:
         )
     if "\x00" in path:
         raise InvalidInputError(
-            f"guest path {path!r} contains a NUL character",
+            f"guest path {_short(path)!r} contains a NUL character",
             hint="file names cannot contain NUL; remove it from the path",
         )
     size = _utf8_size(path)
@@ -247,15 +247,21 @@ def guest_path(path: str, base: str = TASK_WORKSPACE) -> str:
         result = "/" + result.lstrip("/")
     if not result.startswith("/"):
         raise InvalidInputError(
-            f"guest path {path!r} is relative to {base!r}, which is not absolute",
+            f"guest path {_short(path)!r} is relative to {_short(base)!r}, which is not absolute",
             hint="pass an absolute base such as '/workspace'",
         )
     if _utf8_size(result) > MAX_PATH:
         raise InvalidInputError(
-            f"guest path {result!r} is over {MAX_PATH} bytes of UTF-8 once joined to {base}",
+            f"guest path {_short(result)!r} is over {MAX_PATH} bytes of UTF-8 once joined "
+            f"to {_short(base)}",
             hint="use a shorter path",
         )
     return result
+
+
+def _short(text: str) -> str:
+    """A path for a message: at most 200 characters."""
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _utf8_size(text: str) -> int:
@@ -263,7 +269,7 @@ def _utf8_size(text: str) -> int:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidInputError(
-            f"guest path {text!r} is not valid text (it has an unpaired surrogate)",
+            f"guest path {_short(text)!r} is not valid text (it has an unpaired surrogate)",
             hint="pass the path as valid UTF-8 text",
         ) from None
 
