@@ -580,6 +580,17 @@ def test_list_a_file_missing_or_under_a_file(ch: AgentChannel, root: Path) -> No
         list_files(ch, str(f / "sub"))
     (root / "dirlink").symlink_to(root)
     assert list_files(ch, str(root / "dirlink")).count == 2  # a link as the path is followed
+    (root / "filelink").symlink_to("file.txt")
+    with pytest.raises(InvalidInputError, match=r"symbolic link to 'file\.txt', which is not"):
+        list_files(ch, str(root / "filelink"))
+
+
+def test_times_are_iso_utc_even_when_odd() -> None:
+    assert files._iso(0) == "1970-01-01T00:00:00.000000+00:00"
+    assert files._iso(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456+00:00"
+    assert files._iso(-1_000) == "1969-12-31T23:59:59.999999+00:00"
+    assert files._iso(2**63 - 1).startswith("2262-04-11T23:47:16")  # the wire's range
+    assert files._iso(-(2**63)).startswith("1677-09-21T00:12:43")
 
 
 # ------------------------------------------------------------------ errors

@@ -25,7 +25,7 @@ import os
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal, NoReturn
 
 from pydantic import BaseModel, Field
@@ -369,8 +369,13 @@ def _fail(err: Error, path: str, op: str) -> NoReturn:
 # ----------------------------------------------------------------- helpers
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _iso(mtime_ns: int) -> str:
-    return datetime.fromtimestamp(mtime_ns / 1e9, UTC).isoformat(timespec="microseconds")
+    """ISO 8601 UTC with microseconds (the wire's i64 nanoseconds span 1677..2262)."""
+    when = _EPOCH + timedelta(microseconds=mtime_ns // 1000)  # exact: no float
+    return when.isoformat(timespec="microseconds")
 
 
 def _octal(mode: int) -> str:
@@ -966,15 +971,7 @@ def list_files(
     raw, end = ch.list_dir(ListDir(wire, recursive, max_entries), timeout)
     if isinstance(end, Error):
         if end.errno_code == errno.ENOTDIR:
-            st = ch.stat(wire, timeout)
-            if isinstance(st, FileStat) and st.kind not in (FileKind.DIR, FileKind.SYMLINK):
-                raise InvalidInputError(
-                    f"{path} is a {_TYPES.get(st.kind, 'other').replace('_', ' ')}, "
-                    "not a directory",
-                    hint=f"read it with task_read_file, or list its folder "
-                    f"{posixpath.dirname(path)}",
-                    details={"path": path},
-                )
+            _not_a_folder(ch, path, wire, timeout)
         _fail(end, path, "list")
     raw.sort(key=lambda e: e.name.split(b"/"))
     entries = [_entry(e.name, e.stat) for e in raw]
@@ -985,6 +982,21 @@ def list_files(
         count=len(entries),
         truncated=end.truncated,
     )
+
+
+def _not_a_folder(ch: AgentChannel, path: str, wire: bytes, timeout: float) -> None:
+    """LIST said ENOTDIR: if ``path`` itself exists (so its parents are folders), it is
+    what is not a folder; raise saying so. Otherwise return (a parent is a file)."""
+    st = ch.stat(wire, timeout)
+    if isinstance(st, Error) or st.kind == FileKind.DIR:
+        return
+    hint = f"read it with task_read_file, or list its folder {posixpath.dirname(path)}"
+    if st.kind == FileKind.SYMLINK:
+        target = st.link_target.decode("utf-8", "backslashreplace")
+        what = f"a symbolic link to {target!r}, which is not a directory"
+    else:
+        what = f"a {_TYPES.get(st.kind, 'other').replace('_', ' ')}, not a directory"
+    raise InvalidInputError(f"{path} is {what}", hint=hint, details={"path": path})
 
 
 def _text_and_raw(name: bytes) -> tuple[str, str | None]:
