@@ -7,7 +7,10 @@ streams have helpers here that keep the flow-control rules of docs/protocol.md:
 :meth:`AgentChannel.read_file`, :meth:`~AgentChannel.write_file`,
 :meth:`~AgentChannel.list_dir` and :meth:`~AgentChannel.stat`. They return the
 agent's ``Error`` as a value (its errno says what went wrong in the guest) and raise
-:class:`GuestProtocolError` when the guest breaks the protocol or goes quiet.
+:class:`GuestProtocolError` when the guest breaks the protocol or goes quiet. A stream
+the host leaves early (its sink or chunk source raised, the agent went quiet) is
+CANCELled and its final frame awaited briefly, so the agent drops a half-written
+temporary file and frees its file-operation slot before the exception reaches the caller.
 """
 
 from __future__ import annotations
