@@ -342,6 +342,12 @@ def _fail(err: Error, path: str, op: str) -> NoReturn:
             hint="only regular files can be read; task_list_files shows its type",
             details=details,
         )
+    if code == errno.EINVAL:
+        raise InvalidInputError(
+            f"cannot {op} {path}: invalid argument ({err.message})",
+            hint="check that the path names the right kind of file (task_list_files shows types)",
+            details=details,
+        )
     if code == errno.EROFS:
         raise InvalidInputError(
             f"cannot {op} {path}: the file system is read-only",
