@@ -120,7 +120,7 @@ class FileReadResult(BaseModel):
         "goes on past the content, or the requested lines did not all fit)."
     )
     encoding: Encoding = Field(description="'utf-8': content is the text; 'base64': bytes.")
-    content: str
+    content: str = Field(description="The text, or base64 of the bytes (see encoding).")
     start_line: int | None = Field(
         default=None, description="Line reads: 1-based number of the first line in content."
     )
@@ -566,6 +566,11 @@ def _read_lines(
             )
         data, end = _read_bytes(ch, path, wire, pos, _SCAN_CHUNK, "read", timeout)
         i = 0
+        skipped = data.count(b"\n")
+        if line + skipped < first:  # the wanted lines start past this chunk: skip it whole
+            line += skipped
+            newlines += skipped
+            i = len(data)
         while i < len(data):
             j = data.find(b"\n", i)
             stop = len(data) if j < 0 else j + 1
