@@ -7,11 +7,15 @@ streams have helpers here that keep the flow-control rules of docs/protocol.md:
 :meth:`AgentChannel.read_file`, :meth:`~AgentChannel.write_file`,
 :meth:`~AgentChannel.list_dir` and :meth:`~AgentChannel.stat`. They return the
 agent's ``Error`` as a value (its errno says what went wrong in the guest) and raise
-:class:`GuestProtocolError` when the guest breaks the protocol or goes quiet.
+:class:`GuestProtocolError` when the guest breaks the protocol or goes quiet. A stream
+the host leaves early (its sink or chunk source raised, the agent went quiet) is
+CANCELled and its final frame awaited briefly, so the agent drops a half-written
+temporary file and frees its file-operation slot before the exception reaches the caller.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -25,6 +29,7 @@ from pyro_mcp.guest.protocol import (
     GUEST_TO_HOST,
     MAX_DATA_CHUNK,
     PROTOCOL_VERSION,
+    Cancel,
     Credit,
     Data,
     DirEntry,
@@ -175,6 +180,7 @@ class AgentChannel:
         """Stream a guest file into ``sink``; ``timeout`` bounds each wait for the agent."""
         credit = InboundCredit(request.window)
         request_id, q = self.open()
+        done = False
         try:
             self.send(request_id, request)
             while True:
@@ -186,11 +192,12 @@ class AgentChannel:
                     if grant:
                         self.send(request_id, Grant(grant))
                 elif isinstance(reply, ReadEnd | Error):
+                    done = True
                     return reply
                 else:
                     raise GuestProtocolError(f"unexpected {type(reply).__name__} in a file read")
         finally:
-            self.close_request(request_id)
+            self._abandon(request_id, q, done, timeout)
 
     def write_file(
         self, request: WriteFile, chunks: Iterable[bytes], timeout: float
@@ -198,6 +205,7 @@ class AgentChannel:
         """Write ``chunks`` (any sizes) to a guest file, atomically, within the agent's credit."""
         credit = OutboundCredit()
         request_id, q = self.open()
+        done = False
         try:
             self.send(request_id, request)
             for chunk in _split(chunks):
@@ -206,6 +214,7 @@ class AgentChannel:
                     if isinstance(reply, Credit):
                         credit.credit(reply.bytes)
                     elif isinstance(reply, Error):
+                        done = True
                         return reply
                     else:
                         raise GuestProtocolError(
@@ -217,17 +226,19 @@ class AgentChannel:
             while True:
                 reply = self._next(q, timeout, "a file write")
                 if isinstance(reply, WriteEnd | Error):
+                    done = True
                     return reply
                 if not isinstance(reply, Credit):
                     raise GuestProtocolError(f"unexpected {type(reply).__name__} in a file write")
         finally:
-            self.close_request(request_id)
+            self._abandon(request_id, q, done, timeout)
 
     def list_dir(self, request: ListDir, timeout: float) -> tuple[list[DirEntry], ListEnd | Error]:
         """All entries of a LIST (at most ``request.max_entries``) and its final frame."""
         credit = InboundCredit(request.window)
         entries: list[DirEntry] = []
         request_id, q = self.open()
+        done = False
         try:
             self.send(request_id, request)
             while True:
@@ -241,11 +252,33 @@ class AgentChannel:
                     if grant:
                         self.send(request_id, Grant(grant))
                 elif isinstance(reply, ListEnd | Error):
+                    done = True
                     if isinstance(reply, ListEnd) and reply.count != len(entries):
                         raise GuestProtocolError("LIST_END.count does not match the entries")
                     return entries, reply
                 else:
                     raise GuestProtocolError(f"unexpected {type(reply).__name__} in a listing")
+        finally:
+            self._abandon(request_id, q, done, timeout)
+
+    def _abandon(
+        self, request_id: int, q: queue.Queue[Delivery], done: bool, timeout: float
+    ) -> None:
+        """End a stream's request. One left before its final frame (a sink or a chunk
+        source raised, the agent went quiet) is CANCELled and its final frame awaited (at
+        most ``timeout``, 5 s), so the agent has dropped its temporary file and freed its
+        file-operation slot by the time the caller sees the exception."""
+        try:
+            if not done and self.closed_reason is None:
+                with contextlib.suppress(OSError, ValueError):  # the channel is going away
+                    self.send(request_id, Cancel())
+                    deadline = time.monotonic() + min(timeout, 5.0)
+                    while (left := deadline - time.monotonic()) > 0:
+                        item = q.get(timeout=left)
+                        if isinstance(item, ChannelClosed | Error | ReadEnd | WriteEnd | ListEnd):
+                            break
+        except queue.Empty:
+            pass
         finally:
             self.close_request(request_id)
 
