@@ -297,7 +297,7 @@ def _is_binary(data: bytes) -> bool:
 
 def _literal(data: bytes) -> bytes:
     """A ``literal`` hunk of a GIT binary patch: deflated, base85, a length char a line."""
-    z = zlib.compress(data)
+    z = zlib.compress(data, 1)  # git's own level (zlib_compression_level: Z_BEST_SPEED)
     out = [b"literal %d\n" % len(data)]
     for i in range(0, len(z), 52):
         chunk = z[i : i + 52]
