@@ -113,7 +113,11 @@ def apply(result: DiffResult, seed: Path | None, dest: Path) -> Path:
         return dest  # git apply refuses an empty patch: nothing to apply
     for args in (["--check"], []):
         run = subprocess.run(
-            ["git", "apply", *args, str(patch)], cwd=dest, capture_output=True, text=True
+            ["git", "apply", *args, str(patch)],
+            check=False,
+            cwd=dest,
+            capture_output=True,
+            text=True,
         )
         assert run.returncode == 0, f"git apply {args}: {run.stderr}\n{result.patch}"
     return dest
@@ -267,9 +271,7 @@ def test_same_size_same_second_edit_is_missed_by_design(
     assert diff_workspace(ch, str(ws), seed, timeout=T).entries == []
 
 
-def test_binary_files_under_and_over_the_cap(
-    ch: AgentChannel, seed: Path, tmp_path: Path
-) -> None:
+def test_binary_files_under_and_over_the_cap(ch: AgentChannel, seed: Path, tmp_path: Path) -> None:
     ws = copy(seed, tmp_path / "ws")
     write(ws, "image.bin", bytes(range(255, -1, -1)) * 4)
     write(ws, "small.bin", os.urandom(3000))
@@ -300,9 +302,7 @@ def test_quoting_is_gits() -> None:
     assert _quote(b'a/q"\\\t\n\x7f\xc3\xa9') == b'"a/q\\"\\\\\\t\\n\\177\\303\\251"'
 
 
-def test_a_special_file_is_listed_not_patched(
-    ch: AgentChannel, seed: Path, tmp_path: Path
-) -> None:
+def test_a_special_file_is_listed_not_patched(ch: AgentChannel, seed: Path, tmp_path: Path) -> None:
     ws = copy(seed, tmp_path / "ws")
     os.mkfifo(ws / "pipe")
     write(ws, "z.txt", "z\n")
