@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from agent_driver import PipeIO, agent_binary_fixture, spawn_agent  # noqa: F401 (fixture)
-from pyro_mcp.errors import InvalidInputError
+from pyro_mcp.errors import InvalidInputError, NotFoundError
 from pyro_mcp.guest.channel import AgentChannel
 from pyro_mcp.workspace.archive import Excluder
-from pyro_mcp.workspace.diff import DiffResult, _literal, _quote, diff_workspace
+from pyro_mcp.workspace.diff import DiffResult, _literal, _quote, _safe_name, diff_workspace
 
 T = 10.0
 
@@ -429,3 +429,13 @@ def test_two_thousand_files_ten_changed(ch: AgentChannel, tmp_path: Path) -> Non
     assert len(result.modified) == 10 and result.files_compared == 10
     applied = apply(result, seed, tmp_path / "applied")
     assert tree(applied) == tree(ws)
+
+
+def test_missing_roots_and_unsafe_names(ch: AgentChannel, seed: Path, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError):
+        diff_workspace(ch, str(tmp_path / "no-such-workspace"), seed, timeout=T)
+    with pytest.raises(NotFoundError):
+        diff_workspace(ch, str(seed), tmp_path / "no-such-seed", timeout=T)
+    assert _safe_name(b"a/b c/d") and _safe_name(b"\xff")
+    for bad in (b"", b"../x", b"a/../b", b"/abs", b"a//b", b"./a", b"a\0b"):
+        assert not _safe_name(bad)

@@ -216,10 +216,20 @@ def _seed_tree(seed_dir: Path | None, sub: bytes, excluder: Excluder) -> dict[by
     return nodes
 
 
+def _safe_name(name: bytes) -> bool:
+    """A relative path without empty, ``.`` or ``..`` parts (the agent never sends others)."""
+    return (
+        bool(name)
+        and b"\0" not in name
+        and all(p not in (b"", b".", b"..") for p in name.split(b"/"))
+    )
+
+
 def _guest_tree(
-    ch: AgentChannel, root: bytes, sub: bytes, max_entries: int, timeout: float
+    ch: AgentChannel, root: bytes, sub: bytes, max_entries: int, timeout: float, bad: list[bytes]
 ) -> tuple[dict[bytes, _Node], bool]:
-    """The guest's entries under ``sub`` (one recursive LIST) and whether it was cut."""
+    """The guest's entries under ``sub`` (one recursive LIST) and whether it was cut;
+    names no honest agent sends go to ``bad``."""
     nodes: dict[bytes, _Node] = {}
     if sub:
         parts = sub.split(b"/")
@@ -246,6 +256,9 @@ def _guest_tree(
         raise _guest_error(where, end)
     for e in entries:
         st = e.stat
+        if not _safe_name(e.name):
+            bad.append(e.name)
+            continue
         rel = sub + b"/" + e.name if sub else e.name
         nodes[rel] = _Node(st.kind, st.mode, st.size, st.mtime_ns // 10**9, st.link_target)
     return nodes, isinstance(end, ListEnd) and end.truncated
@@ -479,7 +492,8 @@ def _compare(files: _Files, rel: bytes, old: _Node | None, new: _Node | None) ->
         old_data = files.seed_data(rel, old)
         new_data = files.guest_data(rel, new)
         if isinstance(new_data, str):
-            return _Change("modified", [], new_data, unknown=new_data.startswith("not compared"))
+            # too large: changed for sure; not read or unreadable: not known
+            return _Change("modified", [], new_data, unknown=new_data != files.too_large)
         if old_data == new_data:
             return mode_only if om != nm else None
         return _Change("modified", [(_Blob(om, old_data), _Blob(nm, new_data))])
@@ -542,9 +556,12 @@ def diff_workspace(
     seed_nodes: dict[bytes, _Node] = {}
     guest_nodes: dict[bytes, _Node] = {}
     listing_cut = False
+    bad_names: list[bytes] = []
     if not (sub and excluder.excludes(os.fsdecode(sub))):
         seed_nodes = _seed_tree(seed_dir, sub, excluder)
-        guest_nodes, listing_cut = _guest_tree(ch, root or b"/", sub, max_entries, timeout)
+        guest_nodes, listing_cut = _guest_tree(
+            ch, root or b"/", sub, max_entries, timeout, bad_names
+        )
         if excluder:
             guest_nodes = {
                 r: n for r, n in guest_nodes.items() if not excluder.excludes(os.fsdecode(r))
@@ -563,6 +580,9 @@ def diff_workspace(
         files_compared=0,
         summary="",
     )
+    for name in bad_names:
+        result.skipped.append(SkippedFile(path=_text(name), reason="unsafe name from the guest"))
+        result.truncated = True
     full = False
     for rel in sorted(set(seed_nodes) | set(guest_nodes)):
         old, new = seed_nodes.get(rel), guest_nodes.get(rel)
