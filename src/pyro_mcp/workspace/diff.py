@@ -27,13 +27,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
 from pyro_mcp.errors import InvalidInputError, NotFoundError, StateError
-from pyro_mcp.guest.channel import AgentChannel
-from pyro_mcp.guest.protocol import Error, FileKind, ListDir, ListEnd, ReadFile
+from pyro_mcp.guest.protocol import (
+    DirEntry,
+    Error,
+    FileKind,
+    FileStat,
+    ListDir,
+    ListEnd,
+    ReadEnd,
+    ReadFile,
+)
 from pyro_mcp.workspace.archive import Excluder
 
 __all__ = [
@@ -44,6 +52,7 @@ __all__ = [
     "DEFAULT_MAX_PATCH_BYTES",
     "DiffEntry",
     "DiffResult",
+    "FileChannel",
     "SkippedFile",
     "diff_workspace",
 ]
@@ -55,7 +64,6 @@ DEFAULT_MAX_FILES = 2000
 DEFAULT_MAX_ENTRIES = 100_000
 DEFAULT_TIMEOUT = 30.0
 
-BINARY_PROBE = 8000  # git's own: a NUL in the first 8000 bytes makes a file binary
 CONTEXT = 3
 _NULL_ID = b"0" * 40
 
@@ -115,6 +123,21 @@ class DiffResult(BaseModel):
     skipped: list[SkippedFile] = Field(default_factory=list)
     files_compared: int = Field(description="Guest files read (metadata alone did not decide).")
     summary: str
+
+
+class FileChannel(Protocol):
+    """What the diff needs of the guest: :class:`~pyro_mcp.guest.channel.AgentChannel`
+    has it (another backend can offer the same three calls over its own transport)."""
+
+    def list_dir(
+        self, request: ListDir, timeout: float
+    ) -> tuple[list[DirEntry], ListEnd | Error]: ...
+
+    def read_file(
+        self, request: ReadFile, sink: Callable[[bytes], None], timeout: float
+    ) -> ReadEnd | Error: ...
+
+    def stat(self, path: bytes, timeout: float) -> FileStat | Error: ...
 
 
 # ------------------------------------------------------------------ the two trees
@@ -226,7 +249,7 @@ def _safe_name(name: bytes) -> bool:
 
 
 def _guest_tree(
-    ch: AgentChannel, root: bytes, sub: bytes, max_entries: int, timeout: float, bad: list[bytes]
+    ch: FileChannel, root: bytes, sub: bytes, max_entries: int, timeout: float, bad: list[bytes]
 ) -> tuple[dict[bytes, _Node], bool]:
     """The guest's entries under ``sub`` (one recursive LIST) and whether it was cut;
     names no honest agent sends go to ``bad``."""
@@ -299,7 +322,9 @@ def _blob_id(data: bytes) -> bytes:
 
 
 def _is_binary(data: bytes) -> bool:
-    if b"\0" in data[:BINARY_PROBE]:
+    """git looks for a NUL in the first 8000 bytes; any NUL here (the whole file is in
+    memory anyway), and anything not UTF-8 (the patch is text)."""
+    if b"\0" in data:
         return True
     try:
         data.decode("utf-8")
@@ -404,7 +429,7 @@ class _Files:
     """Reads seed and guest files within the caps; counts the guest reads."""
 
     def __init__(
-        self, ch: AgentChannel, root: bytes, seed: bytes, max_files: int, cap: int, timeout: float
+        self, ch: FileChannel, root: bytes, seed: bytes, max_files: int, cap: int, timeout: float
     ) -> None:
         self.ch, self.root, self.seed = ch, root, seed
         self.max_files, self.cap, self.timeout = max_files, cap, timeout
@@ -525,7 +550,7 @@ def _m(node: _Node) -> int:
 
 
 def diff_workspace(
-    ch: AgentChannel,
+    ch: FileChannel,
     guest_root: str,
     seed_dir: Path | None,
     *,
