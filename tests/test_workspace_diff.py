@@ -439,3 +439,21 @@ def test_missing_roots_and_unsafe_names(ch: AgentChannel, seed: Path, tmp_path: 
     assert _safe_name(b"a/b c/d") and _safe_name(b"\xff")
     for bad in (b"", b"../x", b"a/../b", b"/abs", b"a//b", b"./a", b"a\0b"):
         assert not _safe_name(bad)
+
+
+def test_a_seed_inside_a_git_repository_applies_with_directory(
+    ch: AgentChannel, seed: Path, tmp_path: Path
+) -> None:
+    """docs/parts/diff.md's catch: in a repository's subfolder, --directory from the top."""
+    ws = copy(seed, tmp_path / "ws")
+    write(ws, "src/util.py", "def f():\n    return 4\n")
+    result = diff_workspace(ch, str(ws) + "/", seed, timeout=T)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    copy(seed, repo / "backend")
+    (tmp_path / "fix.patch").write_text(result.patch, encoding="utf-8")
+    subprocess.run(
+        ["git", "apply", "--directory=backend", str(tmp_path / "fix.patch")], cwd=repo, check=True
+    )
+    assert tree(repo / "backend") == tree(ws)
