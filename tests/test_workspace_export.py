@@ -27,6 +27,7 @@ from pyro_mcp.guest.protocol import FileKind, FileStat
 from pyro_mcp.progress import ProgressEvent
 from pyro_mcp.workspace.archive import SeedLimits
 from pyro_mcp.workspace.export import (
+    ExportError,
     ExportResult,
     _plan,
     _Report,
@@ -562,3 +563,23 @@ def test_throughput_200mb(guest: Guest, tmp_path: Path, host: Path) -> None:
         assert result.bytes == 200 << 20
         print(f"\nexport of 200 MiB to {name}: {elapsed:.2f} s, {200 / elapsed:.0f} MiB/s")
     assert hashlib.sha256((host / "out" / "big3").read_bytes()).hexdigest() == digest
+
+
+def test_timeout_keeps_what_was_done_and_reports_the_rest(
+    guest: Guest, tmp_path: Path, host: Path
+) -> None:
+    src = tmp_path / "guest"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_bytes(b"x")
+
+    def slow(event: ProgressEvent) -> None:
+        time.sleep(0.6)
+
+    result = export_tree(guest.channel, str(src), host / "out", timeout=1.0, progress=slow)
+    assert result.truncated
+    assert result.files == 2 and sorted(os.listdir(host / "out")) == ["f0", "f1"]
+    assert _reasons(result) == {"f2": "timeout", "f3": "timeout", "f4": "timeout"}
+    with pytest.raises(ExportError, match="longer than"):
+        export_tree(guest.channel, str(src), host / "never", timeout=1e-9)
+    assert not (host / "never").exists()

@@ -731,7 +731,9 @@ def export_tree(
 
     try:
         base, plan, folder_st = _plan_source(ch, source, raw_source, caps, max_depth, report, left)
-    except _Deadline:
+    except (_Deadline, GuestProtocolError):
+        if time.monotonic() < deadline:
+            raise  # the guest broke the protocol (or stopped) within the time
         raise ExportError(
             f"listing {source} in the guest took longer than the export's {timeout:.0f} s",
             hint="export a smaller folder, or give it more time",
