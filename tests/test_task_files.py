@@ -83,7 +83,9 @@ def project(root: Path) -> Path:
     return root
 
 
-def cli(*args: str, stdin: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+def cli(
+    *args: str, stdin: bytes | None = None, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
     proc = subprocess.run(
         [sys.executable, "-m", "pyro_mcp.cli", *args],
         input=stdin if stdin is not None else b"",
@@ -101,7 +103,7 @@ def cli(*args: str, stdin: bytes | None = None, check: bool = True) -> subproces
 
 def test_round_trips_are_byte_exact(fp: Pyro) -> None:
     task = fp.create_task("debian:12-base").task_id
-    blobs = {"empty": b"", "one": b"\x00", "random.bin": os.urandom(1 << 20)}
+    blobs = {"empty": b"", "one": b"\xff", "random.bin": os.urandom(1 << 20)}
     for name, data in blobs.items():
         fp.write_task_file(task, f"sub/dir/{name}", data)
     fp.write_task_file(task, "tool.sh", "#!/bin/sh\necho tool\n", mode=0o755)
@@ -115,9 +117,13 @@ def test_round_trips_are_byte_exact(fp: Pyro) -> None:
     assert fp.exec_task(task, "./tool.sh").stdout == "tool 2\n"
     # text and base64 through the model-facing read
     text = fp.read_task_file(task, "tool.sh")
-    assert (text.encoding, text.content, text.truncated) == ("utf-8", "#!/bin/sh\necho tool 2\n", False)
+    assert (text.encoding, text.content, text.truncated) == (
+        "utf-8",
+        "#!/bin/sh\necho tool 2\n",
+        False,
+    )
     binary = fp.read_task_file(task, "sub/dir/one")
-    assert (binary.encoding, binary.content, binary.size) == ("base64", "AA==", 1)
+    assert (binary.encoding, binary.content, binary.size) == ("base64", "/w==", 1)
     listing = fp.list_task_files(task, "sub", recursive=True)
     assert {(e.path, e.type) for e in listing.entries} == {
         ("dir", "directory"),
@@ -162,8 +168,17 @@ def test_bad_paths_are_clear_errors_and_write_nothing(fp: Pyro, tmp_path: Path) 
     # nothing half-written: the workspace lists exactly the seed
     names = fp.exec_task(task, "find . -mindepth 1 | sort").stdout.split()
     assert names == sorted(
-        "./README ./app.py ./run.sh ./old.txt ./data.bin ./src ./src/util.py "
-        "./__pycache__ ./__pycache__/app.cpython.pyc".split()
+        [
+            "./README",
+            "./app.py",
+            "./run.sh",
+            "./old.txt",
+            "./data.bin",
+            "./src",
+            "./src/util.py",
+            "./__pycache__",
+            "./__pycache__/app.cpython.pyc",
+        ]
     )
 
 
@@ -245,7 +260,9 @@ def test_export_from_a_hostile_guest_stays_in_dest(qp: Pyro, tmp_path: Path) -> 
     assert os.readlink(out / "inside.link") == "sub/file.txt"
     assert (out / "sub" / "file.txt").read_text() == "ok\n"
     assert (out / "new\nline").read_bytes() == b"x"
-    assert (os.fsencode(out) + b"/bad\xffname") and os.path.exists(os.fsencode(out) + b"/bad\xffname")
+    assert (os.fsencode(out) + b"/bad\xffname") and os.path.exists(
+        os.fsencode(out) + b"/bad\xffname"
+    )
     assert len(os.listdir(out / "many")) == 2000
     assert sorted(os.listdir(tmp_path)) == ["canary", "out"]
     assert os.listdir(canary) == ["keep"]
@@ -351,13 +368,17 @@ def test_mcp_export_writes_only_where_allowed(qp: Pyro, tmp_path: Path, state_di
     async def scenario() -> None:
         params = serve_params(state_dir, "--allow-write", str(allowed), cwd=elsewhere)
         async with mcp_session(params) as s:
-            created = structured(await s.call_tool("task_create", {"environment": "debian:12-base"}))
+            created = structured(
+                await s.call_tool("task_create", {"environment": "debian:12-base"})
+            )
             task = created["task_id"]
             wrote = await s.call_tool(
                 "task_write_file", {"task_id": task, "path": "a.txt", "content": "hi\n"}
             )
             assert not wrote.is_error
-            read = structured(await s.call_tool("task_read_file", {"task_id": task, "path": "a.txt"}))
+            read = structured(
+                await s.call_tool("task_read_file", {"task_id": task, "path": "a.txt"})
+            )
             assert read["content"] == "hi\n"
             refused = await s.call_tool("task_export", {"task_id": task, "dest": "out"})
             # relative to the first writable root, not the working directory

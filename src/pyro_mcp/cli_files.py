@@ -2,19 +2,51 @@
 
 Registered on the ``task`` group by :mod:`pyro_mcp.cli` (kept apart so the main CLI
 module stays a table of command groups). ``files`` lists, so it does not clash with
-``pyro task list``.
+``pyro task list``. The shared helpers (``_pyro``, ``_fail``, ...) are looked up in
+:mod:`pyro_mcp.cli` when a command runs, not at import: that module imports this one.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import click
 
-from pyro_mcp.cli import StderrProgress, _emit, _fail, _pyro, json_option
 from pyro_mcp.errors import InvalidInputError, PyroError
 from pyro_mcp.limits import TASK_WORKSPACE
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")(fn)
+
+
+def _pyro(progress: Any = None) -> Any:
+    from pyro_mcp.cli import _pyro as make
+
+    return make(progress)
+
+
+def _progress() -> Any:
+    from pyro_mcp.cli import StderrProgress
+
+    return StderrProgress()
+
+
+def _fail(exc: PyroError, as_json: bool) -> NoReturn:
+    from pyro_mcp.cli import _fail as fail
+
+    fail(exc, as_json)
+
+
+def _emit(data: Any) -> None:
+    from pyro_mcp.cli import _emit as emit
+
+    emit(data)
 
 
 @click.command("read")
@@ -22,7 +54,9 @@ from pyro_mcp.limits import TASK_WORKSPACE
 @click.argument("path")
 @click.option("--offset", type=click.IntRange(min=0), default=0, help="Byte offset to start at.")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=None, help="Most bytes to read.")
-@click.option("--start-line", type=click.IntRange(min=1), default=None, help="First line (1-based).")
+@click.option(
+    "--start-line", type=click.IntRange(min=1), default=None, help="First line (1-based)."
+)
 @click.option("--end-line", type=click.IntRange(min=1), default=None, help="Last line (inclusive).")
 @click.option("--line-numbers", is_flag=True, help="Prefix lines with their numbers.")
 @json_option
@@ -77,7 +111,9 @@ def task_read(
 )
 @click.option("--mode", default=None, metavar="OCTAL", help="Permissions, e.g. 0755.")
 @json_option
-def task_write(task_id: str, path: str, source: Path | None, mode: str | None, as_json: bool) -> None:
+def task_write(
+    task_id: str, path: str, source: Path | None, mode: str | None, as_json: bool
+) -> None:
     """Write PATH in TASK_ID (relative to /workspace) from stdin or --from FILE,
     atomically, creating parent folders."""
     try:
@@ -128,9 +164,7 @@ def task_edit(
 ) -> None:
     """Replace exact text in a text file of TASK_ID; prints the diff of the change."""
     try:
-        result = _pyro().edit_task_file(
-            task_id, path, old_text, new_text, replace_all=replace_all
-        )
+        result = _pyro().edit_task_file(task_id, path, old_text, new_text, replace_all=replace_all)
     except PyroError as exc:
         _fail(exc, as_json)
     if as_json:
@@ -143,13 +177,9 @@ def task_edit(
 @click.argument("task_id")
 @click.argument("path", default=TASK_WORKSPACE)
 @click.option("-r", "--recursive", is_flag=True, help="Everything below PATH.")
-@click.option(
-    "--max-entries", type=click.IntRange(1, 10000), default=1000, show_default=True
-)
+@click.option("--max-entries", type=click.IntRange(1, 10000), default=1000, show_default=True)
 @json_option
-def task_files(
-    task_id: str, path: str, recursive: bool, max_entries: int, as_json: bool
-) -> None:
+def task_files(task_id: str, path: str, recursive: bool, max_entries: int, as_json: bool) -> None:
     """List PATH (default /workspace) in TASK_ID: mode, type, size, mtime, name."""
     try:
         result = _pyro().list_task_files(
@@ -202,7 +232,7 @@ def task_diff(task_id: str, path: str | None, as_json: bool) -> None:
 def task_export(task_id: str, dest: Path, path: str, overwrite: bool, as_json: bool) -> None:
     """Copy TASK_ID's /workspace (or --path) to DEST: a new folder, or a file ending
     .tar or .tar.gz. Links that leave the tree and special files are skipped."""
-    progress = StderrProgress()
+    progress = _progress()
     try:
         result = _pyro(progress).export_task(task_id, dest, path=path, overwrite=overwrite)
     except PyroError as exc:
@@ -229,7 +259,7 @@ def task_reset(task_id: str, as_json: bool) -> None:
     On VM backends this is a new VM: packages installed and files outside
     /workspace are gone too.
     """
-    progress = StderrProgress()
+    progress = _progress()
     try:
         result = _pyro(progress).reset_task(task_id)
     except PyroError as exc:

@@ -117,9 +117,7 @@ class TaskFiles:
     ) -> FileListResult:
         where = guest_path(path)
         with self.tasks.files(task_id, progress=progress) as (_, channel):
-            return file_ops.list_files(
-                channel, where, recursive=recursive, max_entries=max_entries
-            )
+            return file_ops.list_files(channel, where, recursive=recursive, max_entries=max_entries)
 
     def diff(
         self, task_id: str, path: str | None = None, *, progress: ProgressFn = no_progress
