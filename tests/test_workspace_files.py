@@ -441,6 +441,12 @@ def test_edit_refuses_binary_big_links_and_folders(ch: AgentChannel, root: Path)
         out.truncate(files.MAX_EDIT_BYTES + 1)
     with pytest.raises(LimitError, match="up to 8388608 bytes"):
         edit_file(ch, str(big), "a", "b")
+    many = root / "many.txt"
+    many.write_text("a" * 1000)
+    with pytest.raises(LimitError, match="would make"):
+        edit_file(ch, str(many), "a", "b" * 20_000, replace_all=True)
+    assert many.read_text() == "a" * 1000
+    many.unlink()
     link = root / "link"
     link.symlink_to("b.bin")
     with pytest.raises(InvalidInputError, match="symbolic link") as info:

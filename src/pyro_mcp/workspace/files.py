@@ -57,6 +57,7 @@ __all__ = [
     "DIFF_MAX_BYTES",
     "DIFF_MAX_LINES",
     "MAX_EDIT_BYTES",
+    "MAX_EDIT_RESULT_BYTES",
     "MAX_LINE_SCAN_BYTES",
     "MAX_LIST_ENTRIES",
     "MAX_READ_BYTES",
@@ -81,6 +82,7 @@ DEFAULT_READ_BYTES = 256 << 10  # read_file's max_bytes by default
 MAX_READ_BYTES = 16 << 20  # read_file's max_bytes at most (stream_file has no cap)
 MAX_LINE_SCAN_BYTES = 64 << 20  # how far read_file looks for start_line
 MAX_EDIT_BYTES = 8 << 20  # edit_file refuses bigger files
+MAX_EDIT_RESULT_BYTES = 16 << 20  # ... and edits that would leave a bigger one
 DEFAULT_LIST_ENTRIES = 1000
 MAX_LIST_ENTRIES = 10000
 DIFF_MAX_LINES = 60  # edit_file's diff is cut after this many lines ...
@@ -830,12 +832,21 @@ def edit_file(
             "replace_all=true to replace all of them",
             details={"path": path, "matches": found},
         )
-    new = text.replace(old_text, new_text) if replace_all else text.replace(old_text, new_text, 1)
+    count = found if replace_all else 1
+    grows = len(new_text.encode("utf-8")) - len(old_text.encode("utf-8"))
+    if len(data) + count * grows > MAX_EDIT_RESULT_BYTES:
+        raise LimitError(
+            f"the edit would make {path} {len(data) + count * grows} bytes; an edit may "
+            f"leave at most {MAX_EDIT_RESULT_BYTES}",
+            hint="write the new content whole with task_write_file",
+            details={"path": path},
+        )
+    new = text.replace(old_text, new_text, -1 if replace_all else 1)
     diff, cut = _diff(path, text, new)
     if new == text:  # nothing changes: leave the file (and its mtime) alone
         return FileEditResult(
             path=path,
-            replacements=found if replace_all else 1,
+            replacements=count,
             diff="",
             diff_truncated=False,
             size=end.stat.size,
