@@ -663,12 +663,13 @@ def _diff(
             if biggest > max_binary_bytes:
                 reason = f"binary, {biggest} bytes: over max_binary_bytes ({max_binary_bytes})"
         if reason is None and change.blobs:
-            sections = b"".join(_section(rel, o, n, binary) for o, n in change.blobs)
-            if full or len(patch) + len(sections) > max_patch_bytes:
-                full = True  # cut here: later files are left out too, the patch stays a prefix
+            if not full:  # once cut, later files are left out too: the patch stays a prefix
+                sections = b"".join(_section(rel, o, n, binary) for o, n in change.blobs)
+                full = len(patch) + len(sections) > max_patch_bytes
+                if not full:
+                    patch += sections
+            if full:
                 reason = f"the patch reached max_patch_bytes ({max_patch_bytes})"
-            else:
-                patch += sections
         _record(
             result, text, change.status, old, new, binary, reason is None and bool(change.blobs)
         )
