@@ -572,11 +572,44 @@ def diff_workspace(
     ``max_file_bytes`` per file read; ``max_binary_bytes`` per binary file in the patch;
     ``max_patch_bytes`` in all. Caps only cut at file boundaries: what they leave out is in
     ``skipped``. ``timeout``: seconds to wait for the agent between two of its frames.
+
+    Raises InvalidInputError (a bad ``path`` or pattern), NotFoundError (no workspace in
+    the guest, or no seed folder), StateError (the guest cannot list it, the host cannot
+    read the seed) and GuestProtocolError (the agent broke the protocol or went quiet).
     """
     if isinstance(exclude, str):
         exclude = [exclude]
     excluder = Excluder(exclude)
     sub = _check_subpath(path)
+    caps = (max_patch_bytes, max_binary_bytes, max_file_bytes, max_files, max_entries)
+    if min(caps) < 0 or max_entries < 1:
+        raise InvalidInputError(
+            "the diff's caps must not be negative, and max_entries at least 1",
+            hint="leave them out to get the defaults",
+        )
+    try:
+        return _diff(ch, guest_root, seed_dir, excluder, sub, *caps, timeout=timeout)
+    except OSError as exc:
+        raise StateError(
+            f"cannot read the task's seed copy: {exc}",
+            hint="pyro's state folder lost files or permissions; the task can still run",
+        ) from None
+
+
+def _diff(
+    ch: FileChannel,
+    guest_root: str,
+    seed_dir: Path | None,
+    excluder: Excluder,
+    sub: bytes,
+    max_patch_bytes: int,
+    max_binary_bytes: int,
+    max_file_bytes: int,
+    max_files: int,
+    max_entries: int,
+    *,
+    timeout: float,
+) -> DiffResult:
     root = os.fsencode(guest_root).rstrip(b"/")
     seed_nodes: dict[bytes, _Node] = {}
     guest_nodes: dict[bytes, _Node] = {}
@@ -630,12 +663,13 @@ def diff_workspace(
             if biggest > max_binary_bytes:
                 reason = f"binary, {biggest} bytes: over max_binary_bytes ({max_binary_bytes})"
         if reason is None and change.blobs:
-            sections = b"".join(_section(rel, o, n, binary) for o, n in change.blobs)
-            if full or len(patch) + len(sections) > max_patch_bytes:
-                full = True  # cut here: later files are left out too, the patch stays a prefix
+            if not full:  # once cut, later files are left out too: the patch stays a prefix
+                sections = b"".join(_section(rel, o, n, binary) for o, n in change.blobs)
+                full = len(patch) + len(sections) > max_patch_bytes
+                if not full:
+                    patch += sections
+            if full:
                 reason = f"the patch reached max_patch_bytes ({max_patch_bytes})"
-            else:
-                patch += sections
         _record(
             result, text, change.status, old, new, binary, reason is None and bool(change.blobs)
         )
