@@ -271,6 +271,17 @@ def test_same_size_same_second_edit_is_missed_by_design(
     assert diff_workspace(ch, str(ws), seed, timeout=T).entries == []
 
 
+def test_a_racy_seed_file_is_read(ch: AgentChannel, seed: Path, tmp_path: Path) -> None:
+    """A seed file as recent as the task (``racy_since``) is compared by content, so a
+    same-size edit in the same second is found (git's "racily clean" rule)."""
+    ws = copy(seed, tmp_path / "ws")
+    st = os.stat(ws / "eol.txt")
+    write(ws, "eol.txt", "ENDS with a newline\n")
+    os.utime(ws / "eol.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    result = diff_workspace(ch, str(ws), seed, timeout=T, racy_since=st.st_mtime_ns / 1e9)
+    assert result.modified == ["eol.txt"]  # the other racy files were read, unchanged
+
+
 def test_binary_files_under_and_over_the_cap(ch: AgentChannel, seed: Path, tmp_path: Path) -> None:
     ws = copy(seed, tmp_path / "ws")
     write(ws, "image.bin", bytes(range(255, -1, -1)) * 4)

@@ -134,6 +134,7 @@ class TaskFiles:
                 seed,
                 exclude=kept.exclude if kept else (),
                 path=within,
+                racy_since=record.config.created_at,
             )
 
     def export(

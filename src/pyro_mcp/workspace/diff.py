@@ -7,8 +7,12 @@ own format that ``git apply`` takes on the original host folder.
 
 A file whose kind, permission bits, size and mtime in whole seconds are the same on
 both sides is taken as unchanged without reading it (the qemu workspace disk is
-built by ``mkfs.ext4 -d``, which keeps whole seconds only). Every other file is read
-from the guest (bounded by the caps) and compared byte for byte with the seed.
+built by ``mkfs.ext4 -d``, which keeps whole seconds only), unless its seed mtime is
+not older than ``racy_since`` (the task's creation) less a second: like git's "racily
+clean" entries, a file written on the host just before the task was made could be
+changed in the guest within the same second at the same size, so it is read. Every
+other file is read from the guest (bounded by the caps) and compared byte for byte
+with the seed.
 
 Everything read from the guest is untrusted: names are raw bytes (quoted the way git
 quotes them), sizes and contents are bounded by the caps, and nothing from the guest
@@ -562,6 +566,7 @@ def diff_workspace(
     max_files: int = DEFAULT_MAX_FILES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
     timeout: float = DEFAULT_TIMEOUT,
+    racy_since: float | None = None,
 ) -> DiffResult:
     """Compare the guest folder ``guest_root`` with the host folder ``seed_dir`` (None: an
     empty seed) and return the changes and a patch ``git apply`` takes in ``seed_dir``.
@@ -572,6 +577,8 @@ def diff_workspace(
     ``max_file_bytes`` per file read; ``max_binary_bytes`` per binary file in the patch;
     ``max_patch_bytes`` in all. Caps only cut at file boundaries: what they leave out is in
     ``skipped``. ``timeout``: seconds to wait for the agent between two of its frames.
+    ``racy_since``: when the seed was taken (epoch seconds); seed files this recent are
+    always compared by content.
 
     Raises InvalidInputError (a bad ``path`` or pattern), NotFoundError (no workspace in
     the guest, or no seed folder), StateError (the guest cannot list it, the host cannot
@@ -588,7 +595,10 @@ def diff_workspace(
             hint="leave them out to get the defaults",
         )
     try:
-        return _diff(ch, guest_root, seed_dir, excluder, sub, *caps, timeout=timeout)
+        racy = int(racy_since) - 1 if racy_since is not None else None
+        return _diff(
+            ch, guest_root, seed_dir, excluder, sub, *caps, timeout=timeout, racy_from=racy
+        )
     except OSError as exc:
         raise StateError(
             f"cannot read the task's seed copy: {exc}",
@@ -609,6 +619,7 @@ def _diff(
     max_entries: int,
     *,
     timeout: float,
+    racy_from: int | None = None,
 ) -> DiffResult:
     root = os.fsencode(guest_root).rstrip(b"/")
     seed_nodes: dict[bytes, _Node] = {}
@@ -646,7 +657,13 @@ def _diff(
         old, new = seed_nodes.get(rel), guest_nodes.get(rel)
         if new is None and listing_cut:
             continue  # not listed is not deleted
-        if old is not None and new is not None and _unchanged(old, new):
+        racy = (
+            racy_from is not None
+            and old is not None
+            and old.kind == FileKind.FILE
+            and old.mtime_s >= racy_from
+        )
+        if old is not None and new is not None and not racy and _unchanged(old, new):
             continue
         change = _compare(files, rel, old, new)
         if change is None:
