@@ -1,12 +1,15 @@
 """A model on the OpenAI Responses API works in a task: a project folder copied into a
-persistent /workspace, then several commands on the same files.
+persistent /workspace, then the agent loop: test, edit, test again, diff.
 
     uv sync                      # or: pip install 'pyro-mcp[integrations]'
     export OPENAI_API_KEY=sk-...
     uv run python examples/openai_responses_task.py PROJECT_DIR
 
-The "tasks" profile offers vm_run plus task_create/exec/status/list/delete;
-``source_path`` may only name files under the allowed roots (here PROJECT_DIR).
+The "tasks" profile offers vm_run, task_create/exec/status/list/delete and the file
+tools (task_read_file, task_write_file, task_edit_file, task_list_files, task_diff,
+task_export, task_reset); ``source_path`` may only name files under the allowed roots
+(here PROJECT_DIR). The answer ends with the model's change as a patch: save it and
+``git apply`` it in PROJECT_DIR to take the change.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ def main(project: Path) -> str:
         {
             "role": "user",
             "content": (
-                f"Copy the project at {project} into a {ENVIRONMENT} task, list its files, "
-                "run its check script (sh check.sh), tell me the result, and delete the task."
+                f"Copy the project at {project} into a {ENVIRONMENT} task, list its files and "
+                "run its check script (sh check.sh). Then change the README so the check "
+                "says 'edited in the task', run the check again, and show me the diff of "
+                "your change (task_diff) before you delete the task."
             ),
         }
     ]

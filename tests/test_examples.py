@@ -133,6 +133,20 @@ def test_mcp_client_config(
                     "task_exec", {"task_id": task_id, "command": "cat out.txt"}
                 )
                 assert structured(second)["stdout"] == "checks passed: seeded from the host\n"
+                # the agent loop: edit, test again, diff, take the work home
+                edit = {"task_id": task_id, "path": "README", "old_text": "seeded"}
+                edited = await s.call_tool("task_edit_file", {**edit, "new_text": "edited"})
+                assert structured(edited)["replacements"] == 1, text_of(edited)
+                third = await s.call_tool(
+                    "task_exec", {"task_id": task_id, "command": "sh check.sh"}
+                )
+                assert structured(third)["stdout"] == "checks passed: edited from the host\n"
+                diff = structured(await s.call_tool("task_diff", {"task_id": task_id}))
+                assert diff["modified"] == ["README"] and diff["added"] == ["out.txt"]
+                export = {"task_id": task_id, "dest": str(project / "result"), "path": "README"}
+                exported = await s.call_tool("task_export", export)
+                # writable: the client's roots (or --allow-write); never just the cwd
+                assert exported.is_error != offer_roots, text_of(exported)
             finally:
                 deleted = await s.call_tool("task_delete", {"task_id": task_id})
                 assert structured(deleted)["deleted"] is True
@@ -140,6 +154,9 @@ def test_mcp_client_config(
     for entry in entries:
         anyio.run(drive, entry)
     assert not (project / "out.txt").exists()  # the host copy is never written
+    assert (project / "README").read_text() == "seeded from the host\n"
+    if offer_roots:  # ...except where the model exported into a root
+        assert (project / "result" / "README").read_text() == "edited from the host\n"
     assert _vm_dirs(state_dir) == []
 
 
@@ -223,17 +240,46 @@ def test_openai_responses_task_example(
             ),
         ]
 
-    def delete(request: dict[str, Any]) -> list[dict[str, Any]]:
+    def edit(request: dict[str, Any]) -> list[dict[str, Any]]:
         outputs = list(tool_outputs(request).values())[-2:]
         seen["ls"], seen["check"] = (o["stdout"] for o in outputs)
+        return [
+            function_call(
+                "task_edit_file",
+                {
+                    "task_id": seen["task_id"],
+                    "path": "README",
+                    "old_text": "seeded from the host",
+                    "new_text": "edited in the task",
+                    "replace_all": None,
+                },
+            )
+        ]
+
+    def test_again(request: dict[str, Any]) -> list[dict[str, Any]]:
+        edited = list(tool_outputs(request).values())[-1]
+        assert edited["replacements"] == 1, edited
+        return [
+            function_call(
+                "task_exec",
+                {"task_id": seen["task_id"], "command": "sh check.sh", "timeout_seconds": 60},
+            )
+        ]
+
+    def diff(request: dict[str, Any]) -> list[dict[str, Any]]:
+        seen["check2"] = list(tool_outputs(request).values())[-1]["stdout"]
+        return [function_call("task_diff", {"task_id": seen["task_id"], "path": None})]
+
+    def delete(request: dict[str, Any]) -> list[dict[str, Any]]:
+        seen["patch"] = list(tool_outputs(request).values())[-1]["patch"]
         return [function_call("task_delete", {"task_id": seen["task_id"]})]
 
     def answer(request: dict[str, Any]) -> list[dict[str, Any]]:
         deleted = list(tool_outputs(request).values())[-1]
         assert deleted == {"task_id": seen["task_id"], "deleted": True}
-        return [message(f"The check said: {seen['check'].strip()}")]
+        return [message(f"The check said: {seen['check2'].strip()}\n{seen['patch']}")]
 
-    with FakeResponsesAPI([create, exec_, delete, answer]) as api:
+    with FakeResponsesAPI([create, exec_, edit, test_again, diff, delete, answer]) as api:
         proc = _run_script(
             "openai_responses_task.py",
             str(project),
@@ -246,7 +292,12 @@ def test_openai_responses_task_example(
         )
     assert api.errors == []
     assert seen["ls"].split() == ["README", "check.sh"]
-    assert proc.stdout.strip() == "The check said: checks passed: seeded from the host"
+    assert seen["check"] == "checks passed: seeded from the host\n"
+    assert proc.stdout.startswith("The check said: checks passed: edited in the task\n")
+    # the model's change, as a patch for the original folder
+    assert "-seeded from the host\n+edited in the task" in proc.stdout
+    subprocess.run(["git", "apply", "-"], cwd=project, input=seen["patch"], text=True, check=True)
+    assert (project / "README").read_text() == "edited in the task\n"
     assert _vm_dirs(state_dir) == []
 
 
