@@ -335,7 +335,10 @@ class _FileSink:
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        self.out.write(data)
+        view = memoryview(data)
+        while view:
+            n = self.out.write(view)
+            view = view[n:]
         self.size += len(data)
 
     def commit(self, st: FileStat) -> None:
@@ -402,7 +405,8 @@ class _DirWriter(_Writer):
     def file(self, parts: Parts, st: FileStat) -> _FileSink:
         pfd = self._parent(parts)
         fd = os.open(parts[-1], _O_NEW, 0o600, dir_fd=pfd)
-        return _DirFile(os.fdopen(fd, "wb", buffering=1 << 20), pfd, parts[-1])
+        # unbuffered: data comes in chunks of up to 64 KiB, and a buffer per tiny file costs
+        return _DirFile(os.fdopen(fd, "wb", buffering=0), pfd, parts[-1])
 
     def finish(self, root: FileStat | None) -> None:
         while self._stack:
@@ -653,9 +657,13 @@ def _check_dest(dest: Path, fmt: ExportFormat, overwrite: bool) -> Path:
         if not stat.S_ISDIR(st.st_mode):
             raise _dest_kind(dest, fmt)
         if not overwrite:
-            with os.scandir(dest) as it:
-                if next(it, None) is not None:
-                    raise _dest_exists(dest)
+            try:
+                with os.scandir(dest) as it:
+                    empty = next(it, None) is None
+            except OSError as exc:
+                raise InvalidInputError(f"cannot read {dest}: {exc.strerror}") from None
+            if not empty:
+                raise _dest_exists(dest)
     else:
         if not stat.S_ISREG(st.st_mode):
             raise _dest_kind(dest, fmt)
