@@ -292,6 +292,14 @@ def test_bad_sources_are_clear_errors(guest: Guest, tmp_path: Path, host: Path) 
 # --------------------------------------------------------------------------- caps
 
 
+def _rchar(pid: int) -> int:
+    """Bytes the process has read through read(2) and friends (/proc/PID/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar")
+
+
 def test_sparse_10gb_file_past_the_cap_is_never_read(
     guest: Guest, tmp_path: Path, host: Path
 ) -> None:
@@ -301,13 +309,13 @@ def test_sparse_10gb_file_past_the_cap_is_never_read(
         fh.truncate(10 << 30)  # sparse: 10 GiB that take no space
     (src / "small").write_bytes(b"ok")
     caps = SeedLimits(max_file_bytes=1 << 20)
-    t0 = time.monotonic()
+    read_before = _rchar(guest.proc.pid)
     result = export_tree(guest.channel, str(src), host / "out.tar.gz", caps=caps)
-    elapsed = time.monotonic() - t0
+    read_by_agent = _rchar(guest.proc.pid) - read_before
     assert _reasons(result) == {"huge.img": "file_size"}
     assert result.truncated and result.files == 1 and result.bytes == 2
     assert "10737418240 bytes" in result.skipped[0].detail
-    assert elapsed < 30  # reading 10 GiB of zeros through the agent would take minutes
+    assert read_by_agent < 1 << 20  # the agent read its requests and 2 bytes, not 10 GiB
     with tarfile.open(host / "out.tar.gz") as tf:
         assert tf.getnames() == ["small"]
 
@@ -330,12 +338,13 @@ def test_entry_total_and_depth_caps(guest: Guest, tmp_path: Path, host: Path) ->
     )
     assert result.bytes == 301 and result.truncated
     assert sorted(_reasons(result).items()) == [(f"f{i}", "total_size") for i in (3, 4, 5)]
-    # entries: the first 4 in path order
+    # entries: the listing stops after 5 (in the guest's order), 4 of them are kept
     result = export_tree(guest.channel, str(src), host / "count", caps=SeedLimits(max_entries=4))
     assert result.truncated
     assert result.directories + result.files == 4
     assert set(_reasons(result).values()) == {"too_many_entries"}
-    assert sorted(os.listdir(host / "count")) == ["d1"]
+    assert _reasons(result)["."] == "too_many_entries"
+    assert sum(1 for _ in (host / "count").rglob("*")) == 4
 
 
 def test_planning_refuses_names_that_could_reach_a_host_path() -> None:
@@ -528,6 +537,7 @@ def test_racing_thread_swaps_folders_for_links(guest: Guest, tmp_path: Path, hos
 # --------------------------------------------------------------------------- scale
 
 
+@pytest.mark.slow
 def test_100k_tiny_files(guest: Guest, tmp_path: Path, host: Path) -> None:
     src = tmp_path / "guest"
     n_dirs, per_dir = 100, 1000
@@ -549,6 +559,7 @@ def test_100k_tiny_files(guest: Guest, tmp_path: Path, host: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_throughput_200mb(guest: Guest, tmp_path: Path, host: Path) -> None:
     src = tmp_path / "guest"
     src.mkdir()
