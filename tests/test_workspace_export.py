@@ -8,6 +8,7 @@ and that nothing but ``dest`` appeared next to it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from agent_driver import PipeIO, agent_binary_fixture, spawn_agent  # noqa: F401 (fixtures)
-from pyro_mcp.errors import InvalidInputError, NotFoundError
+from pyro_mcp.errors import GuestProtocolError, InvalidInputError, NotFoundError
 from pyro_mcp.guest.channel import AgentChannel
 from pyro_mcp.guest.protocol import FileKind, FileStat
 from pyro_mcp.progress import ProgressEvent
@@ -50,7 +51,8 @@ class Guest:
 
     def close(self) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.close()
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
         self.proc.wait(10)
 
 
@@ -594,3 +596,27 @@ def test_timeout_keeps_what_was_done_and_reports_the_rest(
     with pytest.raises(ExportError, match="longer than"):
         export_tree(guest.channel, str(src), host / "never", timeout=1e-9)
     assert not (host / "never").exists()
+
+
+def test_guest_that_dies_mid_export_leaves_nothing(
+    guest: Guest, tmp_path: Path, host: Path
+) -> None:
+    src = tmp_path / "guest"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_bytes(b"x" * 100_000)
+    (host / "out.tar").write_bytes(b"previous")
+
+    def kill(event: ProgressEvent) -> None:
+        guest.proc.kill()
+        guest.proc.wait()
+
+    with pytest.raises(GuestProtocolError):
+        export_tree(guest.channel, str(src), host / "out", progress=kill)
+    assert not (host / "out").exists()
+    with pytest.raises(GuestProtocolError):
+        export_tree(guest.channel, str(src), host / "out.tar", overwrite=True)
+    assert (host / "out.tar").read_bytes() == b"previous"
+    assert _outside(host, host / "out.tar") == []
+    with pytest.raises(InvalidInputError, match="cannot be a destination"):
+        export_tree(guest.channel, str(src), Path("/"), overwrite=True)

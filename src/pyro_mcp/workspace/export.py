@@ -635,6 +635,8 @@ def _dest_kind(dest: Path, fmt: ExportFormat) -> InvalidInputError:
 def _check_dest(dest: Path, fmt: ExportFormat, overwrite: bool) -> Path:
     dest = Path(os.path.abspath(dest))
     parent = dest.parent
+    if dest == parent:
+        raise InvalidInputError(f"{dest} cannot be a destination", hint="name a new folder")
     if not parent.is_dir():
         raise InvalidInputError(
             f"the folder of the destination, {parent}, does not exist",
@@ -677,6 +679,18 @@ def _check_dest(dest: Path, fmt: ExportFormat, overwrite: bool) -> Path:
 
 class _Deadline(Exception):
     pass
+
+
+class _HostWriteFailed(Exception):
+    """A host write failed inside a channel call (so it is not read as the channel's)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _channel_failed(exc: OSError) -> GuestProtocolError:
+    return GuestProtocolError(f"the guest agent channel failed: {exc.strerror or exc}")
 
 
 def _guest_path(source: str) -> bytes:
@@ -739,6 +753,8 @@ def export_tree(
 
     try:
         base, plan, folder_st = _plan_source(ch, source, raw_source, caps, max_depth, report, left)
+    except OSError as exc:  # the pipe or socket to the guest broke
+        raise _channel_failed(exc) from None
     except (_Deadline, GuestProtocolError):
         if time.monotonic() < deadline:
             raise  # the guest broke the protocol (or stopped) within the time
@@ -787,6 +803,8 @@ def export_tree(
         _place(writer.path, dest, fmt, overwrite)
     except BaseException as exc:
         writer.discard()
+        if isinstance(exc, _HostWriteFailed):
+            exc = exc.error
         if isinstance(exc, OSError):
             raise ExportError(
                 f"writing the export to {dest} failed: {exc.strerror or exc}",
@@ -894,12 +912,18 @@ def _copy_one(
             extra = True
             data = data[:room]
         if data:
-            sink.write(data)
+            try:
+                sink.write(data)
+            except OSError as exc:
+                raise _HostWriteFailed(exc) from None
         left()
 
     try:
         path = base + b"/" + b"/".join(item.parts)
-        end = ch.read_file(ReadFile(path, 0, expected), take, left())
+        try:
+            end = ch.read_file(ReadFile(path, 0, expected), take, left())
+        except OSError as exc:  # the pipe or socket to the guest broke
+            raise _channel_failed(exc) from None
     except GuestProtocolError:
         sink.abandon()
         left()  # a quiet guest past the deadline is a timeout, not a broken protocol
