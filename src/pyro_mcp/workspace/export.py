@@ -14,31 +14,39 @@ everything the guest says may be a lie:
 * Entries are checked against the whole listing before anything is read. What
   breaks a rule is skipped and reported (``ExportResult.skipped``), never fatal:
 
-  ==================  ===========================================================
-  reason              skipped
-  ==================  ===========================================================
-  ``symlink_escape``  a link that is absolute or resolves (lexically, through the
-                      other links of the listing) outside the exported tree
-  ``special_file``    FIFOs, sockets, character and block devices
-  ``invalid_name``    a name with an empty, ``.`` or ``..`` component or a NUL
-  ``name_too_long``   a name component over 255 bytes
-  ``too_deep``        more than ``max_depth`` levels below ``source``
-  ``too_many_entries`` entries past ``SeedLimits.max_entries`` (also the listing's
-                      own cut)
-  ``file_size``       a file over ``SeedLimits.max_file_bytes`` (never read)
-  ``total_size``      a file that would bring the bytes over ``max_total_bytes``
-  ``duplicate``       a name listed twice (the first one wins)
-  ``no_parent``       an entry whose folder was not listed as a folder
-  ``unreadable``      a file the agent could not read (it vanished or changed type)
-  ``changed``         a file whose data differs in size from its listing; it is
-                      exported with the bytes read (never more than listed)
-  ``timeout``         what was left when ``timeout`` ran out
-  ==================  ===========================================================
+  ======================  ========================================================
+  reason                  skipped
+  ======================  ========================================================
+  ``symlink_escape``      a link that is absolute or resolves (lexically, through
+                          the other links of the listing) outside the exported
+                          tree
+  ``special_file``        FIFOs, sockets, character and block devices
+  ``invalid_name``        a name with an empty, ``.`` or ``..`` component or a NUL
+  ``name_too_long``       a name component over 255 bytes
+  ``too_deep``            more than ``max_depth`` levels below ``source``
+  ``too_many_entries``    entries past ``SeedLimits.max_entries`` (``.``: the
+                          listing was cut)
+  ``file_size``           a file over ``SeedLimits.max_file_bytes`` (never read)
+  ``total_size``          a file that would bring the bytes over
+                          ``max_total_bytes``
+  ``duplicate``           a name listed twice (the first one wins)
+  ``no_parent``           an entry whose folder was not listed as a folder
+  ``unreadable``          a file the agent could not read (it vanished or changed
+                          type)
+  ``changed``             a file whose data differs from its listing; it IS
+                          exported, with the bytes read (never more than listed)
+  ``timeout``             the file in flight and the rest when ``timeout`` ran out
+  ======================  ========================================================
 
   Entries below a skipped folder are dropped without a line of their own.
 * Modes are kept without setuid/setgid (and without sticky on files); folders keep
   ``0o700`` and files ``0o400`` for their owner. Everything belongs to the user
   running pyro (tar members: uid/gid 0, no user or group names).
+* ``dest``: a non-empty folder or an existing archive is refused unless
+  ``overwrite``, which swaps the new tree in (``renameat2(RENAME_EXCHANGE)``, else
+  two renames) and removes the old one with ``shutil.rmtree`` (fd-based, never
+  follows links); a symlink at ``dest`` is always refused. docs/parts/export.md
+  is the user's description.
 """
 
 from __future__ import annotations
@@ -591,7 +599,11 @@ def _place(tmp: str, dest: Path, fmt: ExportFormat, overwrite: bool) -> None:
             _remove_old(tmp)
             return
         old = tempfile.mkdtemp(prefix=_TMP_PREFIX + "old-", dir=dest.parent)
-        os.rename(target, old)
+        try:
+            os.rename(target, old)
+        except OSError:
+            os.rmdir(old)
+            raise
         try:
             os.rename(tmp, target)
         except OSError:
