@@ -200,6 +200,24 @@ def test_hostile_tree_to_a_folder(guest: Guest, tmp_path: Path, host: Path) -> N
     assert (dest / "sub").stat().st_mtime == MTIME
 
 
+def test_device_nodes_are_skipped(guest: Guest, tmp_path: Path, host: Path) -> None:
+    if not IS_ROOT:
+        pytest.skip("mknod of a character or block device needs root (CAP_MKNOD)")
+    src = tmp_path / "guest"
+    src.mkdir()
+    os.mknod(src / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(src / "loop", 0o600 | stat.S_IFBLK, os.makedev(7, 0))
+    (src / "f").write_bytes(b"f")
+    for name in ("out", "out.tar"):
+        result = export_tree(guest.channel, str(src), host / name)
+        assert _reasons(result) == {"null": "special_file", "loop": "special_file"}
+        assert {s.detail for s in result.skipped} == {"is a char device", "is a block device"}
+        assert result.files == 1
+    assert sorted(os.listdir(host / "out")) == ["f"]
+    with tarfile.open(host / "out.tar") as tf:
+        assert tf.getnames() == ["f"]
+
+
 def test_show_name_escapes_what_is_not_plain_text() -> None:
     assert show_name(b"new\nline") == "new\\nline"
     assert show_name(b"bad\xff\xfe") == "bad\\xff\\xfe"
