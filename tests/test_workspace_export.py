@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import resource
+import signal
 import stat
 import tarfile
 import threading
@@ -638,3 +639,25 @@ def test_guest_that_dies_mid_export_leaves_nothing(
     assert _outside(host, host / "out.tar") == []
     with pytest.raises(InvalidInputError, match="cannot be a destination"):
         export_tree(guest.channel, str(src), Path("/"), overwrite=True)
+
+
+@pytest.mark.parametrize("name", ["out", "out.tar"])
+def test_host_write_failure_leaves_dest_as_it_was(
+    guest: Guest, tmp_path: Path, host: Path, name: str
+) -> None:
+    """A full disk, played by RLIMIT_FSIZE (writes past it fail with EFBIG)."""
+    src = tmp_path / "guest"
+    src.mkdir()
+    (src / "big").write_bytes(b"b" * (3 << 20))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))
+    try:
+        with pytest.raises(ExportError, match="File too large") as info:
+            export_tree(guest.channel, str(src), host / name)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert info.value.hint and "free space" in info.value.hint
+    assert not (host / name).exists()
+    assert _outside(host, host / name) == []
