@@ -14,31 +14,39 @@ everything the guest says may be a lie:
 * Entries are checked against the whole listing before anything is read. What
   breaks a rule is skipped and reported (``ExportResult.skipped``), never fatal:
 
-  ==================  ===========================================================
-  reason              skipped
-  ==================  ===========================================================
-  ``symlink_escape``  a link that is absolute or resolves (lexically, through the
-                      other links of the listing) outside the exported tree
-  ``special_file``    FIFOs, sockets, character and block devices
-  ``invalid_name``    a name with an empty, ``.`` or ``..`` component or a NUL
-  ``name_too_long``   a name component over 255 bytes
-  ``too_deep``        more than ``max_depth`` levels below ``source``
-  ``too_many_entries`` entries past ``SeedLimits.max_entries`` (also the listing's
-                      own cut)
-  ``file_size``       a file over ``SeedLimits.max_file_bytes`` (never read)
-  ``total_size``      a file that would bring the bytes over ``max_total_bytes``
-  ``duplicate``       a name listed twice (the first one wins)
-  ``no_parent``       an entry whose folder was not listed as a folder
-  ``unreadable``      a file the agent could not read (it vanished or changed type)
-  ``changed``         a file whose data differs in size from its listing; it is
-                      exported with the bytes read (never more than listed)
-  ``timeout``         what was left when ``timeout`` ran out
-  ==================  ===========================================================
+  ======================  ========================================================
+  reason                  skipped
+  ======================  ========================================================
+  ``symlink_escape``      a link that is absolute or resolves (lexically, through
+                          the other links of the listing) outside the exported
+                          tree
+  ``special_file``        FIFOs, sockets, character and block devices
+  ``invalid_name``        a name with an empty, ``.`` or ``..`` component or a NUL
+  ``name_too_long``       a name component over 255 bytes
+  ``too_deep``            more than ``max_depth`` levels below ``source``
+  ``too_many_entries``    entries past ``SeedLimits.max_entries`` (``.``: the
+                          listing was cut)
+  ``file_size``           a file over ``SeedLimits.max_file_bytes`` (never read)
+  ``total_size``          a file that would bring the bytes over
+                          ``max_total_bytes``
+  ``duplicate``           a name listed twice (the first one wins)
+  ``no_parent``           an entry whose folder was not listed as a folder
+  ``unreadable``          a file the agent could not read (it vanished or changed
+                          type)
+  ``changed``             a file whose data differs from its listing; it IS
+                          exported, with the bytes read (never more than listed)
+  ``timeout``             the file in flight and the rest when ``timeout`` ran out
+  ======================  ========================================================
 
   Entries below a skipped folder are dropped without a line of their own.
 * Modes are kept without setuid/setgid (and without sticky on files); folders keep
   ``0o700`` and files ``0o400`` for their owner. Everything belongs to the user
   running pyro (tar members: uid/gid 0, no user or group names).
+* ``dest``: a non-empty folder or an existing archive is refused unless
+  ``overwrite``, which swaps the new tree in (``renameat2(RENAME_EXCHANGE)``, else
+  two renames) and removes the old one with ``shutil.rmtree`` (fd-based, never
+  follows links); a symlink at ``dest`` is always refused. docs/parts/export.md
+  is the user's description.
 """
 
 from __future__ import annotations
@@ -335,7 +343,10 @@ class _FileSink:
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        self.out.write(data)
+        view = memoryview(data)
+        while view:
+            n = self.out.write(view)
+            view = view[n:]
         self.size += len(data)
 
     def commit(self, st: FileStat) -> None:
@@ -402,7 +413,8 @@ class _DirWriter(_Writer):
     def file(self, parts: Parts, st: FileStat) -> _FileSink:
         pfd = self._parent(parts)
         fd = os.open(parts[-1], _O_NEW, 0o600, dir_fd=pfd)
-        return _DirFile(os.fdopen(fd, "wb", buffering=1 << 20), pfd, parts[-1])
+        # unbuffered: data comes in chunks of up to 64 KiB, and a buffer per tiny file costs
+        return _DirFile(os.fdopen(fd, "wb", buffering=0), pfd, parts[-1])
 
     def finish(self, root: FileStat | None) -> None:
         while self._stack:
@@ -587,7 +599,11 @@ def _place(tmp: str, dest: Path, fmt: ExportFormat, overwrite: bool) -> None:
             _remove_old(tmp)
             return
         old = tempfile.mkdtemp(prefix=_TMP_PREFIX + "old-", dir=dest.parent)
-        os.rename(target, old)
+        try:
+            os.rename(target, old)
+        except OSError:
+            os.rmdir(old)
+            raise
         try:
             os.rename(tmp, target)
         except OSError:
@@ -631,6 +647,8 @@ def _dest_kind(dest: Path, fmt: ExportFormat) -> InvalidInputError:
 def _check_dest(dest: Path, fmt: ExportFormat, overwrite: bool) -> Path:
     dest = Path(os.path.abspath(dest))
     parent = dest.parent
+    if dest == parent:
+        raise InvalidInputError(f"{dest} cannot be a destination", hint="name a new folder")
     if not parent.is_dir():
         raise InvalidInputError(
             f"the folder of the destination, {parent}, does not exist",
@@ -653,9 +671,13 @@ def _check_dest(dest: Path, fmt: ExportFormat, overwrite: bool) -> Path:
         if not stat.S_ISDIR(st.st_mode):
             raise _dest_kind(dest, fmt)
         if not overwrite:
-            with os.scandir(dest) as it:
-                if next(it, None) is not None:
-                    raise _dest_exists(dest)
+            try:
+                with os.scandir(dest) as it:
+                    empty = next(it, None) is None
+            except OSError as exc:
+                raise InvalidInputError(f"cannot read {dest}: {exc.strerror}") from None
+            if not empty:
+                raise _dest_exists(dest)
     else:
         if not stat.S_ISREG(st.st_mode):
             raise _dest_kind(dest, fmt)
@@ -669,6 +691,18 @@ def _check_dest(dest: Path, fmt: ExportFormat, overwrite: bool) -> Path:
 
 class _Deadline(Exception):
     pass
+
+
+class _HostWriteFailed(Exception):
+    """A host write failed inside a channel call (so it is not read as the channel's)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _channel_failed(exc: OSError) -> GuestProtocolError:
+    return GuestProtocolError(f"the guest agent channel failed: {exc.strerror or exc}")
 
 
 def _guest_path(source: str) -> bytes:
@@ -731,6 +765,8 @@ def export_tree(
 
     try:
         base, plan, folder_st = _plan_source(ch, source, raw_source, caps, max_depth, report, left)
+    except OSError as exc:  # the pipe or socket to the guest broke
+        raise _channel_failed(exc) from None
     except (_Deadline, GuestProtocolError):
         if time.monotonic() < deadline:
             raise  # the guest broke the protocol (or stopped) within the time
@@ -779,6 +815,8 @@ def export_tree(
         _place(writer.path, dest, fmt, overwrite)
     except BaseException as exc:
         writer.discard()
+        if isinstance(exc, _HostWriteFailed):
+            exc = exc.error
         if isinstance(exc, OSError):
             raise ExportError(
                 f"writing the export to {dest} failed: {exc.strerror or exc}",
@@ -886,12 +924,18 @@ def _copy_one(
             extra = True
             data = data[:room]
         if data:
-            sink.write(data)
+            try:
+                sink.write(data)
+            except OSError as exc:
+                raise _HostWriteFailed(exc) from None
         left()
 
     try:
         path = base + b"/" + b"/".join(item.parts)
-        end = ch.read_file(ReadFile(path, 0, expected), take, left())
+        try:
+            end = ch.read_file(ReadFile(path, 0, expected), take, left())
+        except OSError as exc:  # the pipe or socket to the guest broke
+            raise _channel_failed(exc) from None
     except GuestProtocolError:
         sink.abandon()
         left()  # a quiet guest past the deadline is a timeout, not a broken protocol
