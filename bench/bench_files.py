@@ -59,9 +59,9 @@ def small_tree(root: Path, files: int = 2000) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"mod{i:04d}.py").write_text(f"VALUE = {i}\n" + "# padding\n" * 20)
     old = time.time() - 3600
-    for folder, _, names in os.walk(root):
+    for where, _, names in os.walk(root):
         for name in names:
-            os.utime(os.path.join(folder, name), (old, old))
+            os.utime(os.path.join(where, name), (old, old))
     return root
 
 
