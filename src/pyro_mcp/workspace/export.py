@@ -45,7 +45,7 @@ everything the guest says may be a lie:
 * ``dest``: a non-empty folder or an existing archive is refused unless
   ``overwrite``, which swaps the new tree in (``renameat2(RENAME_EXCHANGE)``, else
   two renames) and removes the old one with ``shutil.rmtree`` (fd-based, never
-  follows links); a symlink at ``dest`` is always refused. docs/parts/export.md
+  follows links); a symlink at ``dest`` is always refused. docs/files.md
   is the user's description.
 """
 

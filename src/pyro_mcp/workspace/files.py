@@ -1,7 +1,7 @@
 """Reading, writing, editing and listing files in a task's guest, over its agent channel.
 
 The host side of ``task_read_file`` / ``task_write_file`` / ``task_edit_file`` /
-``task_list_files`` (user-facing description: ``docs/parts/files.md``). Every function
+``task_list_files`` (user-facing description: ``docs/files.md``). Every function
 takes an :class:`~pyro_mcp.guest.channel.AgentChannel` and an *absolute* guest path as
 ``str``; :func:`guest_path` turns what a user gave (maybe relative to ``/workspace``)
 into one. The guest agent does the file system work (protocol version 2: READ_FILE,
