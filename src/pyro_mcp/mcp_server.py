@@ -84,6 +84,12 @@ def instructions(tool_names: Sequence[str]) -> str:
             "(e.g. seed a project folder with source_path, then build and test it), and "
             "task_delete when done."
         )
+    if "task_edit_file" in tool_names:
+        text += (
+            " In a task, read and change files with task_read_file, task_edit_file and "
+            "task_write_file rather than through shell commands, and show your work with "
+            "task_diff (a patch for the original folder)."
+        )
     return text + " Guests have no network."
 
 
