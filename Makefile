@@ -42,6 +42,7 @@ dist-check: bootstrap
 bench: bootstrap
 	$(UV) run python bench/bench.py
 	$(UV) run python bench/bench_tasks.py
+	$(UV) run python bench/bench_files.py
 	$(UV) run python bench/bench_mcp.py
 	$(UV) run python bench/bench_realwork.py
 
