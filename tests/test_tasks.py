@@ -348,3 +348,23 @@ def test_200mb_seed_reaches_the_guest_intact(
     r = btasks.exec_task(info.task_id, f"md5sum {rel}; find . -type f | wc -l")
     digest = hashlib.md5(sample.read_bytes()).hexdigest()
     assert r.stdout == f"{digest}  {rel}\n{count}\n"
+
+
+def test_task_exec_stdin(btasks: Pyro, vm_environment: str, tmp_path: Path) -> None:
+    """Each VM backend: the SDK streams a file object, the task_exec tool takes text."""
+    from pyro_mcp.contract import get_tool
+
+    task = btasks.create_task(vm_environment)
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 1024)
+    with data.open("rb") as f:
+        saved = btasks.exec_task(task.task_id, "cat > data.bin && wc -c < data.bin", stdin=f)
+    assert saved.stdout.strip() == str(256 * 1024)
+    ran = get_tool("task_exec").call(
+        btasks, {"task_id": task.task_id, "command": "cmp - data.bin", "stdin": None}
+    )
+    assert ran.ok and ran.structured["exit_code"] == 1  # an empty stdin differs
+    ran = get_tool("task_exec").call(
+        btasks, {"task_id": task.task_id, "command": "sort", "stdin": "b\na\n"}
+    )
+    assert ran.ok and ran.structured["stdout"] == "a\nb\n"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeAlias
 
 from pyro_mcp import limits
-from pyro_mcp.errors import InvalidInputError
+from pyro_mcp.errors import InvalidInputError, PyroError
 
 #: The environment every guest command starts from; the caller's ``env`` goes on top.
 BASE_ENV: Mapping[str, str] = {
@@ -83,6 +83,17 @@ class Stdin:
                 )
             self._taken = True
         return self._chunks
+
+
+def source_error(exc: Exception) -> PyroError:
+    """What to raise when reading a command's stdin source failed (the command is
+    killed): a PyroError as it is, anything else as an InvalidInputError."""
+    if isinstance(exc, PyroError):
+        return exc
+    return InvalidInputError(
+        f"reading the command's stdin failed: {exc!r}",
+        hint="the command was killed; check the stdin source",
+    )
 
 
 def _split(data: bytes) -> Iterator[bytes]:

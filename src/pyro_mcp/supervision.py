@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pyro_mcp import control
+from pyro_mcp.commands import source_error
 from pyro_mcp.errors import BootError, InvalidInputError, PyroError, VMStateError
 from pyro_mcp.procs import kill_process_group, tail_text
 from pyro_mcp.progress import ProgressEvent, ProgressFn
@@ -107,27 +108,24 @@ class _StdinSender:
 
     def _run(self) -> None:
         step = control.MAX_STDIN_CHUNK
+        source = iter(self._chunks)
         try:
-            for chunk in self._chunks:
+            while not self._stopped.is_set():
+                try:
+                    chunk = next(source)
+                except StopIteration:
+                    self._sock.sendall(control.encode(control.StdinEof()))
+                    return
+                except Exception as exc:  # the caller's source failed: abandon the command
+                    self.error = source_error(exc)
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                    return
                 for i in range(0, len(chunk), step):
                     if self._stopped.is_set():
                         return
                     self._sock.sendall(control.encode(control.StdinData(chunk[i : i + step])))
-            if not self._stopped.is_set():
-                self._sock.sendall(control.encode(control.StdinEof()))
         except OSError:
             pass  # the supervisor closed the connection: the command is over
-        except Exception as exc:  # the caller's source failed: abandon the command
-            self.error = (
-                exc
-                if isinstance(exc, PyroError)
-                else InvalidInputError(
-                    f"reading the command's stdin failed: {exc!r}",
-                    hint="the command was killed; check the stdin source",
-                )
-            )
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
         """No more stdin (the result is in, or the caller gave up). A send blocked on

@@ -46,6 +46,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pyro_mcp.commands import source_error
 from pyro_mcp.environments.tree import ensure_rootfs_tree
 from pyro_mcp.errors import BackendUnavailableError, InvalidInputError, PyroError
 from pyro_mcp.procs import kill_process_group
@@ -190,22 +191,21 @@ class _StdinFeeder:
         self._thread.start()
 
     def _run(self) -> None:
+        source = iter(self._chunks)
         try:
-            for chunk in self._chunks:
+            while True:
+                try:
+                    chunk = next(source)
+                except StopIteration:
+                    break
+                except Exception as exc:  # the caller's source failed: kill the sandbox
+                    self.error = source_error(exc)
+                    kill_process_group(self._proc.pid)
+                    break
                 self._pipe.write(chunk)
                 self._pipe.flush()
         except OSError:
             pass  # EPIPE: the command stopped reading
-        except Exception as exc:
-            self.error = (
-                exc
-                if isinstance(exc, PyroError)
-                else InvalidInputError(
-                    f"reading the command's stdin failed: {exc!r}",
-                    hint="the command was killed; check the stdin source",
-                )
-            )
-            kill_process_group(self._proc.pid)
         with contextlib.suppress(OSError):
             self._pipe.close()
 
