@@ -22,7 +22,7 @@ import pytest
 from helpers import state_leftovers, vmm_pids, wait_until
 from pyro_mcp.api import Pyro
 from pyro_mcp.commands import ExecOptions
-from pyro_mcp.errors import NotFoundError, VMStateError
+from pyro_mcp.errors import InvalidInputError, NotFoundError, VMStateError
 from pyro_mcp.manager import ExecOutcome
 from pyro_mcp.progress import no_progress
 from pyro_mcp.state import read_json
@@ -325,6 +325,13 @@ def test_stdin_is_byte_exact_and_a_command_may_stop_reading(
         vm, ["sleep", "60"], ExecOptions.checked(stdin=endless(), timeout_seconds=2)
     )
     assert late.timed_out
+
+    def broken() -> Iterator[bytes]:
+        yield b"partial"
+        raise OSError("the source broke")
+
+    with pytest.raises(InvalidInputError, match="the source broke"):
+        pyro.manager.exec(vm, "cat; sleep 60", ExecOptions.checked(stdin=broken()))
     # No stdin is an empty one; vm_exec (which then deletes the VM) takes text.
     assert out(pyro.manager.exec(vm, "wc -c")).strip() == "0"
     text = pyro.exec_vm(vm, "cat", stdin="héllo\n")
