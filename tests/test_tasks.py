@@ -226,11 +226,15 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> Non
 def test_cancelled_exec_kills_the_command_and_keeps_the_task(
     tasks: Pyro, vm_environment: str
 ) -> None:
-    """Ctrl-C on `pyro task exec` kills the guest command; the task stays usable."""
+    """Ctrl-C on `pyro task exec` kills the guest command; the task stays usable. Its
+    stdin is an endless pipe the command never reads (so the agent's stdin window is
+    full and nothing moves): the Ctrl-C is noticed all the same."""
     tid = tasks.create_task(vm_environment).task_id
+    endless = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyro_mcp.cli", "task", "exec", tid, "--",
-         "sh", "-c", "touch started; exec sleep 300"],
+        [sys.executable, "-m", "pyro_mcp.cli", "task", "exec", tid, "--timeout-seconds",
+         "600", "--", "sh", "-c", "touch started; exec sleep 300"],
+        stdin=endless.stdout,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -241,6 +245,8 @@ def test_cancelled_exec_kills_the_command_and_keeps_the_task(
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
+        endless.kill()
+        endless.wait()
     assert proc.returncode == 130
     assert "task is kept" in err
 

@@ -67,6 +67,16 @@ def _client_gone(conn: socket.socket) -> bool:
         return True
 
 
+def _hung_up(conn: socket.socket) -> bool:
+    """The client closed its end (seen even while unread data waits in the socket)."""
+    poller = select.poll()
+    poller.register(conn, select.POLLHUP | select.POLLRDHUP)
+    try:
+        return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
+    except OSError:
+        return True
+
+
 class _StdinRelay:
     """An exec's stdin: control ``stdin`` messages from the client's connection to the
     agent as DATA within its CREDIT, then EOF.
@@ -138,7 +148,11 @@ class _StdinRelay:
                 while data:
                     with self._cond:
                         while not self._done and self._credit.available == 0:
-                            self._cond.wait()
+                            # A command that does not read leaves no credit: notice a
+                            # client that goes away meanwhile (its unread lines wait
+                            # in the socket, so only the hang-up can tell).
+                            if not self._cond.wait(0.1) and _hung_up(self._conn):
+                                raise ConnectionResetError
                         if self._done:
                             return
                         n = min(len(data), self._credit.available)
