@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -71,3 +72,12 @@ def test_exec_options_carry_the_stdin() -> None:
     assert ExecOptions.checked().stdin is None
     opts = ExecOptions.checked(stdin="abc")
     assert opts.stdin is not None and list(opts.stdin.chunks()) == [b"abc"]
+
+
+def test_stdin_goes_with_an_exec_that_asks_for_it(tmp_path: Path) -> None:
+    from pyro_mcp import control, supervision
+
+    wants = control.ExecRequest(("cat",), "/", (), 1000, 1024, 1024, stdin=True)
+    for message, stdin in ((wants, None), (control.PingRequest(), [b"x"])):
+        with pytest.raises(InvalidInputError, match="only with"):
+            next(supervision.request(tmp_path, message, stdin))
