@@ -6,6 +6,7 @@ own errors. Only the guest command's output goes to stdout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -192,6 +193,44 @@ def test_run_argv_is_exact(vm_environment: str, state_dir: Path) -> None:
     assert (proc.returncode, proc.stdout) == (0, "a\nb\n")
     proc = cli(state_dir, "run", vm_environment, "--", "echo", "$HOME", "--json")
     assert (proc.returncode, proc.stdout) == (0, "$HOME --json\n")
+
+
+@pytest.mark.vm
+def test_run_passes_its_stdin_through(vm_environment: str, state_dir: Path, tmp_path: Path) -> None:
+    """`cat data | pyro run ...` with real pipes and files; -n and /dev/null are empty."""
+    env = {**os.environ, "PYRO_STATE_DIR": str(state_dir)}
+    run = [*pyro_argv(), "run", vm_environment]
+    csv = b"".join(b"%d,row\n" % i for i in range(1000))
+    cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert cat.stdin is not None
+    piped = subprocess.Popen(
+        [*run, "--", "wc", "-l"], stdin=cat.stdout, stdout=subprocess.PIPE, env=env
+    )
+    assert cat.stdout is not None
+    cat.stdout.close()
+    cat.stdin.write(csv)
+    cat.stdin.close()
+    stdout, _ = piped.communicate(timeout=300)
+    assert (piped.returncode, stdout) == (0, b"1000\n")
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(200_000) + b"\x00\xff")
+    with blob.open("rb") as f:
+        digest = subprocess.run(
+            [*run, "--", "sha256sum"], stdin=f, capture_output=True, env=env, timeout=300,
+            check=False,
+        )  # fmt: skip
+    assert digest.stdout.split()[0].decode() == hashlib.sha256(blob.read_bytes()).hexdigest()
+    ignored = subprocess.run(
+        [*run, "-n", "--", "wc", "-c"], input=b"ignored", capture_output=True, env=env,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert (ignored.returncode, ignored.stdout) == (0, b"0\n")
+    devnull = subprocess.run(
+        [*run, "--", "wc", "-c"], stdin=subprocess.DEVNULL, capture_output=True, env=env,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert (devnull.returncode, devnull.stdout) == (0, b"0\n")
+    assert_clean(state_dir)
 
 
 @pytest.mark.vm

@@ -78,7 +78,9 @@ def test_defaults_and_bounds_come_from_limits() -> None:
         "network",
         "cwd",
         "env",
+        "stdin",
     ]
+    assert props["stdin"]["anyOf"][0]["maxLength"] == limits.MAX_STDIN_TEXT
 
 
 def test_every_command_tool_takes_the_same_exec_options() -> None:
@@ -94,13 +96,19 @@ def test_every_command_tool_takes_the_same_exec_options() -> None:
         assert strict["cwd"]["type"] == ["string", "null"], tool.name
         assert strict["env"]["type"] == ["array", "null"], tool.name
         assert strict["env"]["items"] == {"type": "string"}, tool.name
-    assert all(shape == shapes[0] for shape in shapes)  # one definition, not three
+        assert strict["stdin"]["type"] == ["string", "null"], tool.name
+        assert props["stdin"]["default"] is None and "stdin" in props["stdin"]["description"]
+        shapes.append(props["stdin"])
+    assert all(shape == shapes[0] for shape in shapes[::2])  # one definition, not three
+    assert all(shape == shapes[1] for shape in shapes[1::2])
 
 
 def test_exec_options_pass_only_what_was_given() -> None:
     assert exec_options(None, None) == {}
     assert exec_options("/tmp", None) == {"cwd": "/tmp"}
     assert exec_options(None, []) == {"env": {}}
+    assert exec_options(None, None, "") == {"stdin": ""}
+    assert exec_options(None, None, None) == {}
     assert exec_options(None, ["A=1", "B=x=y", "A=2", "C="]) == {
         "env": {"A": "2", "B": "x=y", "C": ""}
     }

@@ -4,6 +4,7 @@ supervisor's import budget."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pyro_mcp.state import ProcessId, write_json_atomic
 EXEC = c.ExecRequest(("sh", "-lc", "true"), "/root", ("PATH=/bin",), 30000, 1024, 2048)
 MESSAGES: list[c.Message] = [
     EXEC,
+    c.ExecRequest(("cat",), "/", (), 0, 1024, 1024, stdin=True),
     c.PingRequest(),
     c.ShutdownRequest("deleted"),
     c.Heartbeat(1500),
@@ -31,9 +33,54 @@ MESSAGES: list[c.Message] = [
 def test_wire_format_is_frozen() -> None:
     assert c.encode(EXEC) == (
         b'{"v":1,"type":"exec","argv":["sh","-lc","true"],"cwd":"/root","env":["PATH=/bin"],'
-        b'"timeout_ms":30000,"stdout_cap":1024,"stderr_cap":2048}\n'
+        b'"timeout_ms":30000,"stdout_cap":1024,"stderr_cap":2048,"stdin":false}\n'
     )
     assert c.encode(c.Heartbeat(7)) == b'{"v":1,"type":"heartbeat","elapsed_ms":7}\n'
+    assert c.encode(c.StdinData(b"\x00hi")) == b'{"v":1,"type":"stdin","b64":"AGhp"}\n'
+    assert c.encode(c.StdinEof()) == b'{"v":1,"type":"stdin_eof"}\n'
+
+
+def test_an_exec_request_without_stdin_field_has_no_stdin() -> None:
+    """The requests of a pyro-mcp from before stdin existed still decode."""
+    line = (
+        b'{"v":1,"type":"exec","argv":["x"],"cwd":"/","env":[],"timeout_ms":1,'
+        b'"stdout_cap":1,"stderr_cap":1}'
+    )
+    assert c.decode_request(line) == c.ExecRequest(("x",), "/", (), 1, 1, 1, stdin=False)
+
+
+@pytest.mark.parametrize("message", [c.StdinData(b"\xff" * c.MAX_STDIN_CHUNK), c.StdinEof()])
+def test_stdin_messages_round_trip(message: c.StdinMessage) -> None:
+    line = c.encode(message)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert c.decode_stdin(line) == message
+
+
+def test_a_stdin_chunk_out_of_bounds_is_not_encoded() -> None:
+    for data in (b"", b"x" * (c.MAX_STDIN_CHUNK + 1)):
+        with pytest.raises(InvalidInputError):
+            c.encode(c.StdinData(data))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"v":1,"type":"stdin"}',  # no data
+        b'{"v":1,"type":"stdin","b64":""}',  # empty chunk
+        b'{"v":1,"type":"stdin","b64":"!!"}',  # not base64
+        b'{"v":1,"type":"stdin","b64":5}',
+        b'{"v":2,"type":"stdin","b64":"AA=="}',  # another version
+        b'{"v":1,"type":"stdin_end"}',  # unknown type
+        b'{"v":1,"type":"ping"}',  # a request where stdin was expected
+        b"not json",
+        b'{"v":1,"type":"stdin","b64":"'
+        + base64.b64encode(b"x" * (c.MAX_STDIN_CHUNK + 1))
+        + b'"}',  # over the chunk size
+    ],
+)
+def test_bad_stdin_messages_are_refused(line: bytes) -> None:
+    with pytest.raises(InvalidInputError, match="bad control stdin message"):
+        c.decode_stdin(line)
 
 
 @pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
@@ -65,6 +112,8 @@ def test_round_trip(message: c.Message) -> None:
         b'"stdout_cap":1,"stderr_cap":1}',
         b'{"v":1,"type":"exec","argv":["x"],"cwd":"/","env":[],"timeout_ms":-1,'
         b'"stdout_cap":1,"stderr_cap":1}',
+        b'{"v":1,"type":"exec","argv":["x"],"cwd":"/","env":[],"timeout_ms":1,'
+        b'"stdout_cap":1,"stderr_cap":1,"stdin":1}',  # stdin must be a bool
         b'{"v":1,"type":"shutdown"}',
     ],
 )

@@ -7,6 +7,7 @@ environment cannot be built on this machine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -197,6 +198,31 @@ def test_cancelled_exec_kills_the_sandbox(hc: Pyro, state_dir: Path) -> None:
         time.sleep(0.05)
     assert not _host_sleepers("sleep\x00303")
     assert hc.exec_task(tid, ["ls", "started"]).exit_code == 0
+
+
+def test_stdin_is_streamed_into_the_sandbox(hc: Pyro) -> None:
+    tid = hc.create_task("debian:12-base").task_id
+    data = os.urandom(300_000)
+    digest = hc.exec_task(tid, "sha256sum", stdin=data)
+    assert digest.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+    def endless() -> Iterator[bytes]:
+        while True:
+            yield b"y" * 65536
+
+    assert hc.exec_task(tid, "head -c1", stdin=endless()).stdout == "y"
+    late = hc.exec_task(tid, "sleep 60", stdin=endless(), timeout_seconds=1)
+    assert late.timed_out
+
+    def broken() -> Iterator[bytes]:
+        yield b"partial"
+        raise OSError("the source broke")
+
+    with pytest.raises(InvalidInputError, match="the source broke"):
+        hc.exec_task(tid, "cat; sleep 60", stdin=broken())
+    assert hc.exec_task(tid, "wc -c").stdout.strip() == "0"  # no stdin: an empty one
+    ran = hc.run_in_vm("debian:12-base", "tr a-z A-Z", stdin="abc")
+    assert (ran.stdout, ran.execution_mode) == ("ABC", "host_compat")
 
 
 def test_output_caps(hc: Pyro) -> None:

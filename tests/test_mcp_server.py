@@ -124,11 +124,11 @@ def test_vm_run_results_and_errors(pyro: Pyro, vm_environment: str, state_dir: P
 
 
 @pytest.mark.vm
-def test_vm_run_takes_cwd_and_env(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
+def test_vm_run_takes_cwd_env_and_stdin(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
     async def main() -> None:
         async with mcp_session(serve_params(state_dir)) as s:
             (tool,) = [t for t in (await s.list_tools()).tools if t.name == "vm_run"]
-            for name in ("cwd", "env"):
+            for name in ("cwd", "env", "stdin"):
                 assert tool.input_schema["properties"][name]["default"] is None
             res = await s.call_tool(
                 "vm_run",
@@ -145,6 +145,12 @@ def test_vm_run_takes_cwd_and_env(pyro: Pyro, vm_environment: str, state_dir: Pa
             assert (cwd, greeting, empty) == ("/etc", "hello=world", "")
             assert "/usr/bin" in path.split(":")  # the environment's own variables stay
             assert "passwd" in listing.split()
+            res = await s.call_tool(
+                "vm_run",
+                {"environment": vm_environment, "command": "sort -r", "stdin": "a\nb\n"},
+            )
+            assert not res.is_error, text_of(res)
+            assert structured(res)["stdout"] == "b\na\n"
 
     anyio.run(main)
     assert _vm_dirs(state_dir) == []

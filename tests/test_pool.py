@@ -16,9 +16,11 @@ def test_pooled_runs_use_fresh_vms_once(vm_environment: str, state_dir: Path) ->
         pool = pyro.pool
         assert pool is not None
         assert pool.wait_ready(120), pool.last_error
-        first = pyro.run_in_vm(vm_environment, "echo one > /root/marker; cat /root/marker")
+        first = pyro.run_in_vm(
+            vm_environment, "cat > /root/marker; cat /root/marker", stdin="one\n"
+        )
         assert first.boot == "pooled"
-        assert first.stdout == "one\n"
+        assert first.stdout == "one\n"  # stdin reaches a pooled VM's command too
         assert first.cleanup is not None and first.cleanup.deleted
         assert pool.wait_ready(120), pool.last_error
         second = pyro.run_in_vm(vm_environment, ["cat", "/root/marker"])

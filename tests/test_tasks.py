@@ -226,11 +226,15 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> Non
 def test_cancelled_exec_kills_the_command_and_keeps_the_task(
     tasks: Pyro, vm_environment: str
 ) -> None:
-    """Ctrl-C on `pyro task exec` kills the guest command; the task stays usable."""
+    """Ctrl-C on `pyro task exec` kills the guest command; the task stays usable. Its
+    stdin is an endless pipe the command never reads (so the agent's stdin window is
+    full and nothing moves): the Ctrl-C is noticed all the same."""
     tid = tasks.create_task(vm_environment).task_id
+    endless = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyro_mcp.cli", "task", "exec", tid, "--",
-         "sh", "-c", "touch started; exec sleep 300"],
+        [sys.executable, "-m", "pyro_mcp.cli", "task", "exec", tid, "--timeout-seconds",
+         "600", "--", "sh", "-c", "touch started; exec sleep 300"],
+        stdin=endless.stdout,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -241,6 +245,8 @@ def test_cancelled_exec_kills_the_command_and_keeps_the_task(
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
+        endless.kill()
+        endless.wait()
     assert proc.returncode == 130
     assert "task is kept" in err
 
@@ -348,3 +354,23 @@ def test_200mb_seed_reaches_the_guest_intact(
     r = btasks.exec_task(info.task_id, f"md5sum {rel}; find . -type f | wc -l")
     digest = hashlib.md5(sample.read_bytes()).hexdigest()
     assert r.stdout == f"{digest}  {rel}\n{count}\n"
+
+
+def test_task_exec_stdin(btasks: Pyro, vm_environment: str, tmp_path: Path) -> None:
+    """Each VM backend: the SDK streams a file object, the task_exec tool takes text."""
+    from pyro_mcp.contract import get_tool
+
+    task = btasks.create_task(vm_environment)
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 1024)
+    with data.open("rb") as f:
+        saved = btasks.exec_task(task.task_id, "cat > data.bin && wc -c < data.bin", stdin=f)
+    assert saved.stdout.strip() == str(256 * 1024)
+    ran = get_tool("task_exec").call(
+        btasks, {"task_id": task.task_id, "command": "cmp - data.bin", "stdin": None}
+    )
+    assert ran.ok and ran.structured["exit_code"] == 1  # an empty stdin differs
+    ran = get_tool("task_exec").call(
+        btasks, {"task_id": task.task_id, "command": "sort", "stdin": "b\na\n"}
+    )
+    assert ran.ok and ran.structured["stdout"] == "a\nb\n"

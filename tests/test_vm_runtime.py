@@ -7,12 +7,14 @@ per VM backend usable here (``backend`` in conftest: qemu, and gvisor where runs
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ import pytest
 from helpers import state_leftovers, vmm_pids, wait_until
 from pyro_mcp.api import Pyro
 from pyro_mcp.commands import ExecOptions
-from pyro_mcp.errors import NotFoundError, VMStateError
+from pyro_mcp.errors import InvalidInputError, NotFoundError, VMStateError
 from pyro_mcp.manager import ExecOutcome
 from pyro_mcp.progress import no_progress
 from pyro_mcp.state import read_json
@@ -299,3 +301,68 @@ def test_network_info_asks_the_guest(pyro: Pyro, vm_environment: str) -> None:
     assert (info.network_enabled, info.interfaces) == (False, ["lo"])
     seen = pyro.manager.exec(created.vm_id, ["cat", "/proc/net/dev"]).stdout.decode()
     assert all(name in seen for name in info.interfaces)
+
+
+# --------------------------------------------------------------------------- stdin
+
+
+def endless(chunk: bytes = b"x" * 65536) -> Iterator[bytes]:
+    """A stdin that never ends: only a command that stops reading lets the exec end."""
+    while True:
+        yield chunk
+
+
+def test_stdin_is_byte_exact_and_a_command_may_stop_reading(
+    pyro: Pyro, vm_environment: str
+) -> None:
+    vm = started_vm(pyro, vm_environment)
+    data = os.urandom(1 << 20) + b"\x00\n\xff"
+    digest = pyro.manager.exec(vm, ["sha256sum"], ExecOptions.checked(stdin=data))
+    assert out(digest).split()[0] == hashlib.sha256(data).hexdigest()
+    first = pyro.manager.exec(vm, ["head", "-c1"], ExecOptions.checked(stdin=endless()))
+    assert (first.exit_code, out(first)) == (0, "x")
+    late = pyro.manager.exec(
+        vm, ["sleep", "60"], ExecOptions.checked(stdin=endless(), timeout_seconds=2)
+    )
+    assert late.timed_out
+
+    def broken() -> Iterator[bytes]:
+        yield b"partial"
+        raise OSError("the source broke")
+
+    with pytest.raises(InvalidInputError, match="the source broke"):
+        pyro.manager.exec(vm, "cat; sleep 60", ExecOptions.checked(stdin=broken()))
+    # No stdin is an empty one; vm_exec (which then deletes the VM) takes text.
+    assert out(pyro.manager.exec(vm, "wc -c")).strip() == "0"
+    text = pyro.exec_vm(vm, "cat", stdin="héllo\n")
+    assert text.stdout == "héllo\n"
+
+
+def _hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_fifty_mib_of_stdin_in_bounded_memory(pyro: Pyro, vm_environment: str) -> None:
+    """50 MiB from a generator: neither this process nor the supervisor holds it."""
+    vm = started_vm(pyro, vm_environment)
+    supervisor = pyro.manager.records.load(vm).runtime.supervisor
+    assert supervisor is not None
+    for pid in (os.getpid(), supervisor.pid):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS now
+    before = {pid: _hwm_kib(pid) for pid in (os.getpid(), supervisor.pid)}
+    total = 50 << 20
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(total // 65536):
+            yield os.urandom(16) * 4096
+
+    result = pyro.manager.exec(
+        vm, ["wc", "-c"], ExecOptions.checked(stdin=chunks(), timeout_seconds=600)
+    )
+    assert out(result).strip() == str(total)
+    for pid, start in before.items():
+        grown_mib = (_hwm_kib(pid) - start) / 1024
+        assert grown_mib < 16, f"pid {pid} grew by {grown_mib:.1f} MiB for 50 MiB of stdin"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from pyro_mcp import limits
-from pyro_mcp.commands import ExecOptions
+from pyro_mcp.commands import ExecOptions, StdinSource
 from pyro_mcp.errors import PyroError, VMStateError
 from pyro_mcp.manager import VMManager
 from pyro_mcp.models import (
@@ -159,11 +159,15 @@ class Pyro:
         env: Mapping[str, str] | None = None,
         stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        stdin: StdinSource = None,
     ) -> ExecResult:
         """Run one command in a fresh VM that is always deleted afterwards.
 
         ``command`` is a shell string (run by ``sh -lc``) or an exact argv list;
         ``cwd=None`` is the environment's own working directory (``/root``).
+        ``stdin`` is the command's stdin: bytes, str (UTF-8), a binary file object or
+        an iterable of bytes, streamed as the command reads it (None: empty). A
+        command that exits without reading it all is fine: the rest is not read.
         """
         cmd = limits.check_command(command)
         opts = ExecOptions.checked(
@@ -172,6 +176,7 @@ class Pyro:
             timeout_seconds=timeout_seconds,
             stdout_cap=stdout_cap,
             stderr_cap=stderr_cap,
+            stdin=stdin,
         )
         if self._tasks.selects_host_compat():
             return self._tasks.run_host_compat(environment, cmd, opts, progress=self._progress)
@@ -227,10 +232,11 @@ class Pyro:
         env: Mapping[str, str] | None = None,
         stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        stdin: StdinSource = None,
     ) -> ExecResult:
         """Run one command in a started VM, then delete the VM (its documented lifecycle).
 
-        For repeated commands in one place, use tasks.
+        For repeated commands in one place, use tasks. ``stdin`` as for :meth:`run_in_vm`.
         """
         # Bad arguments or a VM that is not running leave the VM alone.
         cmd = limits.check_command(command)
@@ -240,6 +246,7 @@ class Pyro:
             timeout_seconds=timeout_seconds,
             stdout_cap=stdout_cap,
             stderr_cap=stderr_cap,
+            stdin=stdin,
         )
         info = self._manager.status(vm_id)
         if info.status != "running":
@@ -346,9 +353,11 @@ class Pyro:
         env: Mapping[str, str] | None = None,
         stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
+        stdin: StdinSource = None,
     ) -> TaskExecResult:
         """Run one command in the task (``cwd=None``: /workspace); files persist for
-        the next. A command that times out is killed; the task stays."""
+        the next. A command that times out is killed; the task stays. ``stdin`` as for
+        :meth:`run_in_vm`."""
         cmd = limits.check_command(command)
         opts = ExecOptions.checked(
             cwd=cwd,
@@ -356,6 +365,7 @@ class Pyro:
             timeout_seconds=timeout_seconds,
             stdout_cap=stdout_cap,
             stderr_cap=stderr_cap,
+            stdin=stdin,
         )
         return self._tasks.exec(task_id, cmd, opts, progress=self._progress)
 

@@ -2,13 +2,17 @@
 
 Both ends import this module; nothing else writes or parses these messages.
 Transport: the supervisor's unix socket ``VM_DIR/ctl.sock``, one request per
-connection, newline-delimited JSON. Every message is an object with ``"v"``
-(:data:`CONTROL_VERSION`) and ``"type"``; a message of another version, of an
-unknown type or with a missing or ill-typed field is refused, never guessed at.
+connection, newline-delimited JSON (an exec with ``stdin`` is followed on the
+same connection by its stdin: ``stdin`` chunks of at most :data:`MAX_STDIN_CHUNK`
+bytes, then ``stdin_eof``; the socket's own buffer is the backpressure). Every
+message is an object with ``"v"`` (:data:`CONTROL_VERSION`) and ``"type"``; a
+message of another version, of an unknown type or with a missing or ill-typed
+field is refused, never guessed at.
 
     manager -> supervisor            supervisor -> manager
     exec {argv, cwd, env, ...}       heartbeat {elapsed_ms}   (about every second)
-                                     exec_done {exit_code, ..., stdout_b64, ...}
+    [stdin {b64}]* stdin_eof         exec_done {exit_code, ..., stdout_b64, ...}
+      (only after an exec with "stdin": true)
     ping                             ok
     shutdown {reason}                ok
     tunnel                           ok, then guest frames (below)
@@ -50,6 +54,7 @@ from pyro_mcp.vmm.base import LaunchPlan, LaunchSpec, SnapshotRef
 
 CONTROL_VERSION = 1
 MAX_LINE_BYTES = 1 << 20  # a request line; results are larger (they carry the output)
+MAX_STDIN_CHUNK = 64 * 1024  # data bytes in one stdin message (the agent's DATA chunk)
 
 
 # ----------------------------------------------------------------- requests
@@ -65,6 +70,7 @@ class ExecRequest:
     timeout_ms: int
     stdout_cap: int
     stderr_cap: int
+    stdin: bool = False  # True: stdin messages then stdin_eof follow; False: /dev/null
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,21 @@ class TunnelRequest:
 
 
 Request: TypeAlias = ExecRequest | PingRequest | ShutdownRequest | TunnelRequest
+
+
+@dataclass(frozen=True)
+class StdinData:
+    """The next bytes of an exec's stdin (1 to :data:`MAX_STDIN_CHUNK`)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StdinEof:
+    """The exec's stdin is complete."""
+
+
+StdinMessage: TypeAlias = StdinData | StdinEof
 
 
 # ------------------------------------------------------------------- events
@@ -130,7 +151,7 @@ class Ready:
 
 
 Event: TypeAlias = Heartbeat | Ok | ExecDone | Failed | Ready
-Message: TypeAlias = Request | Event
+Message: TypeAlias = Request | StdinMessage | Event
 
 
 # ----------------------------------------------------------------- encoding
@@ -148,7 +169,14 @@ def encode(message: Message) -> bytes:
             "timeout_ms": message.timeout_ms,
             "stdout_cap": message.stdout_cap,
             "stderr_cap": message.stderr_cap,
+            "stdin": message.stdin,
         }
+    elif isinstance(message, StdinData):
+        if not 1 <= len(message.data) <= MAX_STDIN_CHUNK:
+            raise InvalidInputError(f"a stdin chunk holds 1..{MAX_STDIN_CHUNK} bytes")
+        body = {"type": "stdin", "b64": base64.b64encode(message.data).decode("ascii")}
+    elif isinstance(message, StdinEof):
+        body = {"type": "stdin_eof"}
     elif isinstance(message, PingRequest):
         body = {"type": "ping"}
     elif isinstance(message, ShutdownRequest):
@@ -271,6 +299,8 @@ def decode_request(line: bytes | str) -> Request:
                 timeout_ms=f.int_("timeout_ms", 0, 2**32 - 1),
                 stdout_cap=f.int_("stdout_cap", 0, 2**32 - 1),
                 stderr_cap=f.int_("stderr_cap", 0, 2**32 - 1),
+                # Absent in the requests of pyro-mcp before stdin existed: no stdin.
+                stdin=f.bool_("stdin") if "stdin" in f.data else False,
             )
         if kind == "ping":
             return PingRequest()
@@ -281,6 +311,23 @@ def decode_request(line: bytes | str) -> Request:
         raise ValueError(f"unknown request type {kind!r}")
     except ValueError as exc:
         raise InvalidInputError(f"bad control request: {exc}") from None
+
+
+def decode_stdin(line: bytes | str) -> StdinMessage:
+    """The supervisor's reader of an exec's stdin: anything but a ``stdin`` chunk of
+    1..MAX_STDIN_CHUNK bytes or ``stdin_eof`` is an :class:`InvalidInputError`."""
+    try:
+        kind, f = _parse(line)
+        if kind == "stdin":
+            data = f.b64("b64")
+            if not 1 <= len(data) <= MAX_STDIN_CHUNK:
+                raise ValueError(f"a stdin chunk of {len(data)} bytes")
+            return StdinData(data)
+        if kind == "stdin_eof":
+            return StdinEof()
+        raise ValueError(f"{kind!r} where stdin was expected")
+    except ValueError as exc:
+        raise InvalidInputError(f"bad control stdin message: {exc}") from None
 
 
 def decode_event(line: bytes | str) -> Event:
@@ -537,6 +584,7 @@ class Launch:
 
 __all__ = [
     "CONTROL_VERSION",
+    "MAX_STDIN_CHUNK",
     "Event",
     "ExecDone",
     "ExecRequest",
@@ -550,8 +598,12 @@ __all__ = [
     "Ready",
     "Request",
     "ShutdownRequest",
+    "StdinData",
+    "StdinEof",
+    "StdinMessage",
     "decode_event",
     "decode_request",
+    "decode_stdin",
     "encode",
     "error_from_dict",
 ]

@@ -26,6 +26,7 @@ DEFAULT_OUTPUT_CAP = 1 << 20
 MAX_OUTPUT_CAP = 16 << 20
 MAX_COMMAND_BYTES = 128 * 1024
 MAX_ENV_ENTRIES = 256
+MAX_STDIN_TEXT = 16 << 20  # characters of a tool's stdin text (the SDK streams any size)
 DEFAULT_TASK_TTL_SECONDS = 24 * 3600
 TASK_WORKSPACE = "/workspace"  # where a task's workspace is mounted in the guest
 SEED_MAX_TOTAL_BYTES = 2 << 30  # file bytes one workspace seed may write

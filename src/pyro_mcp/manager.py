@@ -366,8 +366,10 @@ class VMManager:
             timeout_ms=opts.timeout_seconds * 1000,
             stdout_cap=opts.stdout_cap,
             stderr_cap=opts.stderr_cap,
+            stdin=opts.stdin is not None,
         )
-        for event in supervision.request(self.records.folder(vm_id), request):
+        stdin = opts.stdin.chunks() if opts.stdin is not None else None
+        for event in supervision.request(self.records.folder(vm_id), request, stdin):
             if isinstance(event, control.Heartbeat):
                 elapsed = event.elapsed_ms / 1000
                 progress(ProgressEvent("exec", f"command running ({elapsed:.0f} s)", elapsed, None))

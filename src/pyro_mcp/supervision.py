@@ -14,13 +14,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyro_mcp import control
-from pyro_mcp.errors import BootError, PyroError, VMStateError
+from pyro_mcp.commands import source_error
+from pyro_mcp.errors import BootError, InvalidInputError, PyroError, VMStateError
 from pyro_mcp.procs import kill_process_group, tail_text
 from pyro_mcp.progress import ProgressEvent, ProgressFn
 from pyro_mcp.state import ProcessId
@@ -106,21 +108,82 @@ def _connect(vm_dir: Path) -> socket.socket:
     return sock
 
 
-def request(vm_dir: Path, message: control.Request) -> Iterator[control.Event]:
-    """Send one request to the VM's supervisor and yield its events."""
+class _StdinSender:
+    """Streams a command's stdin to the supervisor as control messages, on its own
+    thread (reading the source may block, e.g. on a pipe). Memory stays bounded: one
+    chunk at a time, held back by the socket's buffer. The supervisor closing the
+    connection (the command is over) ends it quietly; a source that fails closes the
+    connection, which kills the command, and the error is raised to the caller."""
+
+    def __init__(self, sock: socket.socket, chunks: Iterable[bytes]) -> None:
+        self._sock = sock
+        self._chunks = chunks
+        self._stopped = threading.Event()
+        self.error: PyroError | None = None
+        self._thread = threading.Thread(target=self._run, name="pyro-stdin", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        step = control.MAX_STDIN_CHUNK
+        source = iter(self._chunks)
+        try:
+            while not self._stopped.is_set():
+                try:
+                    chunk = next(source)
+                except StopIteration:
+                    self._sock.sendall(control.encode(control.StdinEof()))
+                    return
+                except Exception as exc:  # the caller's source failed: abandon the command
+                    self.error = source_error(exc)
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                    return
+                for i in range(0, len(chunk), step):
+                    if self._stopped.is_set():
+                        return
+                    self._sock.sendall(control.encode(control.StdinData(chunk[i : i + step])))
+        except OSError:
+            pass  # the supervisor closed the connection: the command is over
+
+    def stop(self) -> None:
+        """No more stdin (the result is in, or the caller gave up). A send blocked on
+        the socket is woken; a source blocked in a read is left to its daemon thread,
+        which sends nothing once it returns."""
+        self._stopped.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+        self._thread.join(timeout=0.5)
+
+
+def request(
+    vm_dir: Path, message: control.Request, stdin: Iterable[bytes] | None = None
+) -> Iterator[control.Event]:
+    """Send one request to the VM's supervisor and yield its events; ``stdin`` (only
+    with an exec whose ``stdin`` is set) is streamed after the request line."""
+    if (stdin is not None) != (isinstance(message, control.ExecRequest) and message.stdin):
+        raise InvalidInputError("stdin goes with, and only with, an exec request with stdin")
     sock = _connect(vm_dir)
+    sender: _StdinSender | None = None
     try:
         sock.sendall(control.encode(message))
+        if stdin is not None:
+            sender = _StdinSender(sock, stdin)
         buf = b""
         while True:
             chunk = sock.recv(1 << 20)
             if not chunk:
+                if sender is not None and sender.error is not None:
+                    raise sender.error
                 return
             buf += chunk
             while b"\n" in buf:
                 line, _, buf = buf.partition(b"\n")
-                yield control.decode_event(line)
+                event = control.decode_event(line)
+                if sender is not None and not isinstance(event, control.Heartbeat):
+                    sender.stop()  # the final event: the rest of the stdin is not wanted
+                yield event
     finally:
+        if sender is not None:
+            sender.stop()
         sock.close()
 
 

@@ -9,6 +9,13 @@ ephemeral VMs, dies with its owner; the VMM dies with it (PR_SET_PDEATHSIG),
 so nothing outlives both. Closing a connection while an exec runs kills that
 command.
 
+An exec with stdin runs as the agent's EXEC2 with a stdin pipe: a relay thread
+(:class:`_StdinRelay`) owns the connection's reading side and hands the client's
+``stdin`` chunks on as DATA only within the agent's CREDIT, so this process holds
+at most one chunk and the socket's buffer holds the client back. A command that
+stops reading (or exits) early ends the relay; what the client still sends is
+dropped with the connection.
+
 After a command's timeout (or a cancel) the agent gets :data:`HOST_GRACE_S` to
 report the command's end, and more while it keeps answering PING (a guest
 under heavy load is slow, not dead), up to :data:`MAX_GRACE_S`.
@@ -32,7 +39,7 @@ from pathlib import Path
 from pyro_mcp import control as c
 from pyro_mcp.errors import BootError, GuestProtocolError, InvalidInputError, PyroError
 from pyro_mcp.guest import protocol as p
-from pyro_mcp.guest.channel import AgentChannel, ChannelClosed
+from pyro_mcp.guest.channel import AgentChannel, ChannelClosed, OutboundCredit
 from pyro_mcp.state import ProcessId, write_json_atomic
 from pyro_mcp.vmm.base import VMPaths
 
@@ -58,6 +65,107 @@ def _client_gone(conn: socket.socket) -> bool:
         return conn.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """The client closed its end (seen even while unread data waits in the socket)."""
+    poller = select.poll()
+    poller.register(conn, select.POLLHUP | select.POLLRDHUP)
+    try:
+        return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
+    except OSError:
+        return True
+
+
+class _StdinRelay:
+    """An exec's stdin: control ``stdin`` messages from the client's connection to the
+    agent as DATA within its CREDIT, then EOF.
+
+    Its thread owns the connection's reading side, so it is also what notices the
+    client going away: the connection's end (before or after ``stdin_eof``) sets
+    :attr:`gone`; a malformed message sets :attr:`error` as well (the exec is killed
+    and the client gets that error instead of a result).
+    """
+
+    def __init__(
+        self, conn: socket.socket, channel: AgentChannel, request_id: int, pending: bytes
+    ) -> None:
+        self._conn = conn
+        self._channel = channel
+        self._id = request_id
+        self._buf = bytearray(pending)
+        self._credit = OutboundCredit()
+        self._cond = threading.Condition()
+        self._done = False
+        self.gone = False
+        self.error: PyroError | None = None
+        self._thread = threading.Thread(target=self._run, name="stdin-relay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def credit(self, n: int) -> None:
+        """The agent's CREDIT for this exec (from the exec loop)."""
+        with self._cond:
+            self._credit.credit(n)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """The exec is over: drop the rest of the stdin and end the thread."""
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+        with contextlib.suppress(OSError):
+            self._conn.shutdown(socket.SHUT_RD)  # wakes the thread's recv
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _line(self) -> bytes | None:
+        while b"\n" not in self._buf:
+            if len(self._buf) > c.MAX_LINE_BYTES:
+                raise InvalidInputError("control stdin message too large")
+            chunk = self._conn.recv(65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        end = self._buf.index(b"\n")
+        line = bytes(self._buf[:end])
+        del self._buf[: end + 1]
+        return line
+
+    def _run(self) -> None:
+        eof_sent = False
+        try:
+            while (line := self._line()) is not None:
+                if eof_sent:
+                    raise InvalidInputError("bad control stdin message: data after stdin_eof")
+                message = c.decode_stdin(line)
+                if isinstance(message, c.StdinEof):
+                    self._channel.send(self._id, p.Eof())
+                    eof_sent = True
+                    continue
+                data = memoryview(message.data)
+                while data:
+                    with self._cond:
+                        while not self._done and self._credit.available == 0:
+                            # A command that does not read leaves no credit: notice a
+                            # client that goes away meanwhile (its unread lines wait
+                            # in the socket, so only the hang-up can tell).
+                            if not self._cond.wait(0.1) and _hung_up(self._conn):
+                                raise ConnectionResetError
+                        if self._done:
+                            return
+                        n = min(len(data), self._credit.available)
+                        self._credit.take(n)
+                    self._channel.send(self._id, p.Data(bytes(data[:n])))
+                    data = data[n:]
+        except PyroError as exc:
+            self.error = exc
+        except OSError:
+            pass
+        with self._cond:
+            if not self._done:
+                self.gone = True
 
 
 class _Grace:
@@ -238,7 +346,7 @@ class Supervisor:
                     if len(buf) > c.MAX_LINE_BYTES:
                         raise InvalidInputError("control request too large")
                 conn.settimeout(None)
-                line, _, rest = buf.partition(b"\n")
+                line, _, pending = buf.partition(b"\n")
                 request = c.decode_request(line)
                 if isinstance(request, c.PingRequest):
                     _send(conn, c.Ok())
@@ -250,25 +358,40 @@ class Supervisor:
                     self.handle.kill()
                     _send(conn, c.Ok())
                 elif isinstance(request, c.TunnelRequest):
-                    self._tunnel(conn, rest)
+                    self._tunnel(conn, pending)
                 else:
-                    self._exec(conn, request)
+                    self._exec(conn, request, pending)
             except PyroError as exc:
                 _send(conn, c.Failed(exc))
             except OSError:
                 pass
 
-    def _exec(self, conn: socket.socket, request: c.ExecRequest) -> None:
+    def _exec(self, conn: socket.socket, request: c.ExecRequest, pending: bytes) -> None:
+        """Run the request's command; ``pending`` is what the client sent after the
+        request line (the start of its stdin)."""
         assert self.channel is not None
-        message = p.Exec(
-            argv=request.argv,
-            cwd=request.cwd,
-            env=request.env,
-            timeout_ms=request.timeout_ms,
-            stdout_cap=request.stdout_cap,
-            stderr_cap=request.stderr_cap,
-        )
+        message: p.Exec | p.Exec2
+        if request.stdin:
+            message = p.Exec2(
+                argv=request.argv,
+                cwd=request.cwd,
+                env=request.env,
+                timeout_ms=request.timeout_ms,
+                stdout_cap=request.stdout_cap,
+                stderr_cap=request.stderr_cap,
+                stdin=True,
+            )
+        else:
+            message = p.Exec(
+                argv=request.argv,
+                cwd=request.cwd,
+                env=request.env,
+                timeout_ms=request.timeout_ms,
+                stdout_cap=request.stdout_cap,
+                stderr_cap=request.stderr_cap,
+            )
         request_id, q = self.channel.open()
+        relay = _StdinRelay(conn, self.channel, request_id, pending) if request.stdin else None
         # The caps are enforced here too: a compromised agent must not grow this process.
         streams = {p.STDOUT: bytearray(), p.STDERR: bytearray()}
         caps = {p.STDOUT: message.stdout_cap, p.STDERR: message.stderr_cap}
@@ -281,6 +404,8 @@ class Supervisor:
         cancelled = False
         try:
             self.channel.send(request_id, message)
+            if relay is not None:
+                relay.start()
             while True:
                 try:
                     item = q.get(timeout=0.1)
@@ -290,7 +415,8 @@ class Supervisor:
                 # Checked also while frames keep coming, so a flood cannot outlast them.
                 if item is None or now - last_check >= 0.1:
                     last_check = now
-                    if not cancelled and _client_gone(conn):
+                    gone = relay.gone if relay is not None else _client_gone(conn)
+                    if not cancelled and gone:
                         cancelled = True
                         self.channel.send(request_id, p.Signal(signal.SIGKILL))
                         grace.restart(now)
@@ -306,7 +432,12 @@ class Supervisor:
                     if len(item.data) > room:
                         cut[item.stream] = True
                     buf.extend(item.data[:room])
+                elif isinstance(item, p.Credit):
+                    if relay is not None:
+                        relay.credit(item.bytes)
                 elif isinstance(item, p.Exit):
+                    if relay is not None and relay.error is not None:
+                        raise relay.error
                     _send(
                         conn,
                         c.ExecDone(
@@ -332,6 +463,8 @@ class Supervisor:
                         raise GuestProtocolError(why[0], hint=why[1])
                     raise GuestProtocolError(item.reason)
         finally:
+            if relay is not None:
+                relay.stop()
             grace.close()
             self.channel.close_request(request_id)
 

@@ -145,21 +145,38 @@ EnvPairs = Annotated[
 ]
 
 
+#: The command's stdin as text (tools take strings; the SDK and CLI also stream bytes).
+StdinText = Annotated[
+    str | None,
+    Field(
+        description=(
+            "Text given to the command on its standard input, e.g. the contents of a CSV "
+            "for `wc -l` or a script for `python3 -`. null: empty stdin (the command "
+            "reads end-of-file at once)."
+        ),
+        max_length=limits.MAX_STDIN_TEXT,
+    ),
+]
+
+
 class ExecOptions(TypedDict, total=False):
     """The SDK keyword arguments a command's options become (only those given)."""
 
     cwd: str
     env: dict[str, str]
+    stdin: str
 
 
-def exec_options(cwd: str | None, env: list[str] | None) -> ExecOptions:
-    """The SDK keyword arguments for ``cwd`` and ``env``, leaving out those that are
-    None so the SDK's own default (the environment's) applies."""
+def exec_options(cwd: str | None, env: list[str] | None, stdin: str | None = None) -> ExecOptions:
+    """The SDK keyword arguments for ``cwd``, ``env`` and ``stdin``, leaving out those
+    that are None so the SDK's own default (the environment's) applies."""
     options: ExecOptions = {}
     if cwd is not None:
         options["cwd"] = cwd
     if env is not None:
         options["env"] = limits.parse_env_pairs(env)
+    if stdin is not None:
+        options["stdin"] = stdin
     return options
 
 
@@ -180,6 +197,7 @@ class VMRunInput(_Input):
     network: bool = _network()
     cwd: GuestCwd = None
     env: EnvPairs = None
+    stdin: StdinText = None
 
 
 class VMCreateInput(_Input):
@@ -200,6 +218,7 @@ class VMExecInput(_Input):
     timeout_seconds: int = _timeout_seconds()
     cwd: GuestCwd = None
     env: EnvPairs = None
+    stdin: StdinText = None
 
 
 class TaskCreateInput(_Input):
@@ -235,6 +254,7 @@ class TaskExecInput(_Input):
     timeout_seconds: int = _timeout_seconds()
     cwd: GuestCwd = None
     env: EnvPairs = None
+    stdin: StdinText = None
 
 
 class TaskIdInput(_Input):

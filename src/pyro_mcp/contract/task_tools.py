@@ -42,7 +42,7 @@ def _run_task_exec(pyro: Pyro, args: TaskExecInput, ctx: ToolContext) -> TaskExe
         args.task_id,
         args.command,
         timeout_seconds=args.timeout_seconds,
-        **exec_options(args.cwd, args.env),
+        **exec_options(args.cwd, args.env, args.stdin),
     )
 
 

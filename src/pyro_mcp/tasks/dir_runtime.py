@@ -103,6 +103,7 @@ class DirectorySandboxRuntime:
             timeout_seconds=options.timeout_seconds,
             stdout_cap=options.stdout_cap,
             stderr_cap=options.stderr_cap,
+            stdin=options.stdin.chunks() if options.stdin is not None else None,
         )
         return record, ExecOutcome(**data)
 

@@ -12,7 +12,7 @@ names, so another backend (Firecracker with vsock) is one new module.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,8 +224,10 @@ class SandboxBackend(BackendInfo, Protocol):
         timeout_seconds: float,
         stdout_cap: int,
         stderr_cap: int,
+        stdin: Iterable[bytes] | None = None,
     ) -> dict[str, Any]:
-        """Run one command confined; the fields of an exec outcome."""
+        """Run one command confined; the fields of an exec outcome. ``stdin`` is
+        streamed to the command (None: /dev/null)."""
         ...
 
     def files(self, root: Path, workspace: Path) -> AbstractContextManager[AgentChannel]:

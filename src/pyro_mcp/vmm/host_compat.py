@@ -39,14 +39,16 @@ import selectors
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pyro_mcp.commands import source_error
 from pyro_mcp.environments.tree import ensure_rootfs_tree
-from pyro_mcp.errors import BackendUnavailableError, InvalidInputError
+from pyro_mcp.errors import BackendUnavailableError, InvalidInputError, PyroError
 from pyro_mcp.procs import kill_process_group
 from pyro_mcp.vmm import pids
 from pyro_mcp.vmm.base import BackendProbe, WorkspaceKind
@@ -155,11 +157,14 @@ def run(
     timeout_seconds: float,
     stdout_cap: int,
     stderr_cap: int,
+    stdin: Iterable[bytes] | None = None,
 ) -> dict[str, Any]:
     """Run ``argv`` confined; returns the fields of an exec outcome.
 
     Output beyond a cap is read and dropped (the command is never blocked on a
     full pipe). On timeout, or if we are interrupted, the whole sandbox is killed.
+    ``stdin`` (None: /dev/null) is written to the command's stdin pipe as it reads
+    it (:class:`_StdinFeeder`).
     """
     binary = require()
     if not workspace.is_dir():
@@ -168,25 +173,72 @@ def run(
     cgroup = pids.open_cgroup()
     try:
         full = cgroup.wrap(full) if cgroup is not None else [*pids.nproc_prefix(), *full]
-        return _run_confined(full, timeout_seconds, stdout_cap, stderr_cap)
+        return _run_confined(full, timeout_seconds, stdout_cap, stderr_cap, stdin)
     finally:
         if cgroup is not None:
             cgroup.close()
 
 
+class _StdinFeeder:
+    """Writes a command's stdin to its pipe on a thread: blocking writes, so the pipe
+    is the backpressure and one chunk at a time is held. The command closing its
+    stdin (or exiting: the sandbox dies with it) ends the feeding quietly; a source
+    that fails kills the sandbox and the error is raised by the caller."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], chunks: Iterable[bytes]) -> None:
+        assert proc.stdin is not None
+        self._proc = proc
+        self._pipe = proc.stdin
+        self._chunks = chunks
+        self.error: PyroError | None = None
+        self._thread = threading.Thread(target=self._run, name="pyro-stdin", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        source = iter(self._chunks)
+        try:
+            while True:
+                try:
+                    chunk = next(source)
+                except StopIteration:
+                    break
+                except Exception as exc:  # the caller's source failed: kill the sandbox
+                    self.error = source_error(exc)
+                    kill_process_group(self._proc.pid)
+                    break
+                self._pipe.write(chunk)
+                self._pipe.flush()
+        except OSError:
+            pass  # EPIPE: the command stopped reading
+        with contextlib.suppress(OSError):
+            self._pipe.close()
+
+    def finish(self) -> None:
+        """The command is over. A source blocked in a read is left to its daemon
+        thread, whose next write fails."""
+        self._thread.join(timeout=0.5)
+        if self.error is not None:
+            raise self.error
+
+
 def _run_confined(
-    full: list[str], timeout_seconds: float, stdout_cap: int, stderr_cap: int
+    full: list[str],
+    timeout_seconds: float,
+    stdout_cap: int,
+    stderr_cap: int,
+    stdin: Iterable[bytes] | None = None,
 ) -> dict[str, Any]:
     started = time.monotonic()
     proc = subprocess.Popen(
         full,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
+    feeder = _StdinFeeder(proc, stdin) if stdin is not None else None
     buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     caps = {proc.stdout.fileno(): stdout_cap, proc.stderr.fileno(): stderr_cap}
     truncated = dict.fromkeys(buffers, False)
@@ -233,6 +285,8 @@ def _run_confined(
     if timed_out:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
+    if feeder is not None:
+        feeder.finish()
     exit_code = returncode if returncode >= 0 else 128 - returncode
     if timed_out:
         exit_code = 128 + signal.SIGKILL
