@@ -54,23 +54,37 @@ def readme_cli_lines() -> list[str]:
     return [line.split("#", 1)[0].strip() for line in usage.splitlines() if "pyro run" in line]
 
 
-def test_readme_run_examples(vm_environment: str, state_dir: Path) -> None:
+def test_readme_run_examples(vm_environment: str, state_dir: Path, tmp_path: Path) -> None:
+    """Each `pyro run` line as a shell runs it (pipes included), with this venv's `pyro`
+    first on PATH, in a folder holding the `data.csv` a line pipes in."""
     lines = readme_cli_lines()
     assert len(lines) >= 3
-    pyro = str(Path(sys.executable).parent / "pyro")
-    env = {**os.environ, "PYRO_STATE_DIR": str(state_dir), "PYRO_BACKEND": "qemu"}
+    (tmp_path / "data.csv").write_text("a,1\nb,2\nc,3\n")
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PYRO_STATE_DIR": str(state_dir),
+        "PYRO_BACKEND": "qemu",
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+    }
     outputs = {}
     for line in lines:
-        argv = shlex.split(line)
-        argv[0] = pyro
         # The minimal test environment has no Python: that line runs on debian:12 itself.
-        if "python3" not in argv:
-            argv[argv.index("debian:12")] = vm_environment
+        command = line
+        if "python3" not in line:
+            command = line.replace("debian:12 ", f"{shlex.quote(vm_environment)} ")
         proc = subprocess.run(
-            argv, capture_output=True, text=True, env=env, timeout=600, check=False
+            ["bash", "-c", f"set -o pipefail; {command}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+            check=False,
         )
         assert proc.returncode == 0, f"{line}: {proc.stderr}"
         outputs[line] = proc.stdout
     assert "42\n" in outputs.values()
     assert "a\nb\n" in outputs.values()
+    assert "3\n" in outputs.values()  # the piped data.csv
     assert any('"exit_code": 0' in out and '"boot"' in out for out in outputs.values())
