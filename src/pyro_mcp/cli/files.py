@@ -1,52 +1,19 @@
 """``pyro task read|write|edit|files|diff|export|reset``: take work back out of a task.
 
-Registered on the ``task`` group by :mod:`pyro_mcp.cli` (kept apart so the main CLI
-module stays a table of command groups). ``files`` lists, so it does not clash with
-``pyro task list``. The shared helpers (``_pyro``, ``_fail``, ...) are looked up in
-:mod:`pyro_mcp.cli` when a command runs, not at import: that module imports this one.
+Attached to the ``task`` group by :mod:`pyro_mcp.cli.app`. ``files`` lists, so it
+does not clash with ``pyro task list``.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
 
 import click
 
+from pyro_mcp.cli.common import StderrProgress, emit, fail, json_option, make_pyro
 from pyro_mcp.errors import InvalidInputError, PyroError
 from pyro_mcp.limits import TASK_WORKSPACE
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def json_option(fn: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")(fn)
-
-
-def _pyro(progress: Any = None) -> Any:
-    from pyro_mcp.cli import _pyro as make
-
-    return make(progress)
-
-
-def _progress() -> Any:
-    from pyro_mcp.cli import StderrProgress
-
-    return StderrProgress()
-
-
-def _fail(exc: PyroError, as_json: bool) -> NoReturn:
-    from pyro_mcp.cli import _fail as fail
-
-    fail(exc, as_json)
-
-
-def _emit(data: Any) -> None:
-    from pyro_mcp.cli import _emit as emit
-
-    emit(data)
 
 
 @click.command("read")
@@ -74,7 +41,7 @@ def task_read(
 
     With --json, or a line range, prints the text view a model gets instead.
     """
-    pyro = _pyro()
+    pyro = make_pyro()
     try:
         if as_json or start_line or end_line or line_numbers:
             kw = {"max_bytes": max_bytes} if max_bytes else {}
@@ -88,7 +55,7 @@ def task_read(
                 **kw,
             )
             if as_json:
-                _emit(result)
+                emit(result)
             else:
                 sys.stdout.write(result.content)
             return
@@ -96,7 +63,7 @@ def task_read(
         pyro.read_task_bytes(task_id, path, out.write, offset=offset, max_bytes=max_bytes)
         out.flush()
     except PyroError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
 
 
 @click.command("write")
@@ -118,7 +85,7 @@ def task_write(
     atomically, creating parent folders."""
     try:
         file_mode = _octal_mode(mode)
-        pyro = _pyro()
+        pyro = make_pyro()
         if source is not None:
             with source.open("rb") as fh:
                 result = pyro.write_task_file(task_id, path, fh, mode=file_mode)
@@ -131,9 +98,9 @@ def task_write(
                 )
             result = pyro.write_task_file(task_id, path, sys.stdin.buffer, mode=file_mode)
     except PyroError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     if as_json:
-        _emit(result)
+        emit(result)
     else:
         click.echo(f"wrote {result.bytes_written} bytes to {result.path}", err=True)
 
@@ -164,11 +131,13 @@ def task_edit(
 ) -> None:
     """Replace exact text in a text file of TASK_ID; prints the diff of the change."""
     try:
-        result = _pyro().edit_task_file(task_id, path, old_text, new_text, replace_all=replace_all)
+        result = make_pyro().edit_task_file(
+            task_id, path, old_text, new_text, replace_all=replace_all
+        )
     except PyroError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     if as_json:
-        _emit(result)
+        emit(result)
     else:
         click.echo(result.diff, nl=not result.diff.endswith("\n"))
 
@@ -182,13 +151,13 @@ def task_edit(
 def task_files(task_id: str, path: str, recursive: bool, max_entries: int, as_json: bool) -> None:
     """List PATH (default /workspace) in TASK_ID: mode, type, size, mtime, name."""
     try:
-        result = _pyro().list_task_files(
+        result = make_pyro().list_task_files(
             task_id, path, recursive=recursive, max_entries=max_entries
         )
     except PyroError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     if as_json:
-        _emit(result)
+        emit(result)
         return
     for e in result.entries:
         target = f" -> {e.link_target}" if e.link_target is not None else ""
@@ -208,11 +177,11 @@ def task_diff(task_id: str, path: str | None, as_json: bool) -> None:
         pyro task diff ID > fix.patch && git apply fix.patch
     """
     try:
-        result = _pyro().diff_task(task_id, path)
+        result = make_pyro().diff_task(task_id, path)
     except PyroError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     if as_json:
-        _emit(result)
+        emit(result)
         return
     sys.stdout.write(result.patch)
     sys.stdout.flush()
@@ -232,15 +201,15 @@ def task_diff(task_id: str, path: str | None, as_json: bool) -> None:
 def task_export(task_id: str, dest: Path, path: str, overwrite: bool, as_json: bool) -> None:
     """Copy TASK_ID's /workspace (or --path) to DEST: a new folder, or a file ending
     .tar or .tar.gz. Links that leave the tree and special files are skipped."""
-    progress = _progress()
+    progress = StderrProgress()
     try:
-        result = _pyro(progress).export_task(task_id, dest, path=path, overwrite=overwrite)
+        result = make_pyro(progress).export_task(task_id, dest, path=path, overwrite=overwrite)
     except PyroError as exc:
         progress.close()
-        _fail(exc, as_json)
+        fail(exc, as_json)
     progress.close()
     if as_json:
-        _emit(result)
+        emit(result)
         return
     click.echo(
         f"exported {result.files} files, {result.directories} folders, {result.symlinks} "
@@ -259,15 +228,15 @@ def task_reset(task_id: str, as_json: bool) -> None:
     On VM backends this is a new VM: packages installed and files outside
     /workspace are gone too.
     """
-    progress = _progress()
+    progress = StderrProgress()
     try:
-        result = _pyro(progress).reset_task(task_id)
+        result = make_pyro(progress).reset_task(task_id)
     except PyroError as exc:
         progress.close()
-        _fail(exc, as_json)
+        fail(exc, as_json)
     progress.close()
     if as_json:
-        _emit(result)
+        emit(result)
         return
     rest = "; everything outside /workspace started fresh" if result.guest_reverted else ""
     click.echo(f"reset {task_id} to its seed ({result.workspace_seed_mode}){rest}")

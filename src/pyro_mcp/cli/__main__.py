@@ -1,0 +1,3 @@
+from pyro_mcp.cli.app import main
+
+main()

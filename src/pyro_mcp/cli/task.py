@@ -1,0 +1,214 @@
+"""``pyro task``: persistent tasks (create, exec, status, list, delete); the file
+commands (read, write, ...) are in :mod:`pyro_mcp.cli.files`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from pyro_mcp import limits
+from pyro_mcp.cli.common import (
+    StderrProgress,
+    command_stdin,
+    emit,
+    fail,
+    finish_exec,
+    json_option,
+    make_pyro,
+    no_stdin_option,
+    parse_env,
+)
+from pyro_mcp.errors import PyroError
+
+
+@click.group()
+def task() -> None:
+    """Persistent tasks: a VM with a /workspace that keeps its files across commands.
+
+    \b
+    ID=$(pyro task create debian:12 --source-path ./my-project)
+    pyro task exec "$ID" -- sh -lc 'make test'
+    pyro task delete "$ID"
+    """
+
+
+def _print_task(info: Any) -> None:
+    seed = info.workspace_seed
+    source = f" from {seed.source_path}" if seed.source_path else ""
+    click.echo(f"task_id:      {info.task_id}")
+    click.echo(f"environment:  {info.environment} {info.environment_version}")
+    click.echo(f"status:       {info.status}" + (f" ({info.detail})" if info.detail else ""))
+    click.echo(f"execution:    {info.execution_mode} ({info.backend}, {info.acceleration})")
+    if info.vm_id:
+        click.echo(f"vm_id:        {info.vm_id} ({info.boot or '-'})")
+    click.echo(
+        f"workspace:    {info.workspace_path}: {seed.mode}{source}, {seed.entry_count} entries, "
+        f"{seed.bytes_written} bytes"
+    )
+    if seed.sha256:
+        click.echo(f"seed sha256:  {seed.sha256}")
+    remaining = max(0, int(info.expires_at - time.time()))
+    click.echo(f"expires in:   {remaining} s")
+
+
+@task.command("create")
+@click.argument("environment")
+@click.option(
+    "--source-path",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Directory or .tar/.tar.gz/.tar.bz2/.tar.xz to copy into /workspace.",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Leave out matching paths (glob on path or name, e.g. .git, '*.pyc'). Repeatable.",
+)
+@click.option("--vcpu-count", type=int, default=limits.DEFAULT_VCPU_COUNT, show_default=True)
+@click.option("--mem-mib", type=int, default=limits.DEFAULT_MEM_MIB, show_default=True)
+@click.option("--ttl-seconds", type=int, default=limits.DEFAULT_TASK_TTL_SECONDS, show_default=True)
+@click.option("--network", is_flag=True, help="Give the guest a network (not available yet).")
+@json_option
+def task_create(
+    environment: str,
+    source_path: str | None,
+    exclude: tuple[str, ...],
+    vcpu_count: int,
+    mem_mib: int,
+    ttl_seconds: int,
+    network: bool,
+    as_json: bool,
+) -> None:
+    """Start a task in ENVIRONMENT; print its id (details on stderr)."""
+    progress = StderrProgress()
+    try:
+        info = make_pyro(progress).create_task(
+            environment,
+            source_path=source_path,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            ttl_seconds=ttl_seconds,
+            network=network,
+            exclude=list(exclude),
+        )
+    except PyroError as exc:
+        progress.close()
+        fail(exc, as_json)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo("pyro: interrupted; nothing was kept", err=True)
+        sys.exit(130)
+    progress.close()
+    if as_json:
+        emit(info)
+        return
+    click.echo(info.task_id)
+    seed = info.workspace_seed
+    what = f"{seed.entry_count} entries from {seed.source_path}" if seed.source_path else "empty"
+    click.echo(
+        f"pyro: task {info.task_id} {info.status} ({info.execution_mode}); /workspace: {what}",
+        err=True,
+    )
+
+
+@task.command("exec")
+@click.argument("task_id")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option(
+    "--timeout-seconds", type=int, default=limits.DEFAULT_TIMEOUT_SECONDS, show_default=True
+)
+@click.option("--cwd", default=limits.TASK_WORKSPACE, show_default=True, help="Guest directory.")
+@click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@no_stdin_option
+@json_option
+def task_exec(
+    task_id: str,
+    command: tuple[str, ...],
+    timeout_seconds: int,
+    cwd: str,
+    env_pairs: tuple[str, ...],
+    no_stdin: bool,
+    as_json: bool,
+) -> None:
+    """Run COMMAND in task TASK_ID; exits with the command's exit code (124 on timeout,
+    125 for pyro's own errors).
+
+    Put the command after `--`; its words are passed as the exact argv:
+
+        pyro task exec ID -- sh -lc 'echo a && echo b'
+
+    A piped or redirected stdin is streamed to the command; -n gives it an empty one.
+    """
+    progress = StderrProgress()
+    try:
+        env = parse_env(env_pairs)
+        result = make_pyro(progress).exec_task(
+            task_id,
+            list(command),
+            timeout_seconds=timeout_seconds,
+            cwd=cwd,
+            env=env,
+            stdin=command_stdin(no_stdin),
+        )
+    except PyroError as exc:
+        progress.close()
+        fail(exc, as_json)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo("pyro: interrupted; the command was killed, the task is kept", err=True)
+        sys.exit(130)
+    progress.close()
+    finish_exec(result, as_json, timeout_seconds)
+
+
+@task.command("status")
+@click.argument("task_id")
+@json_option
+def task_status(task_id: str, as_json: bool) -> None:
+    """Show one task."""
+    try:
+        info = make_pyro().status_task(task_id)
+    except PyroError as exc:
+        fail(exc, as_json)
+    if as_json:
+        emit(info)
+    else:
+        _print_task(info)
+
+
+@task.command("list")
+@json_option
+def task_list(as_json: bool) -> None:
+    """List tasks."""
+    try:
+        tasks = make_pyro().list_tasks()
+    except PyroError as exc:
+        fail(exc, as_json)
+    if as_json:
+        emit(tasks)
+        return
+    for t in tasks:
+        seed = t.workspace_seed
+        source = seed.source_path or "(empty)"
+        click.echo(
+            f"{t.task_id}  {t.environment:<16} {t.status:<8} {t.execution_mode:<12} {source}"
+        )
+
+
+@task.command("delete")
+@click.argument("task_id")
+@json_option
+def task_delete(task_id: str, as_json: bool) -> None:
+    """Stop TASK_ID's VM and remove it with its workspace."""
+    try:
+        data = make_pyro().delete_task(task_id)
+    except PyroError as exc:
+        fail(exc, as_json)
+    if as_json:
+        emit(data)
+    else:
+        click.echo(f"deleted {task_id}")
