@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from pyro_mcp import limits
 from pyro_mcp.commands import ExecOptions, StdinSource
-from pyro_mcp.errors import PyroError, VMStateError
+from pyro_mcp.errors import PyroError, VMStateError, hints
 from pyro_mcp.manager import VMManager
 from pyro_mcp.models import (
     ExecResult,
@@ -290,7 +290,11 @@ class Pyro:
         if outcome.exit_code != 0:
             raise VMStateError(
                 f"could not read the guest's interfaces: {outcome.stderr.decode(errors='replace')}",
-                hint="the environment needs `cat`; check the VM with `pyro vm status`",
+                hints=hints(
+                    cli="the environment needs `cat`; check the VM with `pyro vm status`",
+                    sdk="the environment needs `cat`; check the VM with status_vm()",
+                    mcp="the environment needs `cat`; check the VM with the vm_status tool",
+                ),
             )
         interfaces = [
             line.split(":", 1)[0].strip()

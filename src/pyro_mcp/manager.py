@@ -32,6 +32,7 @@ from pyro_mcp.errors import (
     PyroError,
     StateError,
     VMStateError,
+    hints,
 )
 from pyro_mcp.models import BootKind, CleanupInfo, ExecResult, VMInfo
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
@@ -92,7 +93,11 @@ class VMManager:
             filename="vm.json",
             decode=VMRecord.from_dict,
             check_id=limits.check_vm_id,
-            list_hint="list VMs with `pyro vm list`",
+            list_hint=hints(
+                cli="list VMs with `pyro vm list`",
+                sdk="list VMs with Pyro.list_vms()",
+                mcp="list VMs with the vm_list tool",
+            ),
         )
         self._store = store
         self._backend_name = backend or os.environ.get("PYRO_BACKEND") or "auto"
@@ -243,8 +248,14 @@ class VMManager:
             if running >= cap:
                 raise LimitError(
                     f"{running} VMs are already running in {self.state_root} (the limit is {cap})",
-                    hint=f"delete VMs or tasks you no longer need (`pyro vm list`), or raise "
-                    f"the limit with {limits.MAX_VMS_ENV}=<n>",
+                    hints=hints(
+                        cli="delete VMs or tasks you no longer need (`pyro vm list`), or "
+                        f"raise the limit with {limits.MAX_VMS_ENV}=<n>",
+                        sdk="delete VMs or tasks you no longer need (Pyro.list_vms()), or "
+                        f"raise the limit with {limits.MAX_VMS_ENV}=<n>",
+                        mcp="delete VMs or tasks you no longer need (the vm_list tool), or "
+                        f"ask the operator to raise {limits.MAX_VMS_ENV}",
+                    ),
                     details={"running": running, "limit": cap},
                 )
             yield

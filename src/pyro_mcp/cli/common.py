@@ -65,11 +65,12 @@ class StderrProgress:
 
 def fail(exc: PyroError, as_json: bool) -> NoReturn:
     if as_json:
-        click.echo(json.dumps({"error": exc.to_dict()}, indent=2))
+        click.echo(json.dumps({"error": exc.to_dict("cli")}, indent=2))
     else:
         click.echo(f"pyro: error: {exc.message}", err=True)
-        if exc.hint:
-            click.echo(f"pyro: hint: {exc.hint}", err=True)
+        hint = exc.hint_for("cli")
+        if hint:
+            click.echo(f"pyro: hint: {hint}", err=True)
         tail = exc.details.get("console_tail")
         if tail:
             click.echo("pyro: guest console (last lines):", err=True)
