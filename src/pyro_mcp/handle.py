@@ -89,7 +89,7 @@ class Task:
             self.delete()
 
     # -- commands -------------------------------------------------------------
-    def exec(self, command: str | Sequence[str], **options: Any) -> TaskExecResult:
+    def exec(self, /, command: str | Sequence[str], **options: Any) -> TaskExecResult:
         """Run one command in the task (:meth:`Pyro.exec_task`; options: ``timeout_seconds``,
         ``cwd``, ``env``, ``stdout_cap``, ``stderr_cap``, ``stdin``, ...; an unset
         ``timeout_seconds`` is the configured default, docs/config.md). A failing
@@ -106,7 +106,7 @@ class Task:
         return self.pyro.exec_task(self.task_id, command, **options)
 
     # -- files ----------------------------------------------------------------
-    def read_file(self, path: str, **options: Any) -> FileReadResult:
+    def read_file(self, /, path: str, **options: Any) -> FileReadResult:
         """Read a file of the task (:meth:`Pyro.read_task_file`).
 
         Raises:
@@ -126,7 +126,7 @@ class Task:
         """
         return self.pyro.read_task_bytes(self.task_id, path, *args, **options)
 
-    def write_file(self, path: str, content: Any, **options: Any) -> FileWriteResult:
+    def write_file(self, /, path: str, content: Any, **options: Any) -> FileWriteResult:
         """Write a file of the task atomically (:meth:`Pyro.write_task_file`).
 
         Raises:
@@ -137,7 +137,9 @@ class Task:
         """
         return self.pyro.write_task_file(self.task_id, path, content, **options)
 
-    def edit_file(self, path: str, old_text: str, new_text: str, **options: Any) -> FileEditResult:
+    def edit_file(
+        self, /, path: str, old_text: str, new_text: str, **options: Any
+    ) -> FileEditResult:
         """Replace text in a text file of the task (:meth:`Pyro.edit_task_file`).
 
         Raises:
@@ -168,7 +170,7 @@ class Task:
         """
         return self.pyro.diff_task(self.task_id, *args, **options)
 
-    def export(self, dest: str | Path, **options: Any) -> ExportResult:
+    def export(self, /, dest: str | Path, **options: Any) -> ExportResult:
         """Copy files out of the task to ``dest`` on the host (:meth:`Pyro.export_task`).
 
         Raises:
@@ -180,7 +182,7 @@ class Task:
         return self.pyro.export_task(self.task_id, dest, **options)
 
     # -- lifecycle ------------------------------------------------------------
-    def reset(self, **options: Any) -> TaskResetResult:
+    def reset(self, /, **options: Any) -> TaskResetResult:
         """Put /workspace back to its seed (:meth:`Pyro.reset_task`).
 
         Raises:
@@ -192,7 +194,7 @@ class Task:
         self.status()
         return result
 
-    def status(self, **options: Any) -> TaskInfo:
+    def status(self, /, **options: Any) -> TaskInfo:
         """The task as it is now (:meth:`Pyro.status_task`); also updates ``info``.
 
         Raises:
@@ -202,7 +204,7 @@ class Task:
         self.info = self.pyro.status_task(self.task_id, **options)
         return self.info
 
-    def delete(self, **options: Any) -> TaskDeleteResult:
+    def delete(self, /, **options: Any) -> TaskDeleteResult:
         """Stop the task's VM and remove it with its workspace (:meth:`Pyro.delete_task`).
         Leaving a ``with`` block does this (unless ``keep``).
 
