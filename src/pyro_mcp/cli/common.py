@@ -174,3 +174,30 @@ def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
         return limits.parse_env_pairs(pairs, what="--env")
     except InvalidInputError as exc:
         raise click.BadParameter(exc.message, param_hint="--env") from None
+
+
+def config_defaults(group: click.Group, settings: Any) -> dict[str, Any]:
+    """A click ``default_map`` that makes the config's defaults (docs/config.md) the
+    defaults of every ``--mem-mib`` and ``--timeout-seconds`` below ``group``, and of
+    the ENVIRONMENT of a command whose one argument it is (``task create``, ``vm
+    create``). A flag on the command line still wins; env vars are in ``settings``."""
+    values = {
+        "mem_mib": settings.mem_mib,
+        "timeout_seconds": settings.timeout_seconds,
+        "environment": settings.environment,
+    }
+    out: dict[str, Any] = {}
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            sub = config_defaults(command, settings)
+        else:
+            arguments = [p for p in command.params if isinstance(p, click.Argument)]
+            sub = {
+                p.name: values[p.name]
+                for p in command.params
+                if p.name in ("mem_mib", "timeout_seconds")
+                or (p.name == "environment" and arguments == [p])
+            }
+        if sub:
+            out[name] = sub
+    return out
