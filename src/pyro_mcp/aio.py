@@ -132,6 +132,7 @@ def threaded(
 
     call.__name__ = call.__qualname__ = name
     call.__doc__ = _doc(name, method)
+    call.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]  # for help()
     return call
 
 
