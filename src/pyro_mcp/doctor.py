@@ -188,32 +188,6 @@ def _snapshots() -> Check:
     return Check("warm-start", "ok", f"{len(snaps)} snapshot(s) ready")
 
 
-CHECKS: tuple[Callable[[], Check], ...] = (
-    _python,
-    _qemu,
-    _kvm,
-    _gvisor,
-    _host_compat,
-    _agent_toolchain,
-    _rootfs_tools,
-    _dirs,
-    _environments,
-    _snapshots,
-)
-
-
-def run_checks() -> list[Check]:
-    out = []
-    for check in CHECKS:
-        name = check.__name__.lstrip("_")
-        try:
-            out.append(check())
-        except Exception as exc:  # a doctor must never crash
-            advice = "unexpected error; fix what the other checks report, then rerun pyro doctor"
-            out.append(Check(name, "fail", f"check failed: {exc!r}", advice))
-    return out
-
-
 def config_report() -> tuple[dict[str, Any], Check]:
     """The config file, the defaults in effect and where each came from, and its check."""
     from pyro_mcp import config
@@ -229,10 +203,40 @@ def config_report() -> tuple[dict[str, Any], Check]:
     return settings.to_dict(), Check("config", "ok", where)
 
 
+def _config() -> Check:
+    return config_report()[1]
+
+
+CHECKS: tuple[Callable[[], Check], ...] = (
+    _python,
+    _qemu,
+    _kvm,
+    _gvisor,
+    _host_compat,
+    _agent_toolchain,
+    _rootfs_tools,
+    _dirs,
+    _environments,
+    _snapshots,
+    _config,
+)
+
+
+def run_checks() -> list[Check]:
+    out = []
+    for check in CHECKS:
+        name = check.__name__.lstrip("_")
+        try:
+            out.append(check())
+        except Exception as exc:  # a doctor must never crash
+            advice = "unexpected error; fix what the other checks report, then rerun pyro doctor"
+            out.append(Check(name, "fail", f"check failed: {exc!r}", advice))
+    return out
+
+
 def report() -> dict[str, Any]:
     checks = run_checks()
-    settings, config_check = config_report()
-    checks.append(config_check)
+    settings = config_report()[0]
     backend: dict[str, str | None]
     try:
         from pyro_mcp.manager import VMManager
