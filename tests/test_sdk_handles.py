@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 from pyro_mcp import AsyncPyro, AsyncTask, NotFoundError, Pyro, PyroError, Task
 from pyro_mcp.handle import TASK_METHODS
 from pyro_mcp.vmm import host_compat
+from test_cli import pyro_argv
 
 
 def _public_methods(cls: type) -> set[str]:
@@ -174,3 +178,57 @@ def test_async_pyro_runs_two_commands_at_once(hc: Pyro, hc_environment: str) -> 
             assert await pyro.list_tasks() == []
 
     asyncio.run(main())
+
+
+@pytest.mark.vm
+def test_cancelling_an_await_leaves_the_call_to_its_thread_and_still_deletes(
+    hc: Pyro, hc_environment: str
+) -> None:
+    async def main() -> None:
+        pyro = AsyncPyro(hc)
+        async with pyro.task(hc_environment) as task:
+            running = asyncio.ensure_future(
+                task.exec("touch started; sleep 30", timeout_seconds=60)
+            )
+            while not (await task.list_files()).entries:  # the command has begun
+                await asyncio.sleep(0.05)
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            assert (await task.status()).task_id == task.task_id  # the handle still works
+        # the exit deleted the task (stopping the command still running in its thread)
+        assert await pyro.list_tasks() == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.vm
+def test_cli_task_create_takes_the_configured_environment(
+    hc_environment: str, state_dir: Path, tmp_path: Path
+) -> None:
+    conf = tmp_path / "config.toml"
+    conf.write_text(f'environment = "{hc_environment}"\nbackend = "host_compat"\n')
+    env = {**os.environ, "PYRO_CONFIG": str(conf), "PYRO_STATE_DIR": str(state_dir)}
+    env.pop("PYRO_BACKEND", None)
+    env.pop("PYRO_ENVIRONMENT", None)
+    proc = subprocess.run(
+        [*pyro_argv(), "task", "create", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert (info["environment"], info["execution_mode"]) == (hc_environment, "host_compat")
+    Pyro(state_dir=state_dir, backend="host_compat").delete_task(info["task_id"])
+
+
+@pytest.mark.vm
+def test_task_handle_on_a_microvm(pyro: Pyro, vm_environment: str) -> None:
+    with pyro.task(vm_environment) as task:
+        result = task.exec("echo hi > f; cat f")
+        assert (result.exit_code, result.stdout, result.execution_mode) == (0, "hi\n", "microvm")
+    assert pyro.list_tasks() == []
