@@ -220,8 +220,11 @@ class AsyncPyro:
     dead processes' leftovers), as ``Pyro()`` does."""
 
     def __init__(self, pyro: Pyro | None = None, /, **options: Any) -> None:
-        """Raises:
-        InvalidInputError: a bad option, or a bad config file or variable.
+        """Wrap ``pyro``, or make a ``Pyro(**options)``.
+
+        Raises:
+            InvalidInputError: a bad option, or a bad config file or variable
+                (docs/config.md).
         """
         self.sync = pyro if pyro is not None else Pyro(**options)
 
