@@ -179,8 +179,8 @@ def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 def config_defaults(group: click.Group, settings: Any) -> dict[str, Any]:
     """A click ``default_map`` that makes the config's defaults (docs/config.md) the
     defaults of every ``--mem-mib`` and ``--timeout-seconds`` below ``group``, and of
-    the ENVIRONMENT of a command whose one argument it is (``task create``, ``vm
-    create``). A flag on the command line still wins; env vars are in ``settings``."""
+    the ENVIRONMENT of ``task create`` and ``vm create`` (``env pull`` still needs
+    one named). A flag on the command line still wins; env vars are in ``settings``."""
     values = {
         "mem_mib": settings.mem_mib,
         "timeout_seconds": settings.timeout_seconds,
@@ -196,7 +196,7 @@ def config_defaults(group: click.Group, settings: Any) -> dict[str, Any]:
                 p.name: values[p.name]
                 for p in command.params
                 if p.name in ("mem_mib", "timeout_seconds")
-                or (p.name == "environment" and arguments == [p])
+                or (p.name == "environment" and arguments == [p] and name == "create")
             }
         if sub:
             out[name] = sub
