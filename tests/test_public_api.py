@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 
 import pyro_mcp
-from pyro_mcp import api, errors, models, progress
+from pyro_mcp import aio, api, errors, handle, models, progress
 from pyro_mcp.contract import context
 from pyro_mcp.workspace import archive
 
 ROOT = Path(__file__).resolve().parent.parent
 
 PUBLIC = [
+    "AsyncPyro",
+    "AsyncTask",
     "BackendUnavailableError",
     "BootError",
     "CleanupInfo",
@@ -35,6 +37,7 @@ PUBLIC = [
     "ReapResult",
     "SeedLimits",
     "StateError",
+    "Task",
     "TaskDeleteResult",
     "TaskExecResult",
     "TaskInfo",
@@ -59,6 +62,8 @@ def test_all_is_pinned_and_every_name_resolves() -> None:
 
 def test_names_are_the_internal_objects_themselves() -> None:
     assert pyro_mcp.Pyro is api.Pyro
+    assert pyro_mcp.AsyncPyro is aio.AsyncPyro
+    assert pyro_mcp.Task is handle.Task
     assert pyro_mcp.ExecResult is models.ExecResult
     assert pyro_mcp.TaskExecResult is models.TaskExecResult
     assert pyro_mcp.SeedLimits is archive.SeedLimits

@@ -28,8 +28,10 @@ from pyro_mcp.errors import (
 )
 
 if TYPE_CHECKING:
+    from pyro_mcp.aio import AsyncPyro, AsyncTask
     from pyro_mcp.api import Pyro
     from pyro_mcp.contract.context import ToolContext
+    from pyro_mcp.handle import Task
     from pyro_mcp.models import (
         CleanupInfo,
         ExecResult,
@@ -46,7 +48,10 @@ if TYPE_CHECKING:
 
 # name -> the internal module that defines it, imported on first access
 _LAZY = {
+    "AsyncPyro": "pyro_mcp.aio",
+    "AsyncTask": "pyro_mcp.aio",
     "Pyro": "pyro_mcp.api",
+    "Task": "pyro_mcp.handle",
     "ToolContext": "pyro_mcp.contract.context",
     "ProgressEvent": "pyro_mcp.progress",
     "ProgressFn": "pyro_mcp.progress",
@@ -69,6 +74,8 @@ _LAZY = {
 }
 
 __all__ = [
+    "AsyncPyro",
+    "AsyncTask",
     "BackendUnavailableError",
     "BootError",
     "CleanupInfo",
@@ -86,6 +93,7 @@ __all__ = [
     "ReapResult",
     "SeedLimits",
     "StateError",
+    "Task",
     "TaskDeleteResult",
     "TaskExecResult",
     "TaskInfo",

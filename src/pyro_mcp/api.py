@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from pyro_mcp import limits
 from pyro_mcp.commands import ExecOptions, StdinSource
-from pyro_mcp.errors import PyroError, VMStateError
+from pyro_mcp.errors import PyroError, VMStateError, hints
 from pyro_mcp.manager import VMManager
 from pyro_mcp.models import (
     ExecResult,
@@ -33,6 +33,8 @@ from pyro_mcp.progress import ProgressFn, no_progress
 from pyro_mcp.tasks import TaskManager
 
 if TYPE_CHECKING:
+    from pyro_mcp.config import Settings
+    from pyro_mcp.handle import Task
     from pyro_mcp.pool import WarmPool
     from pyro_mcp.tasks.files import TaskFiles
     from pyro_mcp.workspace.archive import SeedLimits
@@ -56,8 +58,8 @@ class Pyro:
         state_dir: str | Path | None = None,
         progress: ProgressFn = no_progress,
         reap: bool = True,
-        pool_size: int = 0,
-        pool_environment: str = "debian:12",
+        pool_size: int | None = None,
+        pool_environment: str | None = None,
         allow_host_compat: bool = False,
     ) -> None:
         """``pool_size`` > 0 keeps that many VMs of ``pool_environment`` (default size)
@@ -66,9 +68,22 @@ class Pyro:
         ``allow_host_compat=True`` (or ``backend="host_compat"``) opts in to running
         tasks and one-shot runs on the host, confined by bubblewrap, when no VM
         backend works; results then say ``execution_mode: "host_compat"``.
+
+        ``backend``, ``pool_size`` and ``pool_environment`` left as None come from
+        the environment variables, then the config file, then the built-ins (0 and
+        "debian:12"); see docs/config.md and :attr:`settings`.
         """
+        from pyro_mcp import config
+
         root = limits.check_host_path("state_dir", state_dir) if state_dir is not None else None
-        pool_size = limits.check_int("pool_size", pool_size, 0, 8)
+        self._settings = settings = config.load()
+        if backend is None:
+            backend = settings.backend
+        if pool_environment is None:
+            pool_environment = settings.environment
+        pool_size = limits.check_int(
+            "pool_size", settings.pool_size if pool_size is None else pool_size, 0, 8
+        )
         self._manager = VMManager(state_root=root, backend=backend)
         self._tasks = TaskManager(self._manager, allow_host_compat=allow_host_compat)
         self._progress = progress
@@ -96,6 +111,11 @@ class Pyro:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def settings(self) -> Settings:
+        """The defaults in effect for this object (env vars, config file, built-ins)."""
+        return self._settings
 
     @property
     def pool(self) -> WarmPool | None:
@@ -290,7 +310,11 @@ class Pyro:
         if outcome.exit_code != 0:
             raise VMStateError(
                 f"could not read the guest's interfaces: {outcome.stderr.decode(errors='replace')}",
-                hint="the environment needs `cat`; check the VM with `pyro vm status`",
+                hints=hints(
+                    cli="the environment needs `cat`; check the VM with `pyro vm status`",
+                    sdk="the environment needs `cat`; check the VM with status_vm()",
+                    mcp="the environment needs `cat`; check the VM with the vm_status tool",
+                ),
             )
         interfaces = [
             line.split(":", 1)[0].strip()
@@ -342,6 +366,46 @@ class Pyro:
             seed_limits=seed_limits,
             progress=self._progress,
         )
+
+    def task(
+        self,
+        environment: str | None = None,
+        *,
+        source_path: str | Path | None = None,
+        keep: bool = False,
+        **options: Any,
+    ) -> Task:
+        """Create a task and return its :class:`~pyro_mcp.handle.Task` handle, whose
+        methods need no id (``task.exec("make")``). Used as ``with pyro.task(...) as
+        task:`` it is deleted on leaving the block, after an exception too, unless
+        ``keep=True``. ``environment`` None and ``mem_mib`` unset are the configured defaults
+        (docs/config.md); ``options`` are :meth:`create_task`'s.
+
+        Raises:
+            InvalidInputError: a bad option, source or environment name.
+            NotFoundError: the environment is not in the catalog.
+            UnsafeSeedError: the source broke an extraction rule.
+            EnvironmentBuildError: the environment could not be built.
+            BackendUnavailableError, BootError: nothing could run the task.
+            LimitError: too many VMs run already.
+        """
+        from pyro_mcp import handle
+
+        env = environment if environment is not None else self.settings.environment
+        options.setdefault("mem_mib", self.settings.mem_mib)
+        return handle.create(self, env, keep=keep, source_path=source_path, **options)
+
+    def get_task(self, task_id: str, *, keep: bool = False) -> Task:
+        """The :class:`~pyro_mcp.handle.Task` handle of an existing task (``with`` it
+        deletes the task on exit, as :meth:`task`'s does, unless ``keep=True``).
+
+        Raises:
+            InvalidInputError: ``task_id`` is not a task id.
+            NotFoundError: no such task.
+        """
+        from pyro_mcp import handle
+
+        return handle.get(self, task_id, keep=keep)
 
     def exec_task(
         self,

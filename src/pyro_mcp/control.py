@@ -393,12 +393,14 @@ def error_from_dict(data: Mapping[str, Any]) -> PyroError:
     message = data.get("message")
     hint = data.get("hint")
     details = data.get("details")
+    hints = data.get("hints")
     if not isinstance(code, str) or not isinstance(message, str):
         raise ValueError("an error needs a string code and message")
     cls = _error_classes().get(code, PyroError)
     error = cls(
         message,
         hint=hint if isinstance(hint, str) else None,
+        hints={str(k): str(v) for k, v in hints.items()} if isinstance(hints, dict) else None,
         details=details if isinstance(details, dict) else None,
     )
     if error.code != code:

@@ -188,6 +188,25 @@ def _snapshots() -> Check:
     return Check("warm-start", "ok", f"{len(snaps)} snapshot(s) ready")
 
 
+def config_report() -> tuple[dict[str, Any], Check]:
+    """The config file, the defaults in effect and where each came from, and its check."""
+    from pyro_mcp import config
+    from pyro_mcp.errors import PyroError
+
+    path = config.config_path()
+    try:
+        settings = config.load()
+    except PyroError as exc:
+        data = {"path": str(path), "exists": path.is_file(), "error": exc.message}
+        return data, Check("config", "fail", exc.message, exc.hint_for("cli"))
+    where = f"{path}" if path.is_file() else f"{path} (none; built-in defaults)"
+    return settings.to_dict(), Check("config", "ok", where)
+
+
+def _config() -> Check:
+    return config_report()[1]
+
+
 CHECKS: tuple[Callable[[], Check], ...] = (
     _python,
     _qemu,
@@ -199,6 +218,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     _dirs,
     _environments,
     _snapshots,
+    _config,
 )
 
 
@@ -216,11 +236,12 @@ def run_checks() -> list[Check]:
 
 def report() -> dict[str, Any]:
     checks = run_checks()
+    settings = config_report()[0]
     backend: dict[str, str | None]
     try:
         from pyro_mcp.manager import VMManager
 
-        choice = VMManager().backend_choice()
+        choice = VMManager(backend=settings.get("backend")).backend_choice()
         backend = {
             "name": choice.name,
             "acceleration": choice.acceleration,
@@ -231,5 +252,6 @@ def report() -> dict[str, Any]:
     return {
         "ok": all(c.status != "fail" for c in checks),
         "backend": backend,
+        "config": settings,
         "checks": [asdict(c) for c in checks],
     }

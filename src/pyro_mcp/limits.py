@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pyro_mcp.errors import InvalidInputError
+from pyro_mcp.errors import InvalidInputError, hints
 
 DEFAULT_VCPU_COUNT = 1
 MAX_VCPU_COUNT = 8
@@ -90,7 +90,11 @@ def check_vm_id(value: object) -> str:
     if not isinstance(value, str) or not _VM_ID.fullmatch(value):
         raise InvalidInputError(
             f"invalid VM id {value!r}",
-            hint="VM ids look like 'vm-0123456789ab'; list them with `pyro vm list`",
+            hints=hints(
+                cli="VM ids look like 'vm-0123456789ab'; list them with `pyro vm list`",
+                sdk="VM ids look like 'vm-0123456789ab'; list them with Pyro.list_vms()",
+                mcp="VM ids look like 'vm-0123456789ab'; list them with the vm_list tool",
+            ),
         )
     return value
 
@@ -99,7 +103,11 @@ def check_task_id(value: object) -> str:
     if not isinstance(value, str) or not _TASK_ID.fullmatch(value):
         raise InvalidInputError(
             f"invalid task id {value!r}",
-            hint="task ids look like 'task-0123456789ab'; list them with `pyro task list`",
+            hints=hints(
+                cli="task ids look like 'task-0123456789ab'; list them with `pyro task list`",
+                sdk="task ids look like 'task-0123456789ab'; list them with Pyro.list_tasks()",
+                mcp="task ids look like 'task-0123456789ab'; list them with the task_list tool",
+            ),
         )
     return value
 

@@ -32,6 +32,7 @@ from pyro_mcp.errors import (
     PyroError,
     StateError,
     VMStateError,
+    hints,
 )
 from pyro_mcp.models import BootKind, CleanupInfo, ExecResult, VMInfo
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
@@ -44,9 +45,26 @@ if TYPE_CHECKING:
     from pyro_mcp.guest.channel import AgentChannel
 
 DEFAULT_BOOT_TIMEOUT = 90.0
-HOST_COMPAT_OPT_IN = (
-    "or, without a VM, opt in to running on this host confined by bubblewrap (weaker "
-    "isolation): `pyro --backend host_compat ...` (SDK: Pyro(allow_host_compat=True))"
+_OPT_IN = (
+    "or, without a VM, opt in to running on this host confined by bubblewrap (weaker isolation): "
+)
+#: The host_compat opt-in, per surface (errors.hints).
+HOST_COMPAT_OPT_IN = hints(
+    cli=_OPT_IN + "`pyro --backend host_compat ...`",
+    sdk=_OPT_IN + "Pyro(allow_host_compat=True)",
+    mcp=_OPT_IN + "start `pyro mcp serve` with `--backend host_compat`",
+)
+
+
+def _with_opt_in(hint: str | None) -> dict[str, str]:
+    return {s: f"{hint}; {text}" if hint else text for s, text in HOST_COMPAT_OPT_IN.items()}
+
+
+#: Where host_compat runs, per surface.
+SANDBOX_ONLY = hints(
+    cli="use `pyro task ...` or `pyro run`, or pick a VM backend (auto, qemu)",
+    sdk="use tasks (create_task) or run_in_vm, or pick a VM backend (auto, qemu)",
+    mcp="use the task_* tools or vm_run, or ask for a VM backend (auto, qemu)",
 )
 
 
@@ -92,7 +110,11 @@ class VMManager:
             filename="vm.json",
             decode=VMRecord.from_dict,
             check_id=limits.check_vm_id,
-            list_hint="list VMs with `pyro vm list`",
+            list_hint=hints(
+                cli="list VMs with `pyro vm list`",
+                sdk="list VMs with Pyro.list_vms()",
+                mcp="list VMs with the vm_list tool",
+            ),
         )
         self._store = store
         self._backend_name = backend or os.environ.get("PYRO_BACKEND") or "auto"
@@ -119,7 +141,7 @@ class VMManager:
         if name in SANDBOX_BACKEND_NAMES:
             raise InvalidInputError(
                 "the host_compat backend runs tasks and one-shot runs only, not VMs",
-                hint="use `pyro task ...` or `pyro run`, or pick a VM backend (auto, qemu)",
+                hints=SANDBOX_ONLY,
             )
         if name != "auto" and name not in BACKEND_NAMES:
             raise InvalidInputError(
@@ -130,16 +152,12 @@ class VMManager:
             try:
                 return choose_auto()
             except BackendUnavailableError as exc:
-                raise BackendUnavailableError(
-                    exc.message, hint=f"{exc.hint}; {HOST_COMPAT_OPT_IN}"
-                ) from None
+                raise BackendUnavailableError(exc.message, hints=_with_opt_in(exc.hint)) from None
         probe = get_backend(name).probe()
         if not probe.available:
             raise BackendUnavailableError(
                 f"backend {name} is not usable here: {probe.reason}",
-                hint="; ".join([*probe.advice, HOST_COMPAT_OPT_IN])
-                if probe.advice
-                else f"run `pyro doctor` for details; {HOST_COMPAT_OPT_IN}",
+                hints=_with_opt_in("; ".join(probe.advice) or "run `pyro doctor` for details"),
             )
         return BackendChoice(name, probe.acceleration or "tcg", f"requested: {probe.reason}")
 
@@ -243,8 +261,14 @@ class VMManager:
             if running >= cap:
                 raise LimitError(
                     f"{running} VMs are already running in {self.state_root} (the limit is {cap})",
-                    hint=f"delete VMs or tasks you no longer need (`pyro vm list`), or raise "
-                    f"the limit with {limits.MAX_VMS_ENV}=<n>",
+                    hints=hints(
+                        cli="delete VMs or tasks you no longer need (`pyro vm list`), or "
+                        f"raise the limit with {limits.MAX_VMS_ENV}=<n>",
+                        sdk="delete VMs or tasks you no longer need (Pyro.list_vms()), or "
+                        f"raise the limit with {limits.MAX_VMS_ENV}=<n>",
+                        mcp="delete VMs or tasks you no longer need (the vm_list tool), or "
+                        f"ask the operator to raise {limits.MAX_VMS_ENV}",
+                    ),
                     details={"running": running, "limit": cap},
                 )
             yield

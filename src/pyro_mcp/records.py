@@ -25,7 +25,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, get_args
@@ -85,7 +85,7 @@ class RecordStore(Generic[R]):
         filename: str,
         decode: Callable[[dict[str, Any]], R],
         check_id: Callable[[str], str],
-        list_hint: str,
+        list_hint: Mapping[str, str],
     ) -> None:
         self.root = root
         self.kind = kind  # "VM" or "task": used in messages
@@ -93,7 +93,7 @@ class RecordStore(Generic[R]):
         self.filename = filename
         self._decode = decode
         self._check_id = check_id
-        self.list_hint = list_hint
+        self.list_hint = dict(list_hint)  # per surface (errors.hints)
 
     # -- naming ---------------------------------------------------------------
     def folder(self, record_id: str) -> Path:
@@ -133,7 +133,7 @@ class RecordStore(Generic[R]):
         return NotFoundError(
             f"{self.kind} {record_id} does not exist (it may have been deleted, or reaped "
             "after its TTL)",
-            hint=self.list_hint,
+            hints=self.list_hint,
         )
 
     def load(self, record_id: str) -> R:

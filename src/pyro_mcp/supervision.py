@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from pyro_mcp import control
 from pyro_mcp.commands import source_error
-from pyro_mcp.errors import BootError, InvalidInputError, PyroError, VMStateError
+from pyro_mcp.errors import BootError, InvalidInputError, PyroError, VMStateError, hints
 from pyro_mcp.procs import kill_process_group, tail_text
 from pyro_mcp.progress import ProgressEvent, ProgressFn
 from pyro_mcp.state import ProcessId
@@ -103,7 +103,11 @@ def _connect(vm_dir: Path) -> socket.socket:
         sock.close()
         raise VMStateError(
             f"VM {vm_dir.name} is not reachable ({exc.strerror})",
-            hint="check `pyro vm status`; delete and recreate it if it is broken",
+            hints=hints(
+                cli="check `pyro vm status`; delete and recreate it if it is broken",
+                sdk="check Pyro.status_vm(); delete and recreate it if it is broken",
+                mcp="check it with the vm_status tool; delete and recreate it if it is broken",
+            ),
         ) from None
     return sock
 
@@ -216,7 +220,11 @@ def tunnel(vm_dir: Path) -> Iterator[AgentChannel]:
             if not byte:
                 raise VMStateError(
                     f"VM {vm_dir.name}'s supervisor closed the connection",
-                    hint="check `pyro vm status`",
+                    hints=hints(
+                        cli="check `pyro vm status`",
+                        sdk="check Pyro.status_vm()",
+                        mcp="check it with the vm_status tool",
+                    ),
                 )
             line += byte
             if len(line) > control.MAX_LINE_BYTES:

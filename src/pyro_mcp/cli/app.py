@@ -14,6 +14,7 @@ from pyro_mcp.cli.common import (
     PyroGroup,
     StderrProgress,
     command_stdin,
+    config_defaults,
     emit,
     fail,
     finish_exec,
@@ -37,8 +38,19 @@ from pyro_mcp.errors import PyroError
     "explicit opt-in to run tasks and `pyro run` on the host, confined by bubblewrap "
     "(no VM). Also PYRO_BACKEND.",
 )
-def cli(backend: str | None) -> None:
+@click.pass_context
+def cli(ctx: click.Context, backend: str | None) -> None:
     """Run commands in disposable local microVMs."""
+    del backend  # read by make_pyro; None: PYRO_BACKEND, then the config file
+    from pyro_mcp import config
+
+    try:
+        settings = config.load()
+    except PyroError as exc:
+        if ctx.invoked_subcommand == "doctor":  # it reports the broken file itself
+            return
+        fail(exc, "--json" in sys.argv)
+    ctx.default_map = config_defaults(cli, settings)
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
@@ -118,6 +130,10 @@ def doctor(as_json: bool) -> None:
             click.echo(f"       -> {backend['reason']}")
     else:
         click.echo(f"backend: none usable: {backend.get('error')}")
+    config = data["config"]
+    click.echo(f"config: {config['path']}{'' if config['exists'] else ' (not present)'}")
+    for key, source in config.get("sources", {}).items():
+        click.echo(f"  {key} = {config[key]!r}  ({source})")
 
 
 from pyro_mcp.cli.env import env  # noqa: E402 - the groups attach to the root above

@@ -65,11 +65,12 @@ class StderrProgress:
 
 def fail(exc: PyroError, as_json: bool) -> NoReturn:
     if as_json:
-        click.echo(json.dumps({"error": exc.to_dict()}, indent=2))
+        click.echo(json.dumps({"error": exc.to_dict("cli")}, indent=2))
     else:
         click.echo(f"pyro: error: {exc.message}", err=True)
-        if exc.hint:
-            click.echo(f"pyro: hint: {exc.hint}", err=True)
+        hint = exc.hint_for("cli")
+        if hint:
+            click.echo(f"pyro: hint: {hint}", err=True)
         tail = exc.details.get("console_tail")
         if tail:
             click.echo("pyro: guest console (last lines):", err=True)
@@ -173,3 +174,30 @@ def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
         return limits.parse_env_pairs(pairs, what="--env")
     except InvalidInputError as exc:
         raise click.BadParameter(exc.message, param_hint="--env") from None
+
+
+def config_defaults(group: click.Group, settings: Any) -> dict[str, Any]:
+    """A click ``default_map`` that makes the config's defaults (docs/config.md) the
+    defaults of every ``--mem-mib`` and ``--timeout-seconds`` below ``group``, and of
+    the ENVIRONMENT of ``task create`` and ``vm create`` (``env pull`` still needs
+    one named). A flag on the command line still wins; env vars are in ``settings``."""
+    values = {
+        "mem_mib": settings.mem_mib,
+        "timeout_seconds": settings.timeout_seconds,
+        "environment": settings.environment,
+    }
+    out: dict[str, Any] = {}
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            sub = config_defaults(command, settings)
+        else:
+            arguments = [p for p in command.params if isinstance(p, click.Argument)]
+            sub = {
+                p.name: values[p.name]
+                for p in command.params
+                if p.name in ("mem_mib", "timeout_seconds")
+                or (p.name == "environment" and arguments == [p] and name == "create")
+            }
+        if sub:
+            out[name] = sub
+    return out

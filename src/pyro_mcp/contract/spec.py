@@ -56,10 +56,11 @@ class ToolOutcome:
 
     @classmethod
     def from_error(cls, exc: PyroError) -> ToolOutcome:
-        error = ToolError(error=ErrorInfo(**exc.to_dict()))
+        error = ToolError(error=ErrorInfo(**exc.to_dict("mcp")))
         text = f"error ({exc.code}): {exc.message}"
-        if exc.hint:
-            text += f"\nhint: {exc.hint}"
+        hint = exc.hint_for("mcp")
+        if hint:
+            text += f"\nhint: {hint}"
         return cls(False, error.model_dump(mode="json", exclude_none=True), text)
 
     def to_json(self) -> str:

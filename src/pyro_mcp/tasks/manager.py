@@ -35,6 +35,7 @@ from pyro_mcp.errors import (
     NotFoundError,
     StateError,
     VMStateError,
+    hints,
 )
 from pyro_mcp.manager import VMManager
 from pyro_mcp.models import (
@@ -69,7 +70,11 @@ class TaskManager:
             filename="task.json",
             decode=TaskRecord.from_dict,
             check_id=limits.check_task_id,
-            list_hint="list tasks with `pyro task list`",
+            list_hint=hints(
+                cli="list tasks with `pyro task list`",
+                sdk="list tasks with Pyro.list_tasks()",
+                mcp="list tasks with the task_list tool",
+            ),
         )
         self.allow_host_compat = allow_host_compat
 
