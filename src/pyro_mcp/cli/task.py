@@ -50,7 +50,7 @@ def _print_task(info: Any) -> None:
     )
     if seed.sha256:
         click.echo(f"seed sha256:  {seed.sha256}")
-    remaining = max(0, int(info.expires_at - time.time()))
+    remaining = max(0, int(info.expires_at.timestamp() - time.time()))
     click.echo(f"expires in:   {remaining} s")
 
 
