@@ -145,7 +145,7 @@ def test_cli_argv_boundaries_exit_codes_and_json(vm_environment: str, state_dir:
         status = json.loads(cli("task", "status", task_id, "--json").stdout)
         assert status["task_id"] == task_id and status["status"] == "running"
         listed = json.loads(cli("task", "list", "--json").stdout)
-        assert [t["task_id"] for t in listed] == [task_id]
+        assert [t["task_id"] for t in listed["tasks"]] == [task_id]
     finally:
         cli("task", "delete", task_id)
 

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -468,8 +469,8 @@ class VMManager:
             mem_mib=config.mem_mib,
             network=config.network,
             ttl_seconds=config.ttl_seconds,
-            created_at=config.created_at,
-            expires_at=config.expires_at,
+            created_at=datetime.fromtimestamp(config.created_at, UTC),
+            expires_at=datetime.fromtimestamp(config.expires_at, UTC),
             backend=config.backend,
             acceleration=config.acceleration,
             boot=runtime.boot,  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, PlainSerializer
 
+
 def iso_utc(when: datetime | float) -> str:
     """``when`` (an aware datetime or epoch seconds) as ISO 8601 UTC to the second,
     e.g. ``2026-12-08T00:29:19+00:00``: how every time in pyro's JSON is written."""

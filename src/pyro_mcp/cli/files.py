@@ -11,7 +11,15 @@ from pathlib import Path
 
 import click
 
-from pyro_mcp.cli.common import StderrProgress, emit, fail, json_option, make_pyro
+from pyro_mcp.cli.common import (
+    StderrProgress,
+    emit,
+    fail,
+    json_option,
+    make_pyro,
+    print_table,
+    quiet_option,
+)
 from pyro_mcp.errors import InvalidInputError, PyroError
 from pyro_mcp.limits import TASK_WORKSPACE
 
@@ -146,10 +154,23 @@ def task_edit(
 @click.argument("task_id")
 @click.argument("path", default=TASK_WORKSPACE)
 @click.option("-r", "--recursive", is_flag=True, help="Everything below PATH.")
-@click.option("--max-entries", type=click.IntRange(1, 10000), default=1000, show_default=True)
+@click.option(
+    "--max-entries",
+    type=click.IntRange(1, 10000),
+    default=1000,
+    show_default=True,
+    help="Stop after this many entries.",
+)
+@quiet_option
 @json_option
-def task_files(task_id: str, path: str, recursive: bool, max_entries: int, as_json: bool) -> None:
-    """List PATH (default /workspace) in TASK_ID: mode, type, size, mtime, name."""
+def task_files(
+    task_id: str, path: str, recursive: bool, max_entries: int, quiet: bool, as_json: bool
+) -> None:
+    """List PATH (default /workspace) in TASK_ID.
+
+    Columns: MODE TYPE SIZE MTIME (UTC) PATH ("no files" on stderr for an empty
+    folder). -q prints only the paths; --json prints the `task_list_files` answer.
+    """
     try:
         result = make_pyro().list_task_files(
             task_id, path, recursive=recursive, max_entries=max_entries
@@ -159,9 +180,21 @@ def task_files(task_id: str, path: str, recursive: bool, max_entries: int, as_js
     if as_json:
         emit(result)
         return
-    for e in result.entries:
-        target = f" -> {e.link_target}" if e.link_target is not None else ""
-        click.echo(f"{e.mode} {e.type:<9} {e.size:>10} {e.mtime} {e.path}{target}")
+    if quiet:
+        for e in result.entries:
+            click.echo(e.path)
+    else:
+        rows = [
+            (
+                e.mode,
+                e.type,
+                str(e.size),
+                e.mtime,
+                e.path + (f" -> {e.link_target}" if e.link_target is not None else ""),
+            )
+            for e in result.entries
+        ]
+        print_table(("MODE", "TYPE", "SIZE", "MTIME", "PATH"), rows, empty="no files")
     if result.truncated:
         click.echo(f"pyro: listing cut at {max_entries} entries (--max-entries)", err=True)
 

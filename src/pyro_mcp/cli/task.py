@@ -12,14 +12,18 @@ import click
 from pyro_mcp import limits
 from pyro_mcp.cli.common import (
     StderrProgress,
+    age,
     command_stdin,
     emit,
+    expires,
     fail,
     finish_exec,
     json_option,
     make_pyro,
     no_stdin_option,
     parse_env,
+    print_table,
+    quiet_option,
 )
 from pyro_mcp.errors import PyroError
 
@@ -181,22 +185,35 @@ def task_status(task_id: str, as_json: bool) -> None:
 
 
 @task.command("list")
+@quiet_option
 @json_option
-def task_list(as_json: bool) -> None:
-    """List tasks."""
+def task_list(quiet: bool, as_json: bool) -> None:
+    """List tasks: ID ENV STATUS AGE EXPIRES SOURCE ("no tasks" on stderr when there
+    are none). -q prints only the ids; --json prints {"tasks": [...]}."""
+    from pyro_mcp.contract.outputs import TaskList
+
     try:
         tasks = make_pyro().list_tasks()
     except PyroError as exc:
         fail(exc, as_json)
     if as_json:
-        emit(tasks)
-        return
-    for t in tasks:
-        seed = t.workspace_seed
-        source = seed.source_path or "(empty)"
-        click.echo(
-            f"{t.task_id}  {t.environment:<16} {t.status:<8} {t.execution_mode:<12} {source}"
-        )
+        emit(TaskList(tasks=tasks))
+    elif quiet:
+        for t in tasks:
+            click.echo(t.task_id)
+    else:
+        rows = [
+            (
+                t.task_id,
+                t.environment,
+                t.status,
+                age(t.created_at),
+                expires(t.expires_at),
+                t.workspace_seed.source_path or "-",
+            )
+            for t in tasks
+        ]
+        print_table(("ID", "ENV", "STATUS", "AGE", "EXPIRES", "SOURCE"), rows, empty="no tasks")
 
 
 @task.command("delete")
