@@ -96,7 +96,14 @@ class VMManager:
             list_hint="list VMs with `pyro vm list`",
         )
         self._store = store
-        self._backend_name = backend or os.environ.get("PYRO_BACKEND") or "auto"
+        from pyro_mcp.vmm import check_backend_name
+
+        if backend:
+            self._backend_name = check_backend_name(backend)
+        else:
+            from_env = os.environ.get("PYRO_BACKEND") or ""
+            where = f" (from PYRO_BACKEND={from_env})" if from_env else ""
+            self._backend_name = check_backend_name(from_env or "auto", where)
 
     # -- helpers ------------------------------------------------------------
     @property
@@ -114,18 +121,13 @@ class VMManager:
 
     def backend_choice(self) -> BackendChoice:
         """The backend new VMs get, its acceleration, and why (``pyro doctor`` shows it)."""
-        from pyro_mcp.vmm import BACKEND_NAMES, SANDBOX_BACKEND_NAMES, choose_auto
+        from pyro_mcp.vmm import SANDBOX_BACKEND_NAMES, choose_auto
 
         name = self._backend_name
         if name in SANDBOX_BACKEND_NAMES:
             raise InvalidInputError(
                 "the host_compat backend runs tasks and one-shot runs only, not VMs",
                 hint="use `pyro task ...` or `pyro run`, or pick a VM backend (auto, qemu)",
-            )
-        if name != "auto" and name not in BACKEND_NAMES:
-            raise InvalidInputError(
-                f"unknown backend {name!r}",
-                hint=f"choose one of: auto, {', '.join(BACKEND_NAMES)}, host_compat",
             )
         if name == "auto":
             try:
