@@ -19,7 +19,11 @@ from pyro_mcp.cli.common import (
     finish_exec,
     json_option,
     make_pyro,
+    mem_option,
     no_stdin_option,
+    timeout_option,
+    ttl_option,
+    vcpu_option,
 )
 from pyro_mcp.errors import PyroError
 
@@ -44,12 +48,10 @@ def cli(backend: str | None) -> None:
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("environment")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--vcpu-count", type=int, default=limits.DEFAULT_VCPU_COUNT, show_default=True)
-@click.option("--mem-mib", type=int, default=limits.DEFAULT_MEM_MIB, show_default=True)
-@click.option(
-    "--timeout-seconds", type=int, default=limits.DEFAULT_TIMEOUT_SECONDS, show_default=True
-)
-@click.option("--ttl-seconds", type=int, default=limits.DEFAULT_TTL_SECONDS, show_default=True)
+@vcpu_option
+@mem_option
+@timeout_option
+@ttl_option(limits.DEFAULT_TTL_SECONDS, "VM")
 @click.option("--network", is_flag=True, help="Give the guest a network (not available yet).")
 @no_stdin_option
 @json_option

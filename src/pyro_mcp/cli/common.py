@@ -247,3 +247,46 @@ def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
         return limits.parse_env_pairs(pairs, what="--env")
     except InvalidInputError as exc:
         raise click.BadParameter(exc.message, param_hint="--env") from None
+
+
+def vcpu_option(fn: F) -> F:
+    return click.option(
+        "--vcpu-count",
+        type=click.IntRange(1, limits.MAX_VCPU_COUNT),
+        default=limits.DEFAULT_VCPU_COUNT,
+        show_default=True,
+        help="Virtual CPUs of the guest.",
+    )(fn)
+
+
+def mem_option(fn: F) -> F:
+    return click.option(
+        "--mem-mib",
+        type=click.IntRange(limits.MIN_MEM_MIB, limits.MAX_MEM_MIB),
+        default=limits.DEFAULT_MEM_MIB,
+        show_default=True,
+        help="Guest memory in MiB.",
+    )(fn)
+
+
+def timeout_option(fn: F) -> F:
+    return click.option(
+        "--timeout-seconds",
+        type=click.IntRange(1, limits.MAX_TIMEOUT_SECONDS),
+        default=limits.DEFAULT_TIMEOUT_SECONDS,
+        show_default=True,
+        help="Kill the command after this long; pyro then exits 124.",
+    )(fn)
+
+
+def ttl_option(default: int, what: str) -> Callable[[F], F]:
+    def decorate(fn: F) -> F:
+        return click.option(
+            "--ttl-seconds",
+            type=click.IntRange(limits.MIN_TTL_SECONDS, limits.MAX_TTL_SECONDS),
+            default=default,
+            show_default=True,
+            help=f"Delete the {what} this long after it was created, even if in use.",
+        )(fn)
+
+    return decorate

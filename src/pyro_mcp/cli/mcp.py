@@ -23,9 +23,12 @@ def mcp() -> None:
     type=click.Choice(["stdio", "streamable-http"]),
     default="stdio",
     show_default=True,
+    help="stdio for a client that starts the server; streamable-http to serve on --host:--port.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address.")
-@click.option("--port", type=int, default=8765, show_default=True, help="HTTP port.")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8765, show_default=True, help="HTTP port."
+)
 @click.option(
     "--token",
     envvar="PYRO_MCP_TOKEN",

@@ -20,10 +20,14 @@ from pyro_mcp.cli.common import (
     finish_exec,
     json_option,
     make_pyro,
+    mem_option,
     no_stdin_option,
     parse_env,
     print_table,
     quiet_option,
+    timeout_option,
+    ttl_option,
+    vcpu_option,
 )
 from pyro_mcp.errors import PyroError
 
@@ -72,9 +76,9 @@ def _print_task(info: Any) -> None:
     metavar="PATTERN",
     help="Leave out matching paths (glob on path or name, e.g. .git, '*.pyc'). Repeatable.",
 )
-@click.option("--vcpu-count", type=int, default=limits.DEFAULT_VCPU_COUNT, show_default=True)
-@click.option("--mem-mib", type=int, default=limits.DEFAULT_MEM_MIB, show_default=True)
-@click.option("--ttl-seconds", type=int, default=limits.DEFAULT_TASK_TTL_SECONDS, show_default=True)
+@vcpu_option
+@mem_option
+@ttl_option(limits.DEFAULT_TASK_TTL_SECONDS, "task and its workspace")
 @click.option("--network", is_flag=True, help="Give the guest a network (not available yet).")
 @json_option
 def task_create(
@@ -122,11 +126,15 @@ def task_create(
 @task.command("exec")
 @click.argument("task_id")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option(
-    "--timeout-seconds", type=int, default=limits.DEFAULT_TIMEOUT_SECONDS, show_default=True
-)
+@timeout_option
 @click.option("--cwd", default=limits.TASK_WORKSPACE, show_default=True, help="Guest directory.")
-@click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@click.option(
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set a variable for the command. Repeatable.",
+)
 @no_stdin_option
 @json_option
 def task_exec(
