@@ -25,6 +25,7 @@ from pyro_mcp.cli.common import (
     ttl_option,
     vcpu_option,
 )
+from pyro_mcp.cli.complete import complete_environment
 from pyro_mcp.errors import PyroError
 
 
@@ -46,7 +47,7 @@ def cli(backend: str | None) -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @vcpu_option
 @mem_option
@@ -122,13 +123,14 @@ def doctor(as_json: bool) -> None:
         click.echo(f"backend: none usable: {backend.get('error')}")
 
 
-from pyro_mcp.cli.env import env  # noqa: E402 - the groups attach to the root above
+from pyro_mcp.cli.complete import completion  # noqa: E402 - the groups attach to the root above
+from pyro_mcp.cli.env import env  # noqa: E402
 from pyro_mcp.cli.files import COMMANDS as FILE_COMMANDS  # noqa: E402
 from pyro_mcp.cli.mcp import mcp  # noqa: E402
 from pyro_mcp.cli.task import task  # noqa: E402
 from pyro_mcp.cli.vm import vm  # noqa: E402
 
-for group in (env, vm, task, mcp):
+for group in (env, vm, task, mcp, completion):
     cli.add_command(group)
 for command in FILE_COMMANDS:
     task.add_command(command)

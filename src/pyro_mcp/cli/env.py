@@ -16,6 +16,7 @@ from pyro_mcp.cli.common import (
     print_table,
     quiet_option,
 )
+from pyro_mcp.cli.complete import complete_environment
 from pyro_mcp.errors import PyroError
 
 
@@ -51,7 +52,7 @@ def env_list(quiet: bool, as_json: bool) -> None:
 
 
 @env.command("pull")
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
 @click.option("--force", is_flag=True, help="Rebuild even if installed.")
 @json_option
 def env_pull(environment: str, force: bool, as_json: bool) -> None:
@@ -74,7 +75,7 @@ def env_pull(environment: str, force: bool, as_json: bool) -> None:
 
 
 @env.command("inspect")
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
 @click.option("--verify", is_flag=True, help="Re-hash every artifact.")
 @json_option
 def env_inspect(environment: str, verify: bool, as_json: bool) -> None:

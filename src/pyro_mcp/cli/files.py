@@ -20,12 +20,13 @@ from pyro_mcp.cli.common import (
     print_table,
     quiet_option,
 )
+from pyro_mcp.cli.complete import complete_task_id
 from pyro_mcp.errors import InvalidInputError, PyroError
 from pyro_mcp.limits import TASK_WORKSPACE
 
 
 @click.command("read")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("path")
 @click.option("--offset", type=click.IntRange(min=0), default=0, help="Byte offset to start at.")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=None, help="Most bytes to read.")
@@ -75,7 +76,7 @@ def task_read(
 
 
 @click.command("write")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("path")
 @click.option(
     "--from",
@@ -128,7 +129,7 @@ def _octal_mode(mode: str | None) -> int | None:
 
 
 @click.command("edit")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("path")
 @click.option("--old", "old_text", required=True, help="Exact text to replace (once).")
 @click.option("--new", "new_text", required=True, help="Replacement text.")
@@ -151,7 +152,7 @@ def task_edit(
 
 
 @click.command("files")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("path", default=TASK_WORKSPACE)
 @click.option("-r", "--recursive", is_flag=True, help="Everything below PATH.")
 @click.option(
@@ -200,7 +201,7 @@ def task_files(
 
 
 @click.command("diff")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("path", required=False)
 @json_option
 def task_diff(task_id: str, path: str | None, as_json: bool) -> None:
@@ -226,7 +227,7 @@ def task_diff(task_id: str, path: str | None, as_json: bool) -> None:
 
 
 @click.command("export")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--path", default=TASK_WORKSPACE, show_default=True, help="Guest path to export.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DEST.")
@@ -253,7 +254,7 @@ def task_export(task_id: str, dest: Path, path: str, overwrite: bool, as_json: b
 
 
 @click.command("reset")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @json_option
 def task_reset(task_id: str, as_json: bool) -> None:
     """Put TASK_ID's /workspace back to its seed, killing what runs in it.

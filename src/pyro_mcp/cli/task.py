@@ -29,6 +29,7 @@ from pyro_mcp.cli.common import (
     ttl_option,
     vcpu_option,
 )
+from pyro_mcp.cli.complete import complete_environment, complete_task_id
 from pyro_mcp.errors import PyroError
 
 
@@ -63,7 +64,7 @@ def _print_task(info: Any) -> None:
 
 
 @task.command("create")
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
 @click.option(
     "--source-path",
     type=click.Path(path_type=str),
@@ -124,7 +125,7 @@ def task_create(
 
 
 @task.command("exec")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @timeout_option
 @click.option("--cwd", default=limits.TASK_WORKSPACE, show_default=True, help="Guest directory.")
@@ -178,7 +179,7 @@ def task_exec(
 
 
 @task.command("status")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @json_option
 def task_status(task_id: str, as_json: bool) -> None:
     """Show one task."""
@@ -225,7 +226,7 @@ def task_list(quiet: bool, as_json: bool) -> None:
 
 
 @task.command("delete")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @json_option
 def task_delete(task_id: str, as_json: bool) -> None:
     """Stop TASK_ID's VM and remove it with its workspace."""

@@ -17,6 +17,7 @@ from pyro_mcp.cli.common import (
     print_table,
     quiet_option,
 )
+from pyro_mcp.cli.complete import complete_vm_id
 from pyro_mcp.errors import PyroError
 
 
@@ -72,7 +73,7 @@ def _print_vm(info: Any) -> None:
 
 
 @vm.command("status")
-@click.argument("vm_id")
+@click.argument("vm_id", shell_complete=complete_vm_id)
 @json_option
 def vm_status(vm_id: str, as_json: bool) -> None:
     """Show one VM: its environment, status, backend, size and TTL."""
@@ -87,7 +88,7 @@ def vm_status(vm_id: str, as_json: bool) -> None:
 
 
 @vm.command("delete")
-@click.argument("vm_id")
+@click.argument("vm_id", shell_complete=complete_vm_id)
 @json_option
 def vm_delete(vm_id: str, as_json: bool) -> None:
     """Stop VM_ID if it runs and remove it with its disk."""

@@ -1,0 +1,101 @@
+"""Shell completion: ``pyro completion bash|zsh|fish`` prints the script, and the
+arguments that name things complete from what is on this machine, read straight from
+the cache and state folders (no VM, no lock, no reaping: a completion must be quick
+and harmless).
+
+    source <(pyro completion bash)       # ~/.bashrc
+    source <(pyro completion zsh)        # ~/.zshrc
+    pyro completion fish | source        # ~/.config/fish/config.fish
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import unquote
+
+import click
+from click.shell_completion import CompletionItem, get_completion_class
+
+COMPLETE_VAR = "_PYRO_COMPLETE"
+SHELLS = ("bash", "zsh", "fish")
+_TASK_ID = re.compile(r"^task-[0-9a-f]{12}$")
+_VM_ID = re.compile(r"^vm-[0-9a-f]{12}$")
+
+
+def environment_names() -> list[str]:
+    """The catalog's names and those installed in the cache, sorted."""
+    from pyro_mcp import paths
+    from pyro_mcp.environments.catalog import CATALOG
+
+    names = set(CATALOG)
+    folder = paths.cache_dir() / "environments"
+    try:
+        for entry in folder.iterdir():
+            name, at, _version = unquote(entry.name).rpartition("@")
+            if at and name and not entry.name.startswith("."):
+                names.add(name)
+    except OSError:
+        pass
+    return sorted(names)
+
+
+def _record_ids(folder: Path, pattern: re.Pattern[str]) -> list[str]:
+    try:
+        return sorted(e.name for e in folder.iterdir() if pattern.fullmatch(e.name))
+    except OSError:
+        return []
+
+
+def task_ids() -> list[str]:
+    """The ids of the tasks in the state folder (``PYRO_STATE_DIR`` or the default)."""
+    from pyro_mcp import paths
+
+    return _record_ids(paths.state_dir() / "tasks", _TASK_ID)
+
+
+def vm_ids() -> list[str]:
+    """The ids of the VMs in the state folder."""
+    from pyro_mcp import paths
+
+    return _record_ids(paths.state_dir() / "vms", _VM_ID)
+
+
+def _matching(words: list[str], incomplete: str) -> list[CompletionItem]:
+    return [CompletionItem(w) for w in words if w.startswith(incomplete)]
+
+
+def complete_environment(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    return _matching(environment_names(), incomplete)
+
+
+def complete_task_id(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    return _matching(task_ids(), incomplete)
+
+
+def complete_vm_id(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    return _matching(vm_ids(), incomplete)
+
+
+@click.command("completion")
+@click.argument("shell", type=click.Choice(SHELLS))
+def completion(shell: str) -> None:
+    """Print the completion script for SHELL: commands, options, environment names,
+    task and VM ids complete on Tab.
+
+    \b
+    bash:  source <(pyro completion bash)     (in ~/.bashrc)
+    zsh:   source <(pyro completion zsh)      (in ~/.zshrc, after compinit)
+    fish:  pyro completion fish | source      (in ~/.config/fish/config.fish)
+    """
+    root = click.get_current_context().find_root().command
+    cls = get_completion_class(shell)
+    if cls is None:  # pragma: no cover - click ships all three
+        raise click.BadParameter(f"no completion for {shell}", param_hint="SHELL")
+    click.echo(cls(root, {}, "pyro", COMPLETE_VAR).source())
