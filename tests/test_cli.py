@@ -80,10 +80,10 @@ def test_version(state_dir: Path) -> None:
     [
         (["run", "nosuch:1", "--", "true"], "unknown environment"),
         (["run", "../x", "--", "true"], "invalid environment name"),
-        (["run", "debian:12-base", "--mem-mib", "1", "--", "true"], "mem_mib"),
+        (["run", "debian:12-base", "--mem-mib", "1", "--", "true"], "--mem-mib"),
         (["run", "debian:12-base", "--mem-mib", "lots", "--", "true"], "--mem-mib"),
-        (["run", "debian:12-base", "--timeout-seconds", "0", "--", "true"], "timeout_seconds"),
-        (["run", "debian:12-base", "--vcpu-count", "99", "--", "true"], "vcpu_count"),
+        (["run", "debian:12-base", "--timeout-seconds", "0", "--", "true"], "--timeout-seconds"),
+        (["run", "debian:12-base", "--vcpu-count", "99", "--", "true"], "--vcpu-count"),
         (["run", "debian:12-base", "--"], "COMMAND"),
         (["run", "debian:12-base", "--", ""], "program name"),
         (["run", "debian:12-base", "--network", "--", "true"], "networking"),
