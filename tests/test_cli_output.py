@@ -288,6 +288,8 @@ def test_help_shows_defaults_and_bounds(state_dir: Path) -> None:
 def test_completion_scripts(shell: str, state_dir: Path) -> None:
     script = ok("completion", shell).stdout
     assert "_PYRO_COMPLETE" in script and "pyro" in script
+    as_json = json.loads(ok("completion", shell, "--json").stdout)["script"]
+    assert as_json.rstrip("\n") == script.rstrip("\n")
     if shell == "bash":
         sourced = subprocess.run(
             ["bash", "-c", f"source <({PYRO} completion bash) && complete -p pyro"],
@@ -356,3 +358,24 @@ def test_task_list_and_files_with_a_task(state_dir: Path) -> None:
             check=False,
         )
     assert ok("task", "list", "-q").stdout == ""
+
+
+def test_every_command_has_json_and_every_option_help() -> None:
+    import click
+
+    from pyro_mcp.cli import cli
+
+    def leaves(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Command]]:
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from leaves(sub, f"{path} {name}")
+        else:
+            yield path, cmd
+
+    for path, cmd in leaves(cli, "pyro"):
+        assert cmd.help, path
+        names = {p.name for p in cmd.params}
+        assert "as_json" in names, f"{path} has no --json"
+        for param in cmd.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{path} {param.opts}: no help"

@@ -10,6 +10,7 @@ and harmless).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from urllib.parse import unquote
@@ -85,7 +86,8 @@ def complete_vm_id(
 
 @click.command("completion")
 @click.argument("shell", type=click.Choice(SHELLS))
-def completion(shell: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help='Print {"shell", "script"} as JSON.')
+def completion(shell: str, as_json: bool) -> None:
     """Print the completion script for SHELL: commands, options, environment names,
     task and VM ids complete on Tab.
 
@@ -98,4 +100,8 @@ def completion(shell: str) -> None:
     cls = get_completion_class(shell)
     if cls is None:  # pragma: no cover - click ships all three
         raise click.BadParameter(f"no completion for {shell}", param_hint="SHELL")
-    click.echo(cls(root, {}, "pyro", COMPLETE_VAR).source())
+    script = cls(root, {}, "pyro", COMPLETE_VAR).source()
+    if as_json:
+        click.echo(json.dumps({"shell": shell, "script": script}, indent=2))
+    else:
+        click.echo(script)

@@ -59,6 +59,12 @@ def mcp() -> None:
     help="Folder task_export may write into (repeatable), besides the client's MCP "
     "roots. Default: none (the working directory is not writable unless named).",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print an error that stops the server from starting as JSON on stdout.",
+)
 def mcp_serve(
     transport: str,
     host: str,
@@ -67,6 +73,7 @@ def mcp_serve(
     profile: str,
     allow_paths: tuple[str, ...],
     allow_write: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Run the MCP server (stdio by default)."""
     from pathlib import Path
@@ -83,6 +90,6 @@ def mcp_serve(
     try:
         serve(config, transport=transport, host=host, port=port, token=token)
     except PyroError as exc:
-        fail(exc, False)
+        fail(exc, as_json)
     except KeyboardInterrupt:
         sys.exit(130)
