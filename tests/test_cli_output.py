@@ -300,6 +300,17 @@ def test_completion_scripts(shell: str, state_dir: Path) -> None:
         )
         assert sourced.returncode == 0, sourced.stderr
         assert "_pyro_completion" in sourced.stdout and sourced.stdout.rstrip().endswith("pyro")
+        # bash itself splits `debian:12-b` at ':'; the answer must fit what bash has.
+        line = "pyro run debian:12-b"
+        script = (
+            f"source <({PYRO} completion bash); COMP_LINE='{line}'; COMP_POINT={len(line)}; "
+            "COMP_WORDS=(pyro run debian : 12-b); COMP_CWORD=4; _pyro_completion pyro; "
+            'printf "%s\\n" "${COMPREPLY[@]}"'
+        )
+        called = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert called.stdout.split() == ["12-base", "12-build"], called.stderr
     elif shutil.which(shell):
         checked = subprocess.run(
             [shell, "-n"], input=script, capture_output=True, text=True, timeout=60, check=False

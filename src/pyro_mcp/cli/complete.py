@@ -11,17 +11,57 @@ and harmless).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from urllib.parse import unquote
 
 import click
-from click.shell_completion import CompletionItem, get_completion_class
+from click.shell_completion import (
+    BashComplete,
+    CompletionItem,
+    add_completion_class,
+    get_completion_class,
+    split_arg_string,
+)
 
 COMPLETE_VAR = "_PYRO_COMPLETE"
 SHELLS = ("bash", "zsh", "fish")
 _TASK_ID = re.compile(r"^task-[0-9a-f]{12}$")
 _VM_ID = re.compile(r"^vm-[0-9a-f]{12}$")
+
+
+class ColonSafeBashComplete(BashComplete):
+    """bash splits words at ':' (``COMP_WORDBREAKS``), so ``debian:12`` reaches click as
+    three words and would complete nothing. The script also passes ``COMP_LINE`` and
+    ``COMP_POINT``; the words are taken from the line itself, and a candidate is
+    answered without the part of the word bash already has up to its last ':'."""
+
+    source_template = BashComplete.source_template.replace(
+        'env COMP_WORDS="${COMP_WORDS[*]}"',
+        'env COMP_LINE="$COMP_LINE" COMP_POINT="$COMP_POINT" COMP_WORDS="${COMP_WORDS[*]}"',
+    )
+    _trim = ""
+
+    def get_completion_args(self) -> tuple[list[str], str]:
+        line = os.environ.get("COMP_LINE")
+        point = os.environ.get("COMP_POINT", "")
+        if line is None or not point.isdigit():
+            return super().get_completion_args()
+        before = line[: int(point)]
+        words = split_arg_string(before)
+        incomplete = "" if not before or before[-1].isspace() or not words else words.pop()
+        if ":" in incomplete and ":" in os.environ.get("COMP_WORDBREAKS", ":"):
+            self._trim = incomplete.rpartition(":")[0] + ":"
+        return words[1:], incomplete
+
+    def format_completion(self, item: CompletionItem) -> str:
+        if self._trim and item.value.startswith(self._trim):
+            item = CompletionItem(item.value[len(self._trim) :], type=item.type, help=item.help)
+        return super().format_completion(item)
+
+
+add_completion_class(ColonSafeBashComplete, "bash")
 
 
 def environment_names() -> list[str]:
