@@ -115,3 +115,5 @@ def vm_reap(as_json: bool) -> None:
     else:
         for vm_id in data.reaped:
             click.echo(f"reaped {vm_id} ({data.reasons.get(vm_id)})")
+        if not data.reaped:
+            click.echo("nothing to reap", err=True)
