@@ -80,10 +80,10 @@ def test_version(state_dir: Path) -> None:
     [
         (["run", "nosuch:1", "--", "true"], "unknown environment"),
         (["run", "../x", "--", "true"], "invalid environment name"),
-        (["run", "debian:12-base", "--mem-mib", "1", "--", "true"], "mem_mib"),
+        (["run", "debian:12-base", "--mem-mib", "1", "--", "true"], "--mem-mib"),
         (["run", "debian:12-base", "--mem-mib", "lots", "--", "true"], "--mem-mib"),
-        (["run", "debian:12-base", "--timeout-seconds", "0", "--", "true"], "timeout_seconds"),
-        (["run", "debian:12-base", "--vcpu-count", "99", "--", "true"], "vcpu_count"),
+        (["run", "debian:12-base", "--timeout-seconds", "0", "--", "true"], "--timeout-seconds"),
+        (["run", "debian:12-base", "--vcpu-count", "99", "--", "true"], "--vcpu-count"),
         (["run", "debian:12-base", "--"], "COMMAND"),
         (["run", "debian:12-base", "--", ""], "program name"),
         (["run", "debian:12-base", "--network", "--", "true"], "networking"),
@@ -147,10 +147,10 @@ def test_doctor_without_qemu_on_path(state_dir: Path) -> None:
 
 def test_vm_list_empty(state_dir: Path) -> None:
     text = cli(state_dir, "vm", "list")
-    assert (text.returncode, text.stdout) == (0, "")
+    assert (text.returncode, text.stdout, text.stderr) == (0, "", "no VMs\n")
     as_json = cli(state_dir, "vm", "list", "--json")
     assert as_json.returncode == 0
-    assert json.loads(as_json.stdout) == []
+    assert json.loads(as_json.stdout) == {"vms": []}
 
 
 def test_vm_commands_with_bad_ids(state_dir: Path) -> None:
@@ -169,7 +169,7 @@ def test_vm_commands_with_bad_ids(state_dir: Path) -> None:
 def test_env_list_json(vm_environment: str, state_dir: Path) -> None:
     proc = cli(state_dir, "env", "list", "--json")
     assert proc.returncode == 0, proc.stderr
-    envs = {e["name"]: e for e in json.loads(proc.stdout)}
+    envs = {e["name"]: e for e in json.loads(proc.stdout)["environments"]}
     assert vm_environment in envs
     assert envs[vm_environment]["installed"] is True
     assert {"name", "version", "description", "installed"} <= set(envs[vm_environment])
@@ -264,7 +264,7 @@ def test_vm_list_shows_sdk_vms(vm_environment: str, state_dir: Path) -> None:
         assert text.returncode == 0
         assert vm in text.stdout and "created" in text.stdout
         listed = json.loads(cli(state_dir, "vm", "list", "--json").stdout)
-        assert [v["vm_id"] for v in listed] == [vm]
+        assert [v["vm_id"] for v in listed["vms"]] == [vm]
         deleted = cli(state_dir, "vm", "delete", vm)
         assert deleted.returncode == 0
     finally:
@@ -316,7 +316,7 @@ def test_signalled_run_mid_command_is_reaped(
     wait_until(lambda: not vmm_pids(state_dir), 15, "QEMU to exit")
     wait_until(lambda: not state_leftovers(state_dir), 15, "the VM folder to go")
     listed = cli(state_dir, "vm", "list", "--json")
-    assert json.loads(listed.stdout) == []
+    assert json.loads(listed.stdout) == {"vms": []}
 
 
 @pytest.mark.vm
@@ -340,5 +340,5 @@ def test_sigkilled_run_during_boot_is_reaped(vm_environment: str, state_dir: Pat
         time.sleep(0.1)
     if not clean():  # killed before the supervisor started: the next invocation reaps
         listed = cli(state_dir, "vm", "list", "--json")
-        assert json.loads(listed.stdout) == []
+        assert json.loads(listed.stdout) == {"vms": []}
         wait_until(clean, 30, "QEMU and the VM folder to go")

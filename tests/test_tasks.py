@@ -145,7 +145,7 @@ def test_cli_argv_boundaries_exit_codes_and_json(vm_environment: str, state_dir:
         status = json.loads(cli("task", "status", task_id, "--json").stdout)
         assert status["task_id"] == task_id and status["status"] == "running"
         listed = json.loads(cli("task", "list", "--json").stdout)
-        assert [t["task_id"] for t in listed] == [task_id]
+        assert [t["task_id"] for t in listed["tasks"]] == [task_id]
     finally:
         cli("task", "delete", task_id)
 
@@ -322,7 +322,7 @@ def test_tasks_are_reaped_at_their_ttl(tasks: Pyro, vm_environment: str, state_d
     info = tasks.create_task(vm_environment, ttl_seconds=10)
     vmm = tasks.manager.records.load(str(info.vm_id)).runtime.vmm
     assert vmm is not None and vmm.alive()
-    time.sleep(max(0.0, info.expires_at - time.time()) + 1.0)
+    time.sleep(max(0.0, info.expires_at.timestamp() - time.time()) + 1.0)
     reaped = tasks.reap_expired()
     assert reaped.reasons.get(info.task_id) == "ttl_expired"
     assert not vmm.alive()

@@ -232,7 +232,7 @@ def test_ttl_reaping(pyro: Pyro, vm_environment: str, state_dir: Path) -> None:
     assert pyro.status_vm(orphan).status == "stopped"
     assert orphan not in pyro.reap_expired().reaped  # within its TTL: kept
 
-    expires_at = max(pyro.status_vm(v).expires_at for v in (reaped_by_itself, orphan))
+    expires_at = max(pyro.status_vm(v).expires_at.timestamp() for v in (reaped_by_itself, orphan))
     # A command still running when the TTL ends is cut off, with an error naming the TTL.
     with pytest.raises(VMStateError) as cut_off:
         pyro.manager.exec(reaped_by_itself, "sleep 60", ExecOptions.checked(timeout_seconds=60))

@@ -148,13 +148,21 @@ class Pyro:
 
     def inspect_environment(self, environment: str, *, verify: bool = False) -> dict[str, Any]:
         """An environment's installed artifacts, their state (``verify`` re-hashes every
-        file) and the warm-start snapshots in the cache."""
+        file) and its warm-start snapshots in the cache (those taken of its installed
+        root image; other environments' are left out)."""
         from dataclasses import asdict
 
         from pyro_mcp.vmm import list_snapshots
 
         info = asdict(self._manager.store.inspect(environment, verify=verify))
-        info["snapshots"] = list_snapshots()
+        folder = Path(info["path"]) if info["path"] else None
+        info["snapshots"] = [
+            snap
+            for snap in list_snapshots()
+            if folder is not None
+            and snap.get("rootfs")
+            and Path(str(snap["rootfs"])).parent == folder
+        ]
         return info
 
     def prune_environments(self) -> list[str]:

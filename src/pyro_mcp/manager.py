@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +118,14 @@ class VMManager:
             ),
         )
         self._store = store
-        self._backend_name = backend or os.environ.get("PYRO_BACKEND") or "auto"
+        from pyro_mcp.vmm import check_backend_name
+
+        if backend:
+            self._backend_name = check_backend_name(backend)
+        else:
+            from_env = os.environ.get("PYRO_BACKEND") or ""
+            where = f" (from PYRO_BACKEND={from_env})" if from_env else ""
+            self._backend_name = check_backend_name(from_env or "auto", where)
 
     # -- helpers ------------------------------------------------------------
     @property
@@ -135,18 +143,13 @@ class VMManager:
 
     def backend_choice(self) -> BackendChoice:
         """The backend new VMs get, its acceleration, and why (``pyro doctor`` shows it)."""
-        from pyro_mcp.vmm import BACKEND_NAMES, SANDBOX_BACKEND_NAMES, choose_auto
+        from pyro_mcp.vmm import SANDBOX_BACKEND_NAMES, choose_auto
 
         name = self._backend_name
         if name in SANDBOX_BACKEND_NAMES:
             raise InvalidInputError(
                 "the host_compat backend runs tasks and one-shot runs only, not VMs",
                 hints=SANDBOX_ONLY,
-            )
-        if name != "auto" and name not in BACKEND_NAMES:
-            raise InvalidInputError(
-                f"unknown backend {name!r}",
-                hint=f"choose one of: auto, {', '.join(BACKEND_NAMES)}, host_compat",
             )
         if name == "auto":
             try:
@@ -492,8 +495,8 @@ class VMManager:
             mem_mib=config.mem_mib,
             network=config.network,
             ttl_seconds=config.ttl_seconds,
-            created_at=config.created_at,
-            expires_at=config.expires_at,
+            created_at=datetime.fromtimestamp(config.created_at, UTC),
+            expires_at=datetime.fromtimestamp(config.expires_at, UTC),
             backend=config.backend,
             acceleration=config.acceleration,
             boot=runtime.boot,  # type: ignore[arg-type]

@@ -216,6 +216,7 @@ class PyroMCPServer:
                 NotFoundError(
                     f"unknown tool {params.name!r} (profile {self.config.profile})",
                     hint=f"tools available: {names}; restart with `--profile full` for all",
+                    details={"name": params.name, "available": list(self.tools)},
                 )
             )
         else:

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PlainSerializer
+
+
+def iso_utc(when: datetime | float) -> str:
+    """``when`` (an aware datetime or epoch seconds) as ISO 8601 UTC to the second,
+    e.g. ``2026-12-08T00:29:19+00:00``: how every time in pyro's JSON is written."""
+    if not isinstance(when, datetime):
+        when = datetime.fromtimestamp(when, UTC)
+    return when.astimezone(UTC).isoformat(timespec="seconds")
+
+
+#: A point in time: an aware ``datetime`` in Python, an ISO 8601 UTC string in every
+#: ``model_dump()`` and JSON (CLI ``--json``, MCP). Epoch seconds are accepted as input.
+Timestamp = Annotated[datetime, PlainSerializer(iso_utc, return_type=str)]
 
 BootKind = Literal["cold", "restored", "pooled"]
 VMStatus = Literal["created", "starting", "running", "stopped", "failed"]
@@ -57,8 +71,8 @@ class VMInfo(BaseModel):
     mem_mib: int
     network: bool
     ttl_seconds: int
-    created_at: float
-    expires_at: float
+    created_at: Timestamp = Field(description="When it was created, ISO 8601 UTC.")
+    expires_at: Timestamp = Field(description="When its TTL runs out, ISO 8601 UTC.")
     backend: str
     acceleration: str
     boot: BootKind | None = None
@@ -120,8 +134,8 @@ class TaskInfo(BaseModel):
     mem_mib: int
     network: bool
     ttl_seconds: int
-    created_at: float
-    expires_at: float
+    created_at: Timestamp = Field(description="When it was created, ISO 8601 UTC.")
+    expires_at: Timestamp = Field(description="When its TTL runs out, ISO 8601 UTC.")
     workspace_path: str = Field(description="Where the workspace is mounted: '/workspace'.")
     workspace_seed: WorkspaceSeed
     boot: BootKind | None = None

@@ -134,6 +134,7 @@ class RecordStore(Generic[R]):
             f"{self.kind} {record_id} does not exist (it may have been deleted, or reaped "
             "after its TTL)",
             hints=self.list_hint,
+            details={f"{self.kind.lower()}_id": record_id},
         )
 
     def load(self, record_id: str) -> R:

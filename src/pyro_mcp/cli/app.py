@@ -20,8 +20,13 @@ from pyro_mcp.cli.common import (
     finish_exec,
     json_option,
     make_pyro,
+    mem_option,
     no_stdin_option,
+    timeout_option,
+    ttl_option,
+    vcpu_option,
 )
+from pyro_mcp.cli.complete import complete_environment
 from pyro_mcp.errors import PyroError
 
 
@@ -54,14 +59,12 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--vcpu-count", type=int, default=limits.DEFAULT_VCPU_COUNT, show_default=True)
-@click.option("--mem-mib", type=int, default=limits.DEFAULT_MEM_MIB, show_default=True)
-@click.option(
-    "--timeout-seconds", type=int, default=limits.DEFAULT_TIMEOUT_SECONDS, show_default=True
-)
-@click.option("--ttl-seconds", type=int, default=limits.DEFAULT_TTL_SECONDS, show_default=True)
+@vcpu_option
+@mem_option
+@timeout_option
+@ttl_option(limits.DEFAULT_TTL_SECONDS, "VM")
 @click.option("--network", is_flag=True, help="Give the guest a network (not available yet).")
 @no_stdin_option
 @json_option
@@ -136,13 +139,14 @@ def doctor(as_json: bool) -> None:
         click.echo(f"  {key} = {config[key]!r}  ({source})")
 
 
-from pyro_mcp.cli.env import env  # noqa: E402 - the groups attach to the root above
+from pyro_mcp.cli.complete import completion  # noqa: E402 - the groups attach to the root above
+from pyro_mcp.cli.env import env  # noqa: E402
 from pyro_mcp.cli.files import COMMANDS as FILE_COMMANDS  # noqa: E402
 from pyro_mcp.cli.mcp import mcp  # noqa: E402
 from pyro_mcp.cli.task import task  # noqa: E402
 from pyro_mcp.cli.vm import vm  # noqa: E402
 
-for group in (env, vm, task, mcp):
+for group in (env, vm, task, mcp, completion):
     cli.add_command(group)
 for command in FILE_COMMANDS:
     task.add_command(command)

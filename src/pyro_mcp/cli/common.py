@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -79,11 +81,59 @@ def fail(exc: PyroError, as_json: bool) -> NoReturn:
 
 
 def emit(data: Any) -> None:
+    """``data`` (a model, or plain JSON-ready data) as JSON on stdout. Lists are
+    wrapped by the caller in an object named for what they hold (``{"tasks": [...]}``),
+    the shape the MCP tools answer with."""
     if hasattr(data, "model_dump"):
-        data = data.model_dump()
-    elif isinstance(data, list):
-        data = [d.model_dump() if hasattr(d, "model_dump") else d for d in data]
+        data = data.model_dump(mode="json")
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def quiet_option(fn: F) -> F:
+    return click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        help="Print only the ids (names for `env list`, paths for `task files`), one a "
+        "line, nothing when there are none: `pyro task delete $(pyro task list -q)`.",
+    )(fn)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty: str) -> None:
+    """A headed table on stdout, columns padded to their widest cell; with no rows just
+    ``empty`` (e.g. "no tasks") on stderr, so stdout holds nothing to parse."""
+    if not rows:
+        click.echo(empty, err=True)
+        return
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        line = "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo(line.rstrip())
+
+
+def human_duration(seconds: float) -> str:
+    """A rough duration for tables: 45s, 12m, 5h, 3d."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def age(when: datetime) -> str:
+    """How long ago ``when`` was, for tables."""
+    return human_duration(time.time() - when.timestamp())
+
+
+def expires(when: datetime) -> str:
+    """How long until ``when``, for tables: ``in 5h``, or ``expired``."""
+    left = when.timestamp() - time.time()
+    return f"in {human_duration(left)}" if left > 0 else "expired"
+
+
+def local_time(when: datetime) -> str:
+    """``when`` for people: local time to the second, with its UTC offset."""
+    return when.astimezone().isoformat(sep=" ", timespec="seconds")
 
 
 def finish_exec(result: Any, as_json: bool, timeout_seconds: int) -> NoReturn:
@@ -144,9 +194,30 @@ def as_pyro_exit(exc: click.ClickException) -> None:
     setattr(exc, "exit_code", EXIT_PYRO_ERROR)  # noqa: B010
 
 
+def wants_json(args: Sequence[str]) -> bool:
+    """Whether a command line asks for JSON: ``--json`` before any ``--`` (after it,
+    the words are the guest command's)."""
+    words = list(args)
+    if "--" in words:
+        words = words[: words.index("--")]
+    return "--json" in words
+
+
+def usage_failure(exc: click.ClickException, as_json: bool) -> None:
+    """A usage error exits 125; with --json it is printed as the one error shape
+    (``{"error": {"code": "invalid_input", ...}}``) on stdout, like pyro's own errors."""
+    as_pyro_exit(exc)
+    if not as_json:
+        return
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "pyro"
+    fail(InvalidInputError(exc.format_message(), hint=f"see `{where} --help`"), True)
+
+
 class PyroGroup(click.Group):
     """The root group: a usage error anywhere below it (parsing any subcommand, or a
-    ``click.BadParameter`` raised in a command) exits 125, like pyro's own errors."""
+    ``click.BadParameter`` raised in a command) exits 125, like pyro's own errors, and
+    is printed as JSON when the command line has ``--json``."""
 
     def make_context(
         self,
@@ -155,17 +226,20 @@ class PyroGroup(click.Group):
         parent: click.Context | None = None,
         **extra: Any,
     ) -> click.Context:
+        as_json = wants_json(args)
         try:
-            return super().make_context(info_name, args, parent, **extra)
+            ctx = super().make_context(info_name, args, parent, **extra)
         except click.ClickException as exc:
-            as_pyro_exit(exc)
+            usage_failure(exc, as_json)
             raise
+        ctx.meta["pyro.json"] = as_json
+        return ctx
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.ClickException as exc:
-            as_pyro_exit(exc)
+            usage_failure(exc, bool(ctx.meta.get("pyro.json")))
             raise
 
 
@@ -201,3 +275,46 @@ def config_defaults(group: click.Group, settings: Any) -> dict[str, Any]:
         if sub:
             out[name] = sub
     return out
+
+
+def vcpu_option(fn: F) -> F:
+    return click.option(
+        "--vcpu-count",
+        type=click.IntRange(1, limits.MAX_VCPU_COUNT),
+        default=limits.DEFAULT_VCPU_COUNT,
+        show_default=True,
+        help="Virtual CPUs of the guest.",
+    )(fn)
+
+
+def mem_option(fn: F) -> F:
+    return click.option(
+        "--mem-mib",
+        type=click.IntRange(limits.MIN_MEM_MIB, limits.MAX_MEM_MIB),
+        default=limits.DEFAULT_MEM_MIB,
+        show_default=True,
+        help="Guest memory in MiB.",
+    )(fn)
+
+
+def timeout_option(fn: F) -> F:
+    return click.option(
+        "--timeout-seconds",
+        type=click.IntRange(1, limits.MAX_TIMEOUT_SECONDS),
+        default=limits.DEFAULT_TIMEOUT_SECONDS,
+        show_default=True,
+        help="Kill the command after this long; pyro then exits 124.",
+    )(fn)
+
+
+def ttl_option(default: int, what: str) -> Callable[[F], F]:
+    def decorate(fn: F) -> F:
+        return click.option(
+            "--ttl-seconds",
+            type=click.IntRange(limits.MIN_TTL_SECONDS, limits.MAX_TTL_SECONDS),
+            default=default,
+            show_default=True,
+            help=f"Delete the {what} this long after it was created, even if in use.",
+        )(fn)
+
+    return decorate

@@ -11,13 +11,22 @@ from pathlib import Path
 
 import click
 
-from pyro_mcp.cli.common import StderrProgress, emit, fail, json_option, make_pyro
+from pyro_mcp.cli.common import (
+    StderrProgress,
+    emit,
+    fail,
+    json_option,
+    make_pyro,
+    print_table,
+    quiet_option,
+)
+from pyro_mcp.cli.complete import complete_task_id
 from pyro_mcp.errors import InvalidInputError, PyroError
 from pyro_mcp.limits import TASK_WORKSPACE
 
 
 @click.command("read")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("path")
 @click.option("--offset", type=click.IntRange(min=0), default=0, help="Byte offset to start at.")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=None, help="Most bytes to read.")
@@ -67,7 +76,7 @@ def task_read(
 
 
 @click.command("write")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("path")
 @click.option(
     "--from",
@@ -120,7 +129,7 @@ def _octal_mode(mode: str | None) -> int | None:
 
 
 @click.command("edit")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("path")
 @click.option("--old", "old_text", required=True, help="Exact text to replace (once).")
 @click.option("--new", "new_text", required=True, help="Replacement text.")
@@ -143,13 +152,26 @@ def task_edit(
 
 
 @click.command("files")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("path", default=TASK_WORKSPACE)
 @click.option("-r", "--recursive", is_flag=True, help="Everything below PATH.")
-@click.option("--max-entries", type=click.IntRange(1, 10000), default=1000, show_default=True)
+@click.option(
+    "--max-entries",
+    type=click.IntRange(1, 10000),
+    default=1000,
+    show_default=True,
+    help="Stop after this many entries.",
+)
+@quiet_option
 @json_option
-def task_files(task_id: str, path: str, recursive: bool, max_entries: int, as_json: bool) -> None:
-    """List PATH (default /workspace) in TASK_ID: mode, type, size, mtime, name."""
+def task_files(
+    task_id: str, path: str, recursive: bool, max_entries: int, quiet: bool, as_json: bool
+) -> None:
+    """List PATH (default /workspace) in TASK_ID.
+
+    Columns: MODE TYPE SIZE MTIME (UTC) PATH ("no files" on stderr for an empty
+    folder). -q prints only the paths; --json prints the `task_list_files` answer.
+    """
     try:
         result = make_pyro().list_task_files(
             task_id, path, recursive=recursive, max_entries=max_entries
@@ -159,15 +181,27 @@ def task_files(task_id: str, path: str, recursive: bool, max_entries: int, as_js
     if as_json:
         emit(result)
         return
-    for e in result.entries:
-        target = f" -> {e.link_target}" if e.link_target is not None else ""
-        click.echo(f"{e.mode} {e.type:<9} {e.size:>10} {e.mtime} {e.path}{target}")
+    if quiet:
+        for e in result.entries:
+            click.echo(e.path)
+    else:
+        rows = [
+            (
+                e.mode,
+                e.type,
+                str(e.size),
+                e.mtime,
+                e.path + (f" -> {e.link_target}" if e.link_target is not None else ""),
+            )
+            for e in result.entries
+        ]
+        print_table(("MODE", "TYPE", "SIZE", "MTIME", "PATH"), rows, empty="no files")
     if result.truncated:
         click.echo(f"pyro: listing cut at {max_entries} entries (--max-entries)", err=True)
 
 
 @click.command("diff")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("path", required=False)
 @json_option
 def task_diff(task_id: str, path: str | None, as_json: bool) -> None:
@@ -193,7 +227,7 @@ def task_diff(task_id: str, path: str | None, as_json: bool) -> None:
 
 
 @click.command("export")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--path", default=TASK_WORKSPACE, show_default=True, help="Guest path to export.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DEST.")
@@ -220,7 +254,7 @@ def task_export(task_id: str, dest: Path, path: str, overwrite: bool, as_json: b
 
 
 @click.command("reset")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @json_option
 def task_reset(task_id: str, as_json: bool) -> None:
     """Put TASK_ID's /workspace back to its seed, killing what runs in it.

@@ -23,9 +23,12 @@ def mcp() -> None:
     type=click.Choice(["stdio", "streamable-http"]),
     default="stdio",
     show_default=True,
+    help="stdio for a client that starts the server; streamable-http to serve on --host:--port.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address.")
-@click.option("--port", type=int, default=8765, show_default=True, help="HTTP port.")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8765, show_default=True, help="HTTP port."
+)
 @click.option(
     "--token",
     envvar="PYRO_MCP_TOKEN",
@@ -56,6 +59,12 @@ def mcp() -> None:
     help="Folder task_export may write into (repeatable), besides the client's MCP "
     "roots. Default: none (the working directory is not writable unless named).",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print an error that stops the server from starting as JSON on stdout.",
+)
 def mcp_serve(
     transport: str,
     host: str,
@@ -64,6 +73,7 @@ def mcp_serve(
     profile: str,
     allow_paths: tuple[str, ...],
     allow_write: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Run the MCP server (stdio by default)."""
     from pathlib import Path
@@ -80,6 +90,6 @@ def mcp_serve(
     try:
         serve(config, transport=transport, host=host, port=port, token=token)
     except PyroError as exc:
-        fail(exc, False)
+        fail(exc, as_json)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -12,15 +12,24 @@ import click
 from pyro_mcp import limits
 from pyro_mcp.cli.common import (
     StderrProgress,
+    age,
     command_stdin,
     emit,
+    expires,
     fail,
     finish_exec,
     json_option,
     make_pyro,
+    mem_option,
     no_stdin_option,
     parse_env,
+    print_table,
+    quiet_option,
+    timeout_option,
+    ttl_option,
+    vcpu_option,
 )
+from pyro_mcp.cli.complete import complete_environment, complete_task_id
 from pyro_mcp.errors import PyroError
 
 
@@ -50,12 +59,12 @@ def _print_task(info: Any) -> None:
     )
     if seed.sha256:
         click.echo(f"seed sha256:  {seed.sha256}")
-    remaining = max(0, int(info.expires_at - time.time()))
+    remaining = max(0, int(info.expires_at.timestamp() - time.time()))
     click.echo(f"expires in:   {remaining} s")
 
 
 @task.command("create")
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
 @click.option(
     "--source-path",
     type=click.Path(path_type=str),
@@ -68,9 +77,9 @@ def _print_task(info: Any) -> None:
     metavar="PATTERN",
     help="Leave out matching paths (glob on path or name, e.g. .git, '*.pyc'). Repeatable.",
 )
-@click.option("--vcpu-count", type=int, default=limits.DEFAULT_VCPU_COUNT, show_default=True)
-@click.option("--mem-mib", type=int, default=limits.DEFAULT_MEM_MIB, show_default=True)
-@click.option("--ttl-seconds", type=int, default=limits.DEFAULT_TASK_TTL_SECONDS, show_default=True)
+@vcpu_option
+@mem_option
+@ttl_option(limits.DEFAULT_TASK_TTL_SECONDS, "task and its workspace")
 @click.option("--network", is_flag=True, help="Give the guest a network (not available yet).")
 @json_option
 def task_create(
@@ -116,13 +125,17 @@ def task_create(
 
 
 @task.command("exec")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option(
-    "--timeout-seconds", type=int, default=limits.DEFAULT_TIMEOUT_SECONDS, show_default=True
-)
+@timeout_option
 @click.option("--cwd", default=limits.TASK_WORKSPACE, show_default=True, help="Guest directory.")
-@click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@click.option(
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set a variable for the command. Repeatable.",
+)
 @no_stdin_option
 @json_option
 def task_exec(
@@ -166,7 +179,7 @@ def task_exec(
 
 
 @task.command("status")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @json_option
 def task_status(task_id: str, as_json: bool) -> None:
     """Show one task."""
@@ -181,26 +194,39 @@ def task_status(task_id: str, as_json: bool) -> None:
 
 
 @task.command("list")
+@quiet_option
 @json_option
-def task_list(as_json: bool) -> None:
-    """List tasks."""
+def task_list(quiet: bool, as_json: bool) -> None:
+    """List tasks: ID ENV STATUS AGE EXPIRES SOURCE ("no tasks" on stderr when there
+    are none). -q prints only the ids; --json prints {"tasks": [...]}."""
+    from pyro_mcp.contract.outputs import TaskList
+
     try:
         tasks = make_pyro().list_tasks()
     except PyroError as exc:
         fail(exc, as_json)
     if as_json:
-        emit(tasks)
-        return
-    for t in tasks:
-        seed = t.workspace_seed
-        source = seed.source_path or "(empty)"
-        click.echo(
-            f"{t.task_id}  {t.environment:<16} {t.status:<8} {t.execution_mode:<12} {source}"
-        )
+        emit(TaskList(tasks=tasks))
+    elif quiet:
+        for t in tasks:
+            click.echo(t.task_id)
+    else:
+        rows = [
+            (
+                t.task_id,
+                t.environment,
+                t.status,
+                age(t.created_at),
+                expires(t.expires_at),
+                t.workspace_seed.source_path or "-",
+            )
+            for t in tasks
+        ]
+        print_table(("ID", "ENV", "STATUS", "AGE", "EXPIRES", "SOURCE"), rows, empty="no tasks")
 
 
 @task.command("delete")
-@click.argument("task_id")
+@click.argument("task_id", shell_complete=complete_task_id)
 @json_option
 def task_delete(task_id: str, as_json: bool) -> None:
     """Stop TASK_ID's VM and remove it with its workspace."""

@@ -25,6 +25,22 @@ class EnvironmentEntry(BaseModel):
 class EnvironmentList(BaseModel):
     environments: list[EnvironmentEntry]
 
+    @classmethod
+    def of(cls, environments: list[dict[str, Any]]) -> EnvironmentList:
+        """From ``Pyro.list_environments()``: what ``environment_list`` and
+        ``pyro env list --json`` both answer."""
+        return cls(
+            environments=[
+                EnvironmentEntry(
+                    name=e["name"],
+                    version=e["version"],
+                    description=e["description"],
+                    installed=bool(e["installed"]),
+                )
+                for e in environments
+            ]
+        )
+
 
 class VMList(BaseModel):
     vms: list[VMInfo]

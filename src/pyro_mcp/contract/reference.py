@@ -91,7 +91,9 @@ def reference_markdown() -> str:
         "",
         "A tool that cannot do its job (bad argument, unknown VM or task, boot failure)",
         "returns an error result (`isError` over MCP) whose structured content is",
-        '`{"error": {"code", "message", "hint", "details"}}`; a command that fails inside',
-        "the guest is a normal result with its `exit_code`.",
+        '`{"error": {"code", "message", "hint", "details"}}` (`hint` and `details` only',
+        "when there is something to say: a `not_found` error's `details` name the",
+        "`vm_id`, `task_id` or tool `name`); a command that fails inside the guest is a",
+        "normal result with its `exit_code`.",
     ]
     return "\n".join(lines) + "\n"

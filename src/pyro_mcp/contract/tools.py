@@ -40,4 +40,8 @@ def get_tool(name: str, tools: Sequence[ToolSpec] = TOOLS) -> ToolSpec:
         if tool.name == name:
             return tool
     names = ", ".join(t.name for t in tools)
-    raise NotFoundError(f"unknown tool {name!r}", hint=f"available tools: {names}")
+    raise NotFoundError(
+        f"unknown tool {name!r}",
+        hint=f"available tools: {names}",
+        details={"name": name, "available": [t.name for t in tools]},
+    )

@@ -15,7 +15,7 @@ from pyro_mcp.contract.inputs import (
     VMRunInput,
     exec_options,
 )
-from pyro_mcp.contract.outputs import DeleteResult, EnvironmentEntry, EnvironmentList, VMList
+from pyro_mcp.contract.outputs import DeleteResult, EnvironmentList, VMList
 from pyro_mcp.contract.render import (
     render_environments,
     render_exec,
@@ -46,17 +46,7 @@ def _run_vm_run(pyro: Pyro, args: VMRunInput, ctx: ToolContext) -> ExecResult:
 
 
 def _run_list_environments(pyro: Pyro, args: NoInput, ctx: ToolContext) -> EnvironmentList:
-    return EnvironmentList(
-        environments=[
-            EnvironmentEntry(
-                name=e["name"],
-                version=e["version"],
-                description=e["description"],
-                installed=bool(e["installed"]),
-            )
-            for e in pyro.list_environments()
-        ]
-    )
+    return EnvironmentList.of(pyro.list_environments())
 
 
 def _run_vm_create(pyro: Pyro, args: VMCreateInput, ctx: ToolContext) -> VMInfo:

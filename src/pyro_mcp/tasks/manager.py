@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -307,8 +308,8 @@ class TaskManager:
             mem_mib=config.mem_mib,
             network=config.network,
             ttl_seconds=config.ttl_seconds,
-            created_at=config.created_at,
-            expires_at=config.expires_at,
+            created_at=datetime.fromtimestamp(config.created_at, UTC),
+            expires_at=datetime.fromtimestamp(config.expires_at, UTC),
             workspace_path=limits.TASK_WORKSPACE,
             workspace_seed=WorkspaceSeed(**seed.to_dict())
             if seed

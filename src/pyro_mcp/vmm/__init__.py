@@ -17,6 +17,7 @@ __all__ = [
     "BackendInfo",
     "SandboxBackend",
     "backend_info",
+    "check_backend_name",
     "choose_auto",
     "execution_mode",
     "fallback_backend",
@@ -79,10 +80,20 @@ def fallback_backend() -> SandboxBackend:
     return HostCompatBackend()
 
 
-def _unknown(name: str) -> InvalidInputError:
+def _unknown(name: str, where: str = "") -> InvalidInputError:
     return InvalidInputError(
-        f"unknown backend {name!r}", hint=f"choose one of: auto, {', '.join(BACKEND_NAMES)}"
+        f"unknown backend {name!r}{where}",
+        hint=f"choose one of: auto, {', '.join(BACKEND_NAMES)}",
+        details={"backend": name, "available": ["auto", *BACKEND_NAMES]},
     )
+
+
+def check_backend_name(name: str, where: str = "") -> str:
+    """``name`` if it is ``auto`` or a backend's name; else the one "unknown backend"
+    error, naming every choice (``where`` says where the name came from)."""
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise _unknown(name, where)
+    return name
 
 
 def execution_mode(backend: str) -> str:

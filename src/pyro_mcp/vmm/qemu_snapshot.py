@@ -30,6 +30,7 @@ from pyro_mcp import paths
 from pyro_mcp.commands import BASE_ENV
 from pyro_mcp.errors import BootError, PyroError
 from pyro_mcp.fsio import sha256_file
+from pyro_mcp.models import iso_utc
 from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 from pyro_mcp.vmm.base import LaunchSpec, SnapshotRef, VMPaths, snapshots_enabled
 
@@ -146,6 +147,7 @@ def take_snapshot(spec: LaunchSpec, directory: Path, key: str, progress: Progres
             "boot_seconds": round(time.monotonic() - started, 3),
             "mem_mib": spec.mem_mib,
             "vcpu_count": spec.vcpu_count,
+            "rootfs": str(spec.rootfs),
             "sha256": digests,
             "state_sha256": digests["state"],
             "fingerprints": {name: _fingerprint(tmp / name) for name in ARTIFACTS},
@@ -188,7 +190,19 @@ def _warm_up(channel: AgentChannel) -> None:
             channel.close_request(request_id)
 
 
+def _snapshot_rootfs(meta: dict[str, Any]) -> str | None:
+    """The root image a snapshot was taken of: recorded as ``rootfs``; in older
+    snapshots the last of the ``inputs`` (kernel, initramfs, rootfs)."""
+    rootfs = meta.get("rootfs")
+    if isinstance(rootfs, str):
+        return rootfs
+    inputs = meta.get("inputs")
+    return list(inputs)[-1] if isinstance(inputs, dict) and inputs else None
+
+
 def list_snapshots() -> list[dict[str, Any]]:
+    """Every snapshot in the cache: id, path, disk_bytes, rootfs (the root image it
+    was taken of), created_at (ISO 8601 UTC), mem_mib, vcpu_count, boot_seconds."""
     out = []
     root = snapshots_root()
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
@@ -200,15 +214,15 @@ def list_snapshots() -> list[dict[str, Any]]:
             except (OSError, ValueError):
                 meta = {}
             size = sum(f.stat().st_blocks * 512 for f in d.iterdir() if f.is_file())
+            created = meta.get("created_at")
             out.append(
                 {
                     "id": d.name,
                     "path": str(d),
                     "disk_bytes": size,
-                    **{
-                        k: meta.get(k)
-                        for k in ("created_at", "mem_mib", "vcpu_count", "boot_seconds")
-                    },
+                    "rootfs": _snapshot_rootfs(meta),
+                    "created_at": iso_utc(created) if isinstance(created, int | float) else None,
+                    **{k: meta.get(k) for k in ("mem_mib", "vcpu_count", "boot_seconds")},
                 }
             )
     return out
