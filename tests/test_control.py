@@ -53,7 +53,8 @@ def test_an_exec_request_without_stdin_field_has_no_stdin() -> None:
         b'"stdout_cap":1,"stderr_cap":1}'
     )
     assert c.decode_request(line) == c.ExecRequest(("x",), "/", (), 1, 1, 1, stdin=False)
-    assert not c.decode_request(line).stream  # ...and get their output whole in exec_done
+    decoded = c.decode_request(line)
+    assert isinstance(decoded, c.ExecRequest) and not decoded.stream  # output in exec_done
 
 
 def test_an_output_event_out_of_bounds_is_not_encoded() -> None:

@@ -11,15 +11,21 @@ from pyro_mcp import limits
 from pyro_mcp._version import __version__
 from pyro_mcp.cli.common import (
     BACKEND_CHOICES,
+    PROGRESS_CHOICES,
+    OutputWriter,
     PyroGroup,
     StderrProgress,
     command_stdin,
     emit,
+    env_option,
     fail,
     finish_exec,
     json_option,
     make_pyro,
     no_stdin_option,
+    output_cap_option,
+    parse_env,
+    quiet,
 )
 from pyro_mcp.errors import PyroError
 
@@ -37,7 +43,24 @@ from pyro_mcp.errors import PyroError
     "explicit opt-in to run tasks and `pyro run` on the host, confined by bubblewrap "
     "(no VM). Also PYRO_BACKEND.",
 )
-def cli(backend: str | None) -> None:
+@click.option(
+    "-q",
+    "--quiet",
+    envvar="PYRO_QUIET",
+    is_flag=True,
+    help="No progress and no notes on stderr (errors still show). Also PYRO_QUIET=1.",
+)
+@click.option(
+    "--progress",
+    envvar="PYRO_PROGRESS",
+    type=click.Choice(PROGRESS_CHOICES),
+    default="auto",
+    show_default=True,
+    help="How progress shows on stderr: auto (a bar on a terminal, else plain lines), "
+    "plain (lines; a running command's heartbeat at most every 10 s) or none. Also "
+    "PYRO_PROGRESS.",
+)
+def cli(backend: str | None, quiet: bool, progress: str) -> None:
     """Run commands in disposable local microVMs."""
 
 
@@ -51,6 +74,9 @@ def cli(backend: str | None) -> None:
 )
 @click.option("--ttl-seconds", type=int, default=limits.DEFAULT_TTL_SECONDS, show_default=True)
 @click.option("--network", is_flag=True, help="Give the guest a network (not available yet).")
+@click.option("--cwd", default=None, help="Guest directory to run in (default: /root).")
+@env_option
+@output_cap_option
 @no_stdin_option
 @json_option
 def run(
@@ -61,6 +87,9 @@ def run(
     timeout_seconds: int,
     ttl_seconds: int,
     network: bool,
+    cwd: str | None,
+    env_pairs: tuple[str, ...],
+    output_cap: int,
     no_stdin: bool,
     as_json: bool,
 ) -> None:
@@ -71,10 +100,14 @@ def run(
         pyro run debian:12 -- sh -lc 'echo a && echo b'
 
     A piped or redirected stdin is streamed to the command
-    (`cat data.csv | pyro run debian:12 -- wc -l`); -n gives it an empty one.
+    (`cat data.csv | pyro run debian:12 -- wc -l`); -n gives it an empty one. The
+    command's stdout and stderr are written here as they come, byte for byte
+    (with --json: whole, in the JSON, as text).
     """
     progress = StderrProgress()
+    out = OutputWriter(progress)
     try:
+        env = parse_env(env_pairs)
         result = make_pyro(progress).run_in_vm(
             environment,
             list(command),
@@ -83,17 +116,24 @@ def run(
             timeout_seconds=timeout_seconds,
             ttl_seconds=ttl_seconds,
             network=network,
+            cwd=cwd,
+            env=env,
+            stdout_cap=output_cap,
+            stderr_cap=output_cap,
             stdin=command_stdin(no_stdin),
+            on_stdout=None if as_json else out.stdout,
+            on_stderr=None if as_json else out.stderr,
         )
     except PyroError as exc:
         progress.close()
         fail(exc, as_json)
     except KeyboardInterrupt:
         progress.close()
-        click.echo("pyro: interrupted; the VM was deleted", err=True)
+        if not quiet():
+            click.echo("pyro: interrupted; the VM was deleted", err=True)
         sys.exit(130)
     progress.close()
-    finish_exec(result, as_json, timeout_seconds)
+    finish_exec(result, as_json, timeout_seconds, streamed=not as_json)
 
 
 @cli.command()

@@ -11,15 +11,19 @@ import click
 
 from pyro_mcp import limits
 from pyro_mcp.cli.common import (
+    OutputWriter,
     StderrProgress,
     command_stdin,
     emit,
+    env_option,
     fail,
     finish_exec,
     json_option,
     make_pyro,
     no_stdin_option,
+    output_cap_option,
     parse_env,
+    quiet,
 )
 from pyro_mcp.errors import PyroError
 
@@ -122,7 +126,8 @@ def task_create(
     "--timeout-seconds", type=int, default=limits.DEFAULT_TIMEOUT_SECONDS, show_default=True
 )
 @click.option("--cwd", default=limits.TASK_WORKSPACE, show_default=True, help="Guest directory.")
-@click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@env_option
+@output_cap_option
 @no_stdin_option
 @json_option
 def task_exec(
@@ -131,6 +136,7 @@ def task_exec(
     timeout_seconds: int,
     cwd: str,
     env_pairs: tuple[str, ...],
+    output_cap: int,
     no_stdin: bool,
     as_json: bool,
 ) -> None:
@@ -142,8 +148,10 @@ def task_exec(
         pyro task exec ID -- sh -lc 'echo a && echo b'
 
     A piped or redirected stdin is streamed to the command; -n gives it an empty one.
+    Its stdout and stderr are written here as they come, byte for byte.
     """
     progress = StderrProgress()
+    out = OutputWriter(progress)
     try:
         env = parse_env(env_pairs)
         result = make_pyro(progress).exec_task(
@@ -152,17 +160,22 @@ def task_exec(
             timeout_seconds=timeout_seconds,
             cwd=cwd,
             env=env,
+            stdout_cap=output_cap,
+            stderr_cap=output_cap,
             stdin=command_stdin(no_stdin),
+            on_stdout=None if as_json else out.stdout,
+            on_stderr=None if as_json else out.stderr,
         )
     except PyroError as exc:
         progress.close()
         fail(exc, as_json)
     except KeyboardInterrupt:
         progress.close()
-        click.echo("pyro: interrupted; the command was killed, the task is kept", err=True)
+        if not quiet():
+            click.echo("pyro: interrupted; the command was killed, the task is kept", err=True)
         sys.exit(130)
     progress.close()
-    finish_exec(result, as_json, timeout_seconds)
+    finish_exec(result, as_json, timeout_seconds, streamed=not as_json)
 
 
 @task.command("status")
