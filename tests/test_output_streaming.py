@@ -139,13 +139,21 @@ def test_all_byte_values_round_trip(vm_environment: str, state_dir: Path) -> Non
     )  # fmt: skip
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, ALL_BYTES, b"")
     chunks: list[bytes] = []
+    out: list[bytes] = []
     result = Pyro(state_dir=state_dir).run_in_vm(
-        vm_environment, ["sh", "-c", PRINT_ALL_BYTES + " >&2"], on_stderr=chunks.append
+        vm_environment,
+        ["sh", "-c", PRINT_ALL_BYTES + " >&2; head -c 5000 /dev/zero"],
+        on_stderr=chunks.append,
+        on_stdout=out.append,
+        stdout_cap=1024,
     )
     assert result.stderr_bytes == b"".join(chunks) == ALL_BYTES
     assert result.stderr_lossy and "\ufffd" in result.stderr
-    assert not result.stdout_lossy and result.stdout_bytes == b""
     assert "stderr_bytes" not in result.model_dump()
+    # The cap holds for what is streamed as well as for what is kept.
+    assert result.stdout_bytes == b"".join(out) == bytes(1024)
+    assert result.stdout_truncated and not result.stderr_truncated
+    assert not result.stdout_lossy
 
 
 @pytest.mark.vm
