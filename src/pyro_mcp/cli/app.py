@@ -11,7 +11,9 @@ from pyro_mcp import limits
 from pyro_mcp._version import __version__
 from pyro_mcp.cli.common import (
     BACKEND_CHOICES,
+    EXIT_PIPE_CLOSED,
     PROGRESS_CHOICES,
+    OutputClosed,
     OutputWriter,
     PyroGroup,
     StderrProgress,
@@ -127,6 +129,9 @@ def run(
     except PyroError as exc:
         progress.close()
         fail(exc, as_json)
+    except OutputClosed:
+        progress.close()
+        sys.exit(EXIT_PIPE_CLOSED)
     except KeyboardInterrupt:
         progress.close()
         if not quiet():

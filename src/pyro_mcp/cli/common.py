@@ -107,6 +107,14 @@ class StderrProgress:
             self._progress = None
 
 
+EXIT_PIPE_CLOSED = 128 + 13  # as a shell reports a command killed by SIGPIPE
+
+
+class OutputClosed(Exception):
+    """Where the command's output goes was closed (``pyro run ... | head -1``): the
+    command is stopped and pyro exits :data:`EXIT_PIPE_CLOSED` quietly."""
+
+
 class OutputWriter:
     """A command's output written as it arrives, byte for byte, to this process's
     stdout and stderr (flushed at once)."""
@@ -120,8 +128,16 @@ class OutputWriter:
             self.started = True
             self._progress.pause()
         buffer = getattr(stream, "buffer", stream)
-        buffer.write(data)
-        buffer.flush()
+        try:
+            buffer.write(data)
+            buffer.flush()
+        except BrokenPipeError:
+            # Nothing more can be shown: stop the command; the interpreter's own
+            # final flush must not fail either.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+            raise OutputClosed from None
 
     def stdout(self, data: bytes) -> None:
         self._write(sys.stdout, data)

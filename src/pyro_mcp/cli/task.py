@@ -11,6 +11,8 @@ import click
 
 from pyro_mcp import limits
 from pyro_mcp.cli.common import (
+    EXIT_PIPE_CLOSED,
+    OutputClosed,
     OutputWriter,
     StderrProgress,
     command_stdin,
@@ -169,6 +171,9 @@ def task_exec(
     except PyroError as exc:
         progress.close()
         fail(exc, as_json)
+    except OutputClosed:
+        progress.close()
+        sys.exit(EXIT_PIPE_CLOSED)
     except KeyboardInterrupt:
         progress.close()
         if not quiet():
