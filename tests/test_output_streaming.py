@@ -213,3 +213,26 @@ def test_host_compat_streams(state_dir: Path) -> None:
     assert seen[1][0] - seen[0][0] >= 1.0  # "one" came during the sleep
     assert result.stdout_bytes == b"one\n\xffthree\n" and result.stdout_lossy
     assert result.stderr == "two\n"
+
+
+@pytest.mark.vm
+def test_host_compat_task_exec_cli(state_dir: Path) -> None:
+    """``pyro task exec``: byte-exact output, ``--env NAME`` from this environment,
+    and a closed stdout stops the command (exit 141) instead of a traceback."""
+    from conftest import TEST_ENV
+
+    if not host_compat.probe().available:
+        pytest.skip("host_compat cannot run here")
+    task_id = Pyro(state_dir=state_dir, backend="host_compat").create_task(TEST_ENV).task_id
+    proc = spawn(
+        state_dir, "-q", "task", "exec", task_id, "--env", "FOO", "--",
+        "sh", "-c", 'printf "%s\\377\\000" "$FOO"', env={"FOO": "from host"},
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, out, err) == (0, b"from host\xff\x00", b"")
+    proc = spawn(state_dir, "-q", "task", "exec", task_id, "--", "sh", "-c", "yes; sleep 60")
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"y\n"
+    proc.stdout.close()  # like `| head -1`
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr is not None and proc.stderr.read() == b""

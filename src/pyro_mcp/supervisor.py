@@ -16,6 +16,11 @@ at most one chunk and the socket's buffer holds the client back. A command that
 stops reading (or exits) early ends the relay; what the client still sends is
 dropped with the connection.
 
+An exec that asks for ``stream`` gets its output as it comes: the agent's OUTPUT
+frames, cut to the caps here, go out as control ``output`` events, coalesced by
+:class:`_OutputRelay` (a 50 ms / 64 KiB window, arrival order kept across both
+streams); nothing of it is held once sent.
+
 After a command's timeout (or a cancel) the agent gets :data:`HOST_GRACE_S` to
 report the command's end, and more while it keeps answering PING (a guest
 under heavy load is slow, not dead), up to :data:`MAX_GRACE_S`.
