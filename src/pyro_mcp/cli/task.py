@@ -115,10 +115,11 @@ def task_create(
     click.echo(info.task_id)
     seed = info.workspace_seed
     what = f"{seed.entry_count} entries from {seed.source_path}" if seed.source_path else "empty"
-    click.echo(
-        f"pyro: task {info.task_id} {info.status} ({info.execution_mode}); /workspace: {what}",
-        err=True,
-    )
+    if not quiet():
+        click.echo(
+            f"pyro: task {info.task_id} {info.status} ({info.execution_mode}); /workspace: {what}",
+            err=True,
+        )
 
 
 @task.command("exec")
