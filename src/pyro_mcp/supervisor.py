@@ -178,7 +178,10 @@ class _OutputRelay:
     kept in arrival order across both streams, a chunk of the same stream as the last
     one joined to it, and sent as ``output`` events once the oldest waiting byte is
     :data:`~pyro_mcp.control.OUTPUT_FLUSH_S` old or :data:`~pyro_mcp.control.MAX_OUTPUT_CHUNK`
-    bytes wait (so a flood is a few large events, a trickle arrives at once)."""
+    bytes wait (so a flood is a few large events and a trickle is not held back).
+
+    Sending blocks while the client does not read: the exec waits with it (the
+    agent's own caps bound what an honest agent sends meanwhile)."""
 
     def __init__(self, conn: socket.socket) -> None:
         self._conn = conn
