@@ -79,8 +79,13 @@ def test_defaults_and_bounds_come_from_limits() -> None:
         "cwd",
         "env",
         "stdin",
+        "stdout_cap",
+        "stderr_cap",
     ]
     assert props["stdin"]["anyOf"][0]["maxLength"] == limits.MAX_STDIN_TEXT
+    for cap in ("stdout_cap", "stderr_cap"):
+        assert props[cap]["default"] == limits.DEFAULT_OUTPUT_CAP
+        assert props[cap]["maximum"] == limits.MAX_OUTPUT_CAP
 
 
 def test_every_command_tool_takes_the_same_exec_options() -> None:

@@ -21,6 +21,9 @@ EXEC = c.ExecRequest(("sh", "-lc", "true"), "/root", ("PATH=/bin",), 30000, 1024
 MESSAGES: list[c.Message] = [
     EXEC,
     c.ExecRequest(("cat",), "/", (), 0, 1024, 1024, stdin=True),
+    c.ExecRequest(("cat",), "/", (), 0, 1024, 1024, stream=True),
+    c.Output(c.STDOUT, b"\xff\x00out"),
+    c.Output(c.STDERR, b"e" * c.MAX_OUTPUT_CHUNK),
     c.PingRequest(),
     c.ShutdownRequest("deleted"),
     c.Heartbeat(1500),
@@ -33,8 +36,11 @@ MESSAGES: list[c.Message] = [
 def test_wire_format_is_frozen() -> None:
     assert c.encode(EXEC) == (
         b'{"v":1,"type":"exec","argv":["sh","-lc","true"],"cwd":"/root","env":["PATH=/bin"],'
-        b'"timeout_ms":30000,"stdout_cap":1024,"stderr_cap":2048,"stdin":false}\n'
+        b'"timeout_ms":30000,"stdout_cap":1024,"stderr_cap":2048,"stdin":false,'
+        b'"stream":false}\n'
     )
+    assert c.encode(c.Output(2, b"\x00hi")) == b'{"v":1,"type":"output","stream":2,"b64":"AGhp"}\n'
+
     assert c.encode(c.Heartbeat(7)) == b'{"v":1,"type":"heartbeat","elapsed_ms":7}\n'
     assert c.encode(c.StdinData(b"\x00hi")) == b'{"v":1,"type":"stdin","b64":"AGhp"}\n'
     assert c.encode(c.StdinEof()) == b'{"v":1,"type":"stdin_eof"}\n'
@@ -47,6 +53,14 @@ def test_an_exec_request_without_stdin_field_has_no_stdin() -> None:
         b'"stdout_cap":1,"stderr_cap":1}'
     )
     assert c.decode_request(line) == c.ExecRequest(("x",), "/", (), 1, 1, 1, stdin=False)
+    decoded = c.decode_request(line)
+    assert isinstance(decoded, c.ExecRequest) and not decoded.stream  # output in exec_done
+
+
+def test_an_output_event_out_of_bounds_is_not_encoded() -> None:
+    for stream, data in ((1, b""), (1, b"x" * (c.MAX_OUTPUT_CHUNK + 1)), (3, b"x")):
+        with pytest.raises(InvalidInputError):
+            c.encode(c.Output(stream, data))
 
 
 @pytest.mark.parametrize("message", [c.StdinData(b"\xff" * c.MAX_STDIN_CHUNK), c.StdinEof()])
@@ -114,6 +128,8 @@ def test_round_trip(message: c.Message) -> None:
         b'"stdout_cap":1,"stderr_cap":1}',
         b'{"v":1,"type":"exec","argv":["x"],"cwd":"/","env":[],"timeout_ms":1,'
         b'"stdout_cap":1,"stderr_cap":1,"stdin":1}',  # stdin must be a bool
+        b'{"v":1,"type":"exec","argv":["x"],"cwd":"/","env":[],"timeout_ms":1,'
+        b'"stdout_cap":1,"stderr_cap":1,"stream":"yes"}',  # stream must be a bool
         b'{"v":1,"type":"shutdown"}',
     ],
 )
@@ -130,6 +146,9 @@ def test_bad_requests_are_refused(line: bytes) -> None:
         b'"stdout_truncated":false,"stderr_truncated":false,"duration_ms":1,'
         b'"stdout_b64":"@@@","stderr_b64":""}',
         b'{"v":1,"type":"failed","error":"boom"}',
+        b'{"v":1,"type":"output","stream":3,"b64":"AA=="}',  # no such stream
+        b'{"v":1,"type":"output","stream":1,"b64":""}',  # empty
+        b'{"v":1,"type":"output","stream":1}',
         b'{"v":1,"type":"ready","boot":"cold","boot_ms":1,"supervisor":{"pid":"x"},"vmm":null}',
         b'{"v":0,"type":"ok"}',
     ],

@@ -400,7 +400,8 @@ def test_forged_frames_cannot_exceed_the_host_side_caps(
 ) -> None:
     """A guest that speaks the protocol itself: stray frames for unknown ids, a second
     HELLO, an INIT_OK out of place, then 1.5 MiB of OUTPUT for the running exec and a
-    forged EXIT. The host keeps the cap (1 MiB) and stays small."""
+    forged EXIT. The host keeps the cap (1 MiB), in what it streams as well, and stays
+    small."""
     m = qpyro.manager
     vm_id = started_vm(qpyro, vm_environment)
     supervisor = int(record(state_dir, vm_id)["supervisor"]["pid"])
@@ -428,10 +429,16 @@ def test_forged_frames_cannot_exceed_the_host_side_caps(
         "sleep 60\n"
     )
     cap = 1 << 20
+    streamed: list[bytes] = []  # streamed output events: the supervisor cuts them too
     with Ticker() as ticker:
-        out = m.exec(vm_id, script, ExecOptions.checked(timeout_seconds=30, stdout_cap=cap))
+        out = m.exec(
+            vm_id,
+            script,
+            ExecOptions.checked(timeout_seconds=30, stdout_cap=cap, on_stdout=streamed.append),
+        )
     assert out.exit_code == 7  # the forged EXIT: the guest owns its own results
     assert out.stdout_truncated and out.stdout == b"A" * cap
+    assert b"".join(streamed) == out.stdout
     assert peak_rss_kib(supervisor) < 128 * 1024
     ticker.assert_responsive()
     qpyro.delete_vm(vm_id)

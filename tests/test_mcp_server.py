@@ -212,16 +212,18 @@ def test_progress_notifications_during_a_long_command(
         async with mcp_session(serve_params(state_dir)) as s:
             res = await s.call_tool(
                 "vm_run",
-                {"environment": vm_environment, "command": "sleep 3; echo done"},
+                {"environment": vm_environment, "command": "echo started; sleep 3; echo done"},
                 progress_callback=on_progress,
             )
-            assert structured(res)["stdout"] == "done\n"
+            assert structured(res)["stdout"] == "started\ndone\n"
 
     anyio.run(main)
     assert len(seen) >= 2, seen
     values = [p for p, _ in seen]
     assert values == sorted(values) and len(set(values)) == len(values)
     assert any(m and "running" in m for _, m in seen), seen
+    # A running command's progress carries the tail of what it printed so far.
+    assert any(m and "last output: started" in m for _, m in seen), seen
 
 
 @pytest.mark.vm

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from pyro_mcp import limits
-from pyro_mcp.commands import ExecOptions, StdinSource
+from pyro_mcp.commands import ExecOptions, OutputFn, StdinSource
 from pyro_mcp.errors import PyroError, VMStateError, hints
 from pyro_mcp.manager import VMManager
 from pyro_mcp.models import (
@@ -188,6 +188,8 @@ class Pyro:
         stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stdin: StdinSource = None,
+        on_stdout: OutputFn | None = None,
+        on_stderr: OutputFn | None = None,
     ) -> ExecResult:
         """Run one command in a fresh VM that is always deleted afterwards.
 
@@ -196,6 +198,10 @@ class Pyro:
         ``stdin`` is the command's stdin: bytes, str (UTF-8), a binary file object or
         an iterable of bytes, streamed as the command reads it (None: empty). A
         command that exits without reading it all is fine: the rest is not read.
+        ``on_stdout``/``on_stderr`` are called with each chunk of output (bytes) as
+        it arrives, in order; the result still has it all (capped): ``stdout`` as
+        text, ``stdout_bytes`` exact (likewise stderr). Caps: up to
+        ``limits.MAX_OUTPUT_CAP`` bytes per stream.
         """
         cmd = limits.check_command(command)
         opts = ExecOptions.checked(
@@ -205,6 +211,8 @@ class Pyro:
             stdout_cap=stdout_cap,
             stderr_cap=stderr_cap,
             stdin=stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
         )
         if self._tasks.selects_host_compat():
             return self._tasks.run_host_compat(environment, cmd, opts, progress=self._progress)
@@ -261,10 +269,13 @@ class Pyro:
         stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stdin: StdinSource = None,
+        on_stdout: OutputFn | None = None,
+        on_stderr: OutputFn | None = None,
     ) -> ExecResult:
         """Run one command in a started VM, then delete the VM (its documented lifecycle).
 
-        For repeated commands in one place, use tasks. ``stdin`` as for :meth:`run_in_vm`.
+        For repeated commands in one place, use tasks. ``stdin``, ``on_stdout`` and
+        ``on_stderr`` as for :meth:`run_in_vm`.
         """
         # Bad arguments or a VM that is not running leave the VM alone.
         cmd = limits.check_command(command)
@@ -275,6 +286,8 @@ class Pyro:
             stdout_cap=stdout_cap,
             stderr_cap=stderr_cap,
             stdin=stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
         )
         info = self._manager.status(vm_id)
         if info.status != "running":
@@ -426,10 +439,12 @@ class Pyro:
         stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stdin: StdinSource = None,
+        on_stdout: OutputFn | None = None,
+        on_stderr: OutputFn | None = None,
     ) -> TaskExecResult:
         """Run one command in the task (``cwd=None``: /workspace); files persist for
-        the next. A command that times out is killed; the task stays. ``stdin`` as for
-        :meth:`run_in_vm`."""
+        the next. A command that times out is killed; the task stays. ``stdin``,
+        ``on_stdout`` and ``on_stderr`` as for :meth:`run_in_vm`."""
         cmd = limits.check_command(command)
         opts = ExecOptions.checked(
             cwd=cwd,
@@ -438,6 +453,8 @@ class Pyro:
             stdout_cap=stdout_cap,
             stderr_cap=stderr_cap,
             stdin=stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
         )
         return self._tasks.exec(task_id, cmd, opts, progress=self._progress)
 

@@ -10,13 +10,18 @@ A command's stdin is a :class:`Stdin`: a one-use stream of byte chunks made from
 bytes, text (UTF-8), a binary file object or an iterable of bytes, and read
 chunk by chunk as the command consumes it (never whole). No stdin means an
 empty one (the command reads EOF at once).
+
+A command's output can be followed as it comes: ``on_stdout``/``on_stderr`` are
+called with each chunk of bytes (within the caps, in the order the command wrote
+them as far as two pipes can tell), on the thread that runs the command; the
+result still holds the whole (capped) output.
 """
 
 from __future__ import annotations
 
 import shlex
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeAlias
 
@@ -35,6 +40,10 @@ BASE_ENV: Mapping[str, str] = {
 VM_DEFAULT_CWD = "/root"
 
 STDIN_CHUNK = 64 * 1024  # the most bytes a stdin chunk carries past this layer
+STDOUT, STDERR = 1, 2  # the streams of :meth:`ExecOptions.emit`
+
+#: Called with each chunk of a command's stdout (or stderr) as it arrives.
+OutputFn: TypeAlias = Callable[[bytes], None]
 
 #: What the SDK takes as a command's stdin: bytes, text (sent as UTF-8), a binary
 #: file object (anything with ``read``, e.g. ``open(path, "rb")`` or
@@ -135,6 +144,19 @@ class ExecOptions:
     stdout_cap: int = limits.DEFAULT_OUTPUT_CAP
     stderr_cap: int = limits.DEFAULT_OUTPUT_CAP
     stdin: Stdin | None = None  # None: an empty stdin
+    on_stdout: OutputFn | None = None
+    on_stderr: OutputFn | None = None
+
+    @property
+    def streaming(self) -> bool:
+        """Whether someone follows the output as it comes."""
+        return self.on_stdout is not None or self.on_stderr is not None
+
+    def emit(self, stream: int, data: bytes) -> None:
+        """Hand ``data`` of ``stream`` (STDOUT or STDERR) to its callback, if any."""
+        fn = self.on_stdout if stream == STDOUT else self.on_stderr
+        if fn is not None and data:
+            fn(data)
 
     @classmethod
     def checked(
@@ -146,6 +168,8 @@ class ExecOptions:
         stdout_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stderr_cap: int = limits.DEFAULT_OUTPUT_CAP,
         stdin: StdinSource = None,
+        on_stdout: OutputFn | None = None,
+        on_stderr: OutputFn | None = None,
     ) -> ExecOptions:
         """Validated options; raises InvalidInputError naming the bad one."""
         return cls(
@@ -155,6 +179,8 @@ class ExecOptions:
             stdout_cap=limits.check_output_cap("stdout_cap", stdout_cap),
             stderr_cap=limits.check_output_cap("stderr_cap", stderr_cap),
             stdin=Stdin.of(stdin),
+            on_stdout=_checked_callback("on_stdout", on_stdout),
+            on_stderr=_checked_callback("on_stderr", on_stderr),
         )
 
     def guest_env(self) -> tuple[str, ...]:
@@ -163,6 +189,15 @@ class ExecOptions:
 
     def cwd_or(self, default: str) -> str:
         return self.cwd if self.cwd is not None else default
+
+
+def _checked_callback(name: str, fn: object) -> OutputFn | None:
+    if fn is not None and not callable(fn):
+        raise InvalidInputError(
+            f"{name} must be a callable taking bytes, not {type(fn).__name__}",
+            hint=f"pass e.g. {name}=sys.stdout.buffer.write",
+        )
+    return fn
 
 
 def build_argv(command: str | list[str], env: Mapping[str, str]) -> list[str]:

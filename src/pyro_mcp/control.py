@@ -11,12 +11,22 @@ field is refused, never guessed at.
 
     manager -> supervisor            supervisor -> manager
     exec {argv, cwd, env, ...}       heartbeat {elapsed_ms}   (about every second)
-    [stdin {b64}]* stdin_eof         exec_done {exit_code, ..., stdout_b64, ...}
-      (only after an exec with "stdin": true)
+    [stdin {b64}]* stdin_eof         [output {stream, b64}]*  (only if "stream": true)
+      (only after an exec with        exec_done {exit_code, ..., stdout_b64, ...}
+       "stdin": true)
     ping                             ok
     shutdown {reason}                ok
     tunnel                           ok, then guest frames (below)
     (any)                            failed {error: {code, message, hint?, details?}}
+
+An exec with ``"stream": true`` gets its output as it comes: ``output`` events
+(``stream`` 1 stdout, 2 stderr; 1 to :data:`MAX_OUTPUT_CHUNK` bytes each, within
+the caps), coalesced by the supervisor (flushed every :data:`OUTPUT_FLUSH_S` or at
+:data:`MAX_OUTPUT_CHUNK` bytes) and sent in the order the agent's OUTPUT frames
+came, across both streams; its ``exec_done`` then carries empty ``stdout_b64`` and
+``stderr_b64`` (the caller keeps what it was sent). Without it (the field absent,
+as in the requests of pyro-mcp before streaming) the output comes whole in
+``exec_done``.
 
 ``tunnel`` turns the connection into a relay of guest-protocol frames (the
 file operations of :mod:`pyro_mcp.guest.channel`: READ_FILE, WRITE_FILE, STAT,
@@ -55,6 +65,9 @@ from pyro_mcp.vmm.base import LaunchPlan, LaunchSpec, SnapshotRef
 CONTROL_VERSION = 1
 MAX_LINE_BYTES = 1 << 20  # a request line; results are larger (they carry the output)
 MAX_STDIN_CHUNK = 64 * 1024  # data bytes in one stdin message (the agent's DATA chunk)
+MAX_OUTPUT_CHUNK = 64 * 1024  # data bytes in one output event
+OUTPUT_FLUSH_S = 0.05  # the longest the supervisor holds output back to coalesce it
+STDOUT, STDERR = 1, 2  # an output event's ``stream``
 
 
 # ----------------------------------------------------------------- requests
@@ -71,6 +84,7 @@ class ExecRequest:
     stdout_cap: int
     stderr_cap: int
     stdin: bool = False  # True: stdin messages then stdin_eof follow; False: /dev/null
+    stream: bool = False  # True: output events as it comes, exec_done without the bytes
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,14 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class Output:
+    """The next bytes (1 to :data:`MAX_OUTPUT_CHUNK`) of an exec's stdout or stderr."""
+
+    stream: int  # STDOUT or STDERR
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Ok:
     """A ping or shutdown was done."""
 
@@ -150,7 +172,7 @@ class Ready:
     vmm: ProcessId | None
 
 
-Event: TypeAlias = Heartbeat | Ok | ExecDone | Failed | Ready
+Event: TypeAlias = Heartbeat | Output | Ok | ExecDone | Failed | Ready
 Message: TypeAlias = Request | StdinMessage | Event
 
 
@@ -170,6 +192,7 @@ def encode(message: Message) -> bytes:
             "stdout_cap": message.stdout_cap,
             "stderr_cap": message.stderr_cap,
             "stdin": message.stdin,
+            "stream": message.stream,
         }
     elif isinstance(message, StdinData):
         if not 1 <= len(message.data) <= MAX_STDIN_CHUNK:
@@ -185,6 +208,16 @@ def encode(message: Message) -> bytes:
         body = {"type": "tunnel"}
     elif isinstance(message, Heartbeat):
         body = {"type": "heartbeat", "elapsed_ms": message.elapsed_ms}
+    elif isinstance(message, Output):
+        if message.stream not in (STDOUT, STDERR):
+            raise InvalidInputError(f"an output event's stream is 1 or 2, not {message.stream}")
+        if not 1 <= len(message.data) <= MAX_OUTPUT_CHUNK:
+            raise InvalidInputError(f"an output event holds 1..{MAX_OUTPUT_CHUNK} bytes")
+        body = {
+            "type": "output",
+            "stream": message.stream,
+            "b64": base64.b64encode(message.data).decode("ascii"),
+        }
     elif isinstance(message, Ok):
         body = {"type": "ok"}
     elif isinstance(message, ExecDone):
@@ -301,6 +334,8 @@ def decode_request(line: bytes | str) -> Request:
                 stderr_cap=f.int_("stderr_cap", 0, 2**32 - 1),
                 # Absent in the requests of pyro-mcp before stdin existed: no stdin.
                 stdin=f.bool_("stdin") if "stdin" in f.data else False,
+                # Absent before streaming: the output comes whole in exec_done.
+                stream=f.bool_("stream") if "stream" in f.data else False,
             )
         if kind == "ping":
             return PingRequest()
@@ -337,6 +372,11 @@ def decode_event(line: bytes | str) -> Event:
         kind, f = _parse(line)
         if kind == "heartbeat":
             return Heartbeat(f.int_("elapsed_ms"))
+        if kind == "output":
+            data = f.b64("b64")
+            if not 1 <= len(data) <= MAX_OUTPUT_CHUNK:
+                raise ValueError(f"an output event of {len(data)} bytes")
+            return Output(f.int_("stream", STDOUT, STDERR), data)
         if kind == "ok":
             return Ok()
         if kind == "exec_done":
@@ -586,7 +626,11 @@ class Launch:
 
 __all__ = [
     "CONTROL_VERSION",
+    "MAX_OUTPUT_CHUNK",
     "MAX_STDIN_CHUNK",
+    "OUTPUT_FLUSH_S",
+    "STDERR",
+    "STDOUT",
     "Event",
     "ExecDone",
     "ExecRequest",
@@ -596,6 +640,7 @@ __all__ = [
     "Message",
     "MountSpec",
     "Ok",
+    "Output",
     "PingRequest",
     "Ready",
     "Request",

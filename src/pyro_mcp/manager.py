@@ -84,15 +84,27 @@ class ExecOutcome:
     def result_fields(self) -> dict[str, Any]:
         """The output fields every :class:`~pyro_mcp.models.CommandResult` has (the
         bytes decoded as UTF-8 with replacement characters)."""
+        stdout, stdout_lossy = _text(self.stdout)
+        stderr, stderr_lossy = _text(self.stderr)
         return {
-            "stdout": self.stdout.decode("utf-8", "replace"),
-            "stderr": self.stderr.decode("utf-8", "replace"),
+            "stdout": stdout,
+            "stderr": stderr,
             "stdout_truncated": self.stdout_truncated,
             "stderr_truncated": self.stderr_truncated,
+            "stdout_lossy": stdout_lossy,
+            "stderr_lossy": stderr_lossy,
             "exit_code": self.exit_code,
             "timed_out": self.timed_out,
             "duration_ms": self.duration_ms,
         }
+
+
+def _text(data: bytes) -> tuple[str, bool]:
+    """``data`` as UTF-8 text, and whether some bytes became U+FFFD."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace"), True
 
 
 class VMManager:
@@ -394,9 +406,15 @@ class VMManager:
             stdout_cap=opts.stdout_cap,
             stderr_cap=opts.stderr_cap,
             stdin=opts.stdin is not None,
+            stream=opts.streaming,
         )
         stdin = opts.stdin.chunks() if opts.stdin is not None else None
+        streamed = {control.STDOUT: bytearray(), control.STDERR: bytearray()}
         for event in supervision.request(self.records.folder(vm_id), request, stdin):
+            if isinstance(event, control.Output):
+                streamed[event.stream].extend(event.data)
+                opts.emit(event.stream, event.data)
+                continue
             if isinstance(event, control.Heartbeat):
                 elapsed = event.elapsed_ms / 1000
                 progress(ProgressEvent("exec", f"command running ({elapsed:.0f} s)", elapsed, None))
@@ -407,10 +425,14 @@ class VMManager:
                     error = _ttl_error(record) or error
                 raise error
             if isinstance(event, control.ExecDone):
+                # Streamed output is not repeated; a supervisor that does not stream
+                # sends it all here (handed to the callbacks now).
+                opts.emit(control.STDOUT, event.stdout)
+                opts.emit(control.STDERR, event.stderr)
                 return ExecOutcome(
                     exit_code=event.exit_code,
-                    stdout=event.stdout,
-                    stderr=event.stderr,
+                    stdout=bytes(streamed[control.STDOUT]) + event.stdout,
+                    stderr=bytes(streamed[control.STDERR]) + event.stderr,
                     stdout_truncated=event.stdout_truncated,
                     stderr_truncated=event.stderr_truncated,
                     timed_out=event.timed_out,
@@ -581,7 +603,7 @@ class VMManager:
             acceleration=info.acceleration,
             boot=boot,
             cleanup=None if deleted is None else CleanupInfo(deleted=deleted, reason=reason),
-        )
+        ).with_bytes(outcome.stdout, outcome.stderr)
 
 
 def _ttl_error(record: VMRecord) -> VMStateError | None:

@@ -8,7 +8,9 @@ from :mod:`pyro_mcp.contract`. How a call runs:
 * While it runs, progress notifications go to the client when it sent a
   progress token: one per progress event (rate-limited) and a keep-alive at
   least every :data:`KEEPALIVE_S` seconds, so clients with a 60 s request
-  timeout keep waiting through an environment build or a long command.
+  timeout keep waiting through an environment build or a long command. A
+  running command's messages end with the tail of its output (its last few
+  lines, clipped: "command running (12 s); last output: ...").
 * A cancelled request (or a client that went away) sets the call's cancel
   flag; the worker's next progress callback (every second during an exec)
   raises, which closes the control connection to the VM's supervisor (that
@@ -66,6 +68,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyro_mcp.mcp_server")
 
+TAIL_BYTES = 2048  # of a running command's output kept for its progress message
+TAIL_LINES = 3
+TAIL_LINE_CHARS = 120
 KEEPALIVE_S = 5.0  # longest gap between two progress notifications of a running call
 MIN_PROGRESS_GAP_S = 0.5  # at most two notifications a second
 CANCEL_CLEANUP_S = 60.0  # how long a cancelled call waits for its VM to be cleaned up
@@ -124,18 +129,47 @@ class _ThreadProgress:
             self._local.fn = None
 
 
+class _OutputTail:
+    """The last bytes of a running command's output (both streams), for the progress
+    message: its last :data:`TAIL_LINES` lines, each clipped to :data:`TAIL_LINE_CHARS`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+
+    def add(self, data: bytes) -> None:
+        with self._lock:
+            self._buf += data
+            del self._buf[:-TAIL_BYTES]
+
+    def text(self) -> str:
+        with self._lock:
+            raw = bytes(self._buf)
+        lines = [line for line in raw.decode("utf-8", "replace").splitlines() if line.strip()]
+        clipped = [
+            line if len(line) <= TAIL_LINE_CHARS else line[: TAIL_LINE_CHARS - 1] + "\u2026"
+            for line in lines[-TAIL_LINES:]
+        ]
+        return " | ".join(clipped)
+
+
 class _ProgressState:
-    """Latest progress message, written by the worker thread, read by the loop."""
+    """Latest progress message, written by the worker thread, read by the loop; a
+    running command's message ends with the tail of its output."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.seq = 0
         self.message = "working"
+        self.tail = _OutputTail()
 
     def update(self, event: ProgressEvent) -> None:
+        message = event.message
+        if event.stage == "exec" and (tail := self.tail.text()):
+            message = f"{message}; last output: {tail}"
         with self._lock:
             self.seq += 1
-            self.message = event.message
+            self.message = message
 
     def read(self) -> tuple[int, str]:
         with self._lock:
@@ -278,8 +312,10 @@ class PyroMCPServer:
         report: Callable[[float, float | None, str | None], Awaitable[None]],
         write_roots: Sequence[Path] = (),
     ) -> ToolOutcome:
-        tool_ctx = ToolContext(source_roots=roots, write_roots=write_roots)
         state = _ProgressState()
+        tool_ctx = ToolContext(
+            source_roots=roots, write_roots=write_roots, on_output=state.tail.add
+        )
         done = threading.Event()
 
         def progress(event: ProgressEvent) -> None:

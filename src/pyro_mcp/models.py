@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, Field, PlainSerializer
+from pydantic import BaseModel, Field, PlainSerializer, PrivateAttr
 
 
 def iso_utc(when: datetime | float) -> str:
@@ -40,6 +40,14 @@ class CommandResult(BaseModel):
     stderr: str
     stdout_truncated: bool = Field(description="stdout exceeded its cap and was cut.")
     stderr_truncated: bool = Field(description="stderr exceeded its cap and was cut.")
+    stdout_lossy: bool = Field(
+        default=False,
+        description="stdout was not valid UTF-8: some bytes are shown as U+FFFD.",
+    )
+    stderr_lossy: bool = Field(
+        default=False,
+        description="stderr was not valid UTF-8: some bytes are shown as U+FFFD.",
+    )
     exit_code: int = Field(description="The command's exit status (128+N if killed by signal N).")
     timed_out: bool = Field(description="The command hit its timeout and was killed.")
     duration_ms: int
@@ -52,6 +60,25 @@ class CommandResult(BaseModel):
         description="microVMs: 'kvm' (hardware) or 'tcg' (software emulation); gvisor: "
         "its platform ('ptrace' or 'systrap'); 'none' for host_compat."
     )
+    # The exact bytes (never in JSON or MCP output: models see the text fields).
+    _stdout_bytes: bytes | None = PrivateAttr(default=None)
+    _stderr_bytes: bytes | None = PrivateAttr(default=None)
+
+    @property
+    def stdout_bytes(self) -> bytes:
+        """The command's stdout exactly as it wrote it (within the cap)."""
+        return self.stdout.encode() if self._stdout_bytes is None else self._stdout_bytes
+
+    @property
+    def stderr_bytes(self) -> bytes:
+        """The command's stderr exactly as it wrote it (within the cap)."""
+        return self.stderr.encode() if self._stderr_bytes is None else self._stderr_bytes
+
+    def with_bytes(self, stdout: bytes, stderr: bytes) -> Self:
+        """Attach the exact bytes the text fields were decoded from (returns self)."""
+        self._stdout_bytes = stdout
+        self._stderr_bytes = stderr
+        return self
 
 
 class ExecResult(CommandResult):

@@ -182,7 +182,7 @@ def request(
             while b"\n" in buf:
                 line, _, buf = buf.partition(b"\n")
                 event = control.decode_event(line)
-                if sender is not None and not isinstance(event, control.Heartbeat):
+                if sender is not None and not isinstance(event, control.Heartbeat | control.Output):
                     sender.stop()  # the final event: the rest of the stdin is not wanted
                 yield event
     finally:

@@ -16,6 +16,11 @@ at most one chunk and the socket's buffer holds the client back. A command that
 stops reading (or exits) early ends the relay; what the client still sends is
 dropped with the connection.
 
+An exec that asks for ``stream`` gets its output as it comes: the agent's OUTPUT
+frames, cut to the caps here, go out as control ``output`` events, coalesced by
+:class:`_OutputRelay` (a 50 ms / 64 KiB window, arrival order kept across both
+streams); nothing of it is held once sent.
+
 After a command's timeout (or a cancel) the agent gets :data:`HOST_GRACE_S` to
 report the command's end, and more while it keeps answering PING (a guest
 under heavy load is slow, not dead), up to :data:`MAX_GRACE_S`.
@@ -166,6 +171,50 @@ class _StdinRelay:
         with self._cond:
             if not self._done:
                 self.gone = True
+
+
+class _OutputRelay:
+    """A streaming exec's output on its way to the client: the agent's OUTPUT frames,
+    kept in arrival order across both streams, a chunk of the same stream as the last
+    one joined to it, and sent as ``output`` events once the oldest waiting byte is
+    :data:`~pyro_mcp.control.OUTPUT_FLUSH_S` old or :data:`~pyro_mcp.control.MAX_OUTPUT_CHUNK`
+    bytes wait (so a flood is a few large events and a trickle is not held back).
+
+    Sending blocks while the client does not read: the exec waits with it (the
+    agent's own caps bound what an honest agent sends meanwhile)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+        self._pending: list[tuple[int, bytearray]] = []
+        self._size = 0
+        self._since = 0.0
+
+    def add(self, stream: int, data: bytes, now: float) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._since = now
+        if self._pending and self._pending[-1][0] == stream:
+            self._pending[-1][1].extend(data)
+        else:
+            self._pending.append((stream, bytearray(data)))
+        self._size += len(data)
+        if self._size >= c.MAX_OUTPUT_CHUNK:
+            self.flush()
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._pending)
+
+    def due(self, now: float) -> bool:
+        return bool(self._pending) and now - self._since >= c.OUTPUT_FLUSH_S
+
+    def flush(self) -> None:
+        for stream, data in self._pending:
+            for i in range(0, len(data), c.MAX_OUTPUT_CHUNK):
+                _send(self._conn, c.Output(stream, bytes(data[i : i + c.MAX_OUTPUT_CHUNK])))
+        self._pending.clear()
+        self._size = 0
 
 
 class _Grace:
@@ -402,16 +451,20 @@ class Supervisor:
         )
         last_beat = last_check = started
         cancelled = False
+        out = _OutputRelay(conn) if request.stream else None
         try:
             self.channel.send(request_id, message)
             if relay is not None:
                 relay.start()
             while True:
+                wait = c.OUTPUT_FLUSH_S / 2 if out is not None and out.waiting else 0.1
                 try:
-                    item = q.get(timeout=0.1)
+                    item = q.get(timeout=wait)
                 except queue.Empty:
                     item = None
                 now = time.monotonic()
+                if out is not None and out.due(now):
+                    out.flush()
                 # Checked also while frames keep coming, so a flood cannot outlast them.
                 if item is None or now - last_check >= 0.1:
                     last_check = now
@@ -431,13 +484,21 @@ class Supervisor:
                     room = max(0, caps[item.stream] - len(buf))
                     if len(item.data) > room:
                         cut[item.stream] = True
-                    buf.extend(item.data[:room])
+                    kept = item.data[:room]
+                    if out is not None:
+                        # Streamed: nothing is kept here, the room left still counts.
+                        caps[item.stream] -= len(kept)
+                        out.add(item.stream, kept, now)
+                    else:
+                        buf.extend(kept)
                 elif isinstance(item, p.Credit):
                     if relay is not None:
                         relay.credit(item.bytes)
                 elif isinstance(item, p.Exit):
                     if relay is not None and relay.error is not None:
                         raise relay.error
+                    if out is not None:
+                        out.flush()
                     _send(
                         conn,
                         c.ExecDone(

@@ -11,17 +11,25 @@ from pyro_mcp import limits
 from pyro_mcp._version import __version__
 from pyro_mcp.cli.common import (
     BACKEND_CHOICES,
+    EXIT_PIPE_CLOSED,
+    PROGRESS_CHOICES,
+    OutputClosed,
+    OutputWriter,
     PyroGroup,
     StderrProgress,
     command_stdin,
     config_defaults,
     emit,
+    env_option,
     fail,
     finish_exec,
     json_option,
     make_pyro,
     mem_option,
     no_stdin_option,
+    output_cap_option,
+    parse_env,
+    quiet,
     timeout_option,
     ttl_option,
     vcpu_option,
@@ -43,10 +51,28 @@ from pyro_mcp.errors import PyroError
     "explicit opt-in to run tasks and `pyro run` on the host, confined by bubblewrap "
     "(no VM). Also PYRO_BACKEND.",
 )
+@click.option(
+    "-q",
+    "--quiet",
+    envvar="PYRO_QUIET",
+    is_flag=True,
+    help="No progress and no notes on stderr (errors still show). Also PYRO_QUIET=1.",
+)
+@click.option(
+    "--progress",
+    envvar="PYRO_PROGRESS",
+    type=click.Choice(PROGRESS_CHOICES),
+    default="auto",
+    show_default=True,
+    help="How progress shows on stderr: auto (a bar on a terminal, else plain lines), "
+    "plain (lines; a running command's heartbeat at most every 10 s) or none. Also "
+    "PYRO_PROGRESS.",
+)
 @click.pass_context
-def cli(ctx: click.Context, backend: str | None) -> None:
+def cli(ctx: click.Context, backend: str | None, quiet: bool, progress: str) -> None:
     """Run commands in disposable local microVMs."""
-    del backend  # read by make_pyro; None: PYRO_BACKEND, then the config file
+    # read by make_pyro and StderrProgress; backend None: PYRO_BACKEND, then the config
+    del backend, quiet, progress
     from pyro_mcp import config
 
     try:
@@ -66,6 +92,9 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 @timeout_option
 @ttl_option(limits.DEFAULT_TTL_SECONDS, "VM")
 @click.option("--network", is_flag=True, help="Give the guest a network (not available yet).")
+@click.option("--cwd", default=None, help="Guest directory to run in (default: /root).")
+@env_option
+@output_cap_option
 @no_stdin_option
 @json_option
 def run(
@@ -76,6 +105,9 @@ def run(
     timeout_seconds: int,
     ttl_seconds: int,
     network: bool,
+    cwd: str | None,
+    env_pairs: tuple[str, ...],
+    output_cap: int,
     no_stdin: bool,
     as_json: bool,
 ) -> None:
@@ -86,10 +118,14 @@ def run(
         pyro run debian:12 -- sh -lc 'echo a && echo b'
 
     A piped or redirected stdin is streamed to the command
-    (`cat data.csv | pyro run debian:12 -- wc -l`); -n gives it an empty one.
+    (`cat data.csv | pyro run debian:12 -- wc -l`); -n gives it an empty one. The
+    command's stdout and stderr are written here as they come, byte for byte
+    (with --json: whole, in the JSON, as text).
     """
     progress = StderrProgress()
+    out = OutputWriter(progress)
     try:
+        env = parse_env(env_pairs)
         result = make_pyro(progress).run_in_vm(
             environment,
             list(command),
@@ -98,17 +134,27 @@ def run(
             timeout_seconds=timeout_seconds,
             ttl_seconds=ttl_seconds,
             network=network,
+            cwd=cwd,
+            env=env,
+            stdout_cap=output_cap,
+            stderr_cap=output_cap,
             stdin=command_stdin(no_stdin),
+            on_stdout=None if as_json else out.stdout,
+            on_stderr=None if as_json else out.stderr,
         )
     except PyroError as exc:
         progress.close()
         fail(exc, as_json)
+    except OutputClosed:
+        progress.close()
+        sys.exit(EXIT_PIPE_CLOSED)
     except KeyboardInterrupt:
         progress.close()
-        click.echo("pyro: interrupted; the VM was deleted", err=True)
+        if not quiet():
+            click.echo("pyro: interrupted; the VM was deleted", err=True)
         sys.exit(130)
     progress.close()
-    finish_exec(result, as_json, timeout_seconds)
+    finish_exec(result, as_json, timeout_seconds, streamed=not as_json)
 
 
 @cli.command()

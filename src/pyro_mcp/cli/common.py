@@ -4,6 +4,7 @@ the SDK object, and the options several commands take."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,20 +24,57 @@ BACKEND_CHOICES = ("auto", "qemu", "gvisor", "host_compat")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+PROGRESS_CHOICES = ("auto", "plain", "none")
+HEARTBEAT_PLAIN_S = 10.0  # off a terminal: at most one "command running" line this often
+
+
+def progress_mode() -> str:
+    """The root group's ``--progress`` (``none`` under ``--quiet``/PYRO_QUIET=1);
+    ``auto`` outside a ``pyro`` command."""
+    ctx = click.get_current_context(silent=True)
+    params = ctx.find_root().params if ctx is not None else {}
+    if params.get("quiet"):
+        return "none"
+    mode = params.get("progress") or "auto"
+    return str(mode)
+
+
+def quiet() -> bool:
+    """Whether pyro's own notes on stderr (not errors) are left out."""
+    return progress_mode() == "none"
+
+
 class StderrProgress:
-    """Progress on stderr: a rich bar on a terminal, plain lines otherwise."""
+    """Progress on stderr, as the root group's ``--progress`` says: ``auto`` a rich
+    bar on a terminal and plain lines otherwise, ``plain`` lines, ``none`` nothing.
+    A command's "running" heartbeat is a line at most every
+    :data:`HEARTBEAT_PLAIN_S` as plain lines; once its output shows on the terminal
+    the bar goes (:meth:`pause`) so the two never mix."""
 
     def __init__(self) -> None:
         self._progress: Any = None
         self._task: Any = None
         self._last = ""
+        self._last_beat = 0.0
+        self._paused = False
+        mode = progress_mode()
+        self._mode = mode if mode != "auto" else ("bar" if sys.stderr.isatty() else "plain")
 
     def __call__(self, event: ProgressEvent) -> None:
-        if not sys.stderr.isatty():
+        if self._mode == "none":
+            return
+        if self._mode == "plain":
+            if event.stage == "exec":
+                now = time.monotonic()
+                if now - self._last_beat < HEARTBEAT_PLAIN_S:
+                    return
+                self._last_beat = now
             line = f"pyro: {event.message}"
             if line != self._last:
                 self._last = line
                 print(line, file=sys.stderr, flush=True)
+            return
+        if self._paused:
             return
         if self._progress is None:
             from rich.console import Console
@@ -59,10 +97,54 @@ class StderrProgress:
             total=event.total,
         )
 
+    def pause(self) -> None:
+        """The command's output is showing: no more bar."""
+        self._paused = True
+        self.close()
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+EXIT_PIPE_CLOSED = 128 + 13  # as a shell reports a command killed by SIGPIPE
+
+
+class OutputClosed(Exception):
+    """Where the command's output goes was closed (``pyro run ... | head -1``): the
+    command is stopped and pyro exits :data:`EXIT_PIPE_CLOSED` quietly."""
+
+
+class OutputWriter:
+    """A command's output written as it arrives, byte for byte, to this process's
+    stdout and stderr (flushed at once)."""
+
+    def __init__(self, progress: StderrProgress) -> None:
+        self._progress = progress
+        self.started = False
+
+    def _write(self, stream: Any, data: bytes) -> None:
+        if not self.started:
+            self.started = True
+            self._progress.pause()
+        buffer = getattr(stream, "buffer", stream)
+        try:
+            buffer.write(data)
+            buffer.flush()
+        except BrokenPipeError:
+            # Nothing more can be shown: stop the command; the interpreter's own
+            # final flush must not fail either.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+            raise OutputClosed from None
+
+    def stdout(self, data: bytes) -> None:
+        self._write(sys.stdout, data)
+
+    def stderr(self, data: bytes) -> None:
+        self._write(sys.stderr, data)
 
 
 def fail(exc: PyroError, as_json: bool) -> NoReturn:
@@ -136,18 +218,27 @@ def local_time(when: datetime) -> str:
     return when.astimezone().isoformat(sep=" ", timespec="seconds")
 
 
-def finish_exec(result: Any, as_json: bool, timeout_seconds: int) -> NoReturn:
-    """Print an exec result (the command's streams, or JSON) and exit with its code."""
+def finish_exec(
+    result: Any, as_json: bool, timeout_seconds: int, *, streamed: bool = False
+) -> NoReturn:
+    """Print an exec result (the command's exact bytes unless they were ``streamed``
+    already, or JSON) and exit with its code."""
     if as_json:
         emit(result)
     else:
-        sys.stdout.write(result.stdout)
-        sys.stdout.flush()
-        sys.stderr.write(result.stderr)
-        if result.stdout_truncated or result.stderr_truncated:
-            click.echo("pyro: output was truncated at its cap", err=True)
-        if result.timed_out:
-            click.echo(f"pyro: command timed out after {timeout_seconds} s", err=True)
+        if not streamed:
+            for stream, data in (
+                (sys.stdout, result.stdout_bytes),
+                (sys.stderr, result.stderr_bytes),
+            ):
+                buffer = getattr(stream, "buffer", stream)
+                buffer.write(data)
+                buffer.flush()
+        if not quiet():
+            if result.stdout_truncated or result.stderr_truncated:
+                click.echo("pyro: output was truncated at its cap (see --output-cap)", err=True)
+            if result.timed_out:
+                click.echo(f"pyro: command timed out after {timeout_seconds} s", err=True)
     sys.exit(EXIT_TIMEOUT if result.timed_out else result.exit_code)
 
 
@@ -244,8 +335,23 @@ class PyroGroup(click.Group):
 
 
 def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``--env NAME=value`` items; a bare ``NAME`` passes this process's value (as
+    docker does), and one that is not set here is an error."""
+    resolved: list[str] = []
+    for pair in pairs:
+        if "=" not in pair and pair:
+            value = os.environ.get(pair)
+            if value is None:
+                raise click.BadParameter(
+                    f"{pair} is not set in this environment (a bare NAME passes its value "
+                    f"on); write {pair}=value to give one",
+                    param_hint="--env",
+                )
+            resolved.append(f"{pair}={value}")
+        else:
+            resolved.append(pair)
     try:
-        return limits.parse_env_pairs(pairs, what="--env")
+        return limits.parse_env_pairs(resolved, what="--env")
     except InvalidInputError as exc:
         raise click.BadParameter(exc.message, param_hint="--env") from None
 
@@ -318,3 +424,26 @@ def ttl_option(default: int, what: str) -> Callable[[F], F]:
         )(fn)
 
     return decorate
+
+
+def env_option(fn: F) -> F:
+    return click.option(
+        "--env",
+        "env_pairs",
+        multiple=True,
+        metavar="NAME=VALUE|NAME",
+        help="Set a variable in the command's environment; a bare NAME passes this "
+        "shell's value. Repeatable.",
+    )(fn)
+
+
+def output_cap_option(fn: F) -> F:
+    return click.option(
+        "--output-cap",
+        type=click.IntRange(1024, limits.MAX_OUTPUT_CAP),
+        default=limits.DEFAULT_OUTPUT_CAP,
+        show_default=True,
+        metavar="BYTES",
+        help=f"Keep at most BYTES of stdout and of stderr each (1024 to "
+        f"{limits.MAX_OUTPUT_CAP}); the rest is dropped and reported as truncated.",
+    )(fn)

@@ -11,10 +11,14 @@ import click
 
 from pyro_mcp import limits
 from pyro_mcp.cli.common import (
+    EXIT_PIPE_CLOSED,
+    OutputClosed,
+    OutputWriter,
     StderrProgress,
     age,
     command_stdin,
     emit,
+    env_option,
     expires,
     fail,
     finish_exec,
@@ -22,8 +26,10 @@ from pyro_mcp.cli.common import (
     make_pyro,
     mem_option,
     no_stdin_option,
+    output_cap_option,
     parse_env,
     print_table,
+    quiet,
     quiet_option,
     timeout_option,
     ttl_option,
@@ -118,10 +124,11 @@ def task_create(
     click.echo(info.task_id)
     seed = info.workspace_seed
     what = f"{seed.entry_count} entries from {seed.source_path}" if seed.source_path else "empty"
-    click.echo(
-        f"pyro: task {info.task_id} {info.status} ({info.execution_mode}); /workspace: {what}",
-        err=True,
-    )
+    if not quiet():
+        click.echo(
+            f"pyro: task {info.task_id} {info.status} ({info.execution_mode}); /workspace: {what}",
+            err=True,
+        )
 
 
 @task.command("exec")
@@ -129,13 +136,8 @@ def task_create(
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @timeout_option
 @click.option("--cwd", default=limits.TASK_WORKSPACE, show_default=True, help="Guest directory.")
-@click.option(
-    "--env",
-    "env_pairs",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Set a variable for the command. Repeatable.",
-)
+@env_option
+@output_cap_option
 @no_stdin_option
 @json_option
 def task_exec(
@@ -144,6 +146,7 @@ def task_exec(
     timeout_seconds: int,
     cwd: str,
     env_pairs: tuple[str, ...],
+    output_cap: int,
     no_stdin: bool,
     as_json: bool,
 ) -> None:
@@ -155,8 +158,10 @@ def task_exec(
         pyro task exec ID -- sh -lc 'echo a && echo b'
 
     A piped or redirected stdin is streamed to the command; -n gives it an empty one.
+    Its stdout and stderr are written here as they come, byte for byte.
     """
     progress = StderrProgress()
+    out = OutputWriter(progress)
     try:
         env = parse_env(env_pairs)
         result = make_pyro(progress).exec_task(
@@ -165,17 +170,25 @@ def task_exec(
             timeout_seconds=timeout_seconds,
             cwd=cwd,
             env=env,
+            stdout_cap=output_cap,
+            stderr_cap=output_cap,
             stdin=command_stdin(no_stdin),
+            on_stdout=None if as_json else out.stdout,
+            on_stderr=None if as_json else out.stderr,
         )
     except PyroError as exc:
         progress.close()
         fail(exc, as_json)
+    except OutputClosed:
+        progress.close()
+        sys.exit(EXIT_PIPE_CLOSED)
     except KeyboardInterrupt:
         progress.close()
-        click.echo("pyro: interrupted; the command was killed, the task is kept", err=True)
+        if not quiet():
+            click.echo("pyro: interrupted; the command was killed, the task is kept", err=True)
         sys.exit(130)
     progress.close()
-    finish_exec(result, as_json, timeout_seconds)
+    finish_exec(result, as_json, timeout_seconds, streamed=not as_json)
 
 
 @task.command("status")

@@ -1,11 +1,12 @@
 """What a tool call needs besides its arguments: where ``source_path`` may come from,
-where ``task_export`` may write, and whether the caller cancelled."""
+where ``task_export`` may write, whether the caller cancelled, and who follows a
+command's output."""
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class ToolContext:
     source_roots: Sequence[Path] | None = None
     write_roots: Sequence[Path] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Called with each chunk of a running command's output (stdout and stderr
+    #: alike), e.g. for the MCP server's progress tail; None: not followed.
+    on_output: Callable[[bytes], None] | None = None
 
     def check_cancelled(self) -> None:
         if self.cancelled.is_set():

@@ -9,6 +9,7 @@ arguments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, TypedDict
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -89,6 +90,17 @@ def _timeout_seconds() -> Any:
     )
 
 
+def _output_cap(stream: str) -> Any:
+    return Field(
+        default=limits.DEFAULT_OUTPUT_CAP,
+        ge=1024,
+        le=limits.MAX_OUTPUT_CAP,
+        description=(
+            f"Most bytes of {stream} kept; the rest is dropped and {stream}_truncated is set."
+        ),
+    )
+
+
 def _ttl_seconds() -> Any:
     return Field(
         default=limits.DEFAULT_TTL_SECONDS,
@@ -165,12 +177,23 @@ class ExecOptions(TypedDict, total=False):
     cwd: str
     env: dict[str, str]
     stdin: str
+    on_stdout: Callable[[bytes], None]
+    on_stderr: Callable[[bytes], None]
 
 
-def exec_options(cwd: str | None, env: list[str] | None, stdin: str | None = None) -> ExecOptions:
+def exec_options(
+    cwd: str | None,
+    env: list[str] | None,
+    stdin: str | None = None,
+    on_output: Callable[[bytes], None] | None = None,
+) -> ExecOptions:
     """The SDK keyword arguments for ``cwd``, ``env`` and ``stdin``, leaving out those
-    that are None so the SDK's own default (the environment's) applies."""
+    that are None so the SDK's own default (the environment's) applies; ``on_output``
+    (the caller's :attr:`ToolContext.on_output`) follows both streams."""
     options: ExecOptions = {}
+    if on_output is not None:
+        options["on_stdout"] = on_output
+        options["on_stderr"] = on_output
     if cwd is not None:
         options["cwd"] = cwd
     if env is not None:
@@ -198,6 +221,8 @@ class VMRunInput(_Input):
     cwd: GuestCwd = None
     env: EnvPairs = None
     stdin: StdinText = None
+    stdout_cap: int = _output_cap("stdout")
+    stderr_cap: int = _output_cap("stderr")
 
 
 class VMCreateInput(_Input):
@@ -219,6 +244,8 @@ class VMExecInput(_Input):
     cwd: GuestCwd = None
     env: EnvPairs = None
     stdin: StdinText = None
+    stdout_cap: int = _output_cap("stdout")
+    stderr_cap: int = _output_cap("stderr")
 
 
 class TaskCreateInput(_Input):
@@ -255,6 +282,8 @@ class TaskExecInput(_Input):
     cwd: GuestCwd = None
     env: EnvPairs = None
     stdin: StdinText = None
+    stdout_cap: int = _output_cap("stdout")
+    stderr_cap: int = _output_cap("stderr")
 
 
 class TaskIdInput(_Input):

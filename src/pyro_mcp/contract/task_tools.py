@@ -42,7 +42,9 @@ def _run_task_exec(pyro: Pyro, args: TaskExecInput, ctx: ToolContext) -> TaskExe
         args.task_id,
         args.command,
         timeout_seconds=args.timeout_seconds,
-        **exec_options(args.cwd, args.env, args.stdin),
+        stdout_cap=args.stdout_cap,
+        stderr_cap=args.stderr_cap,
+        **exec_options(args.cwd, args.env, args.stdin, ctx.on_output),
     )
 
 

@@ -41,7 +41,9 @@ def _run_vm_run(pyro: Pyro, args: VMRunInput, ctx: ToolContext) -> ExecResult:
         timeout_seconds=args.timeout_seconds,
         ttl_seconds=args.ttl_seconds,
         network=args.network,
-        **exec_options(args.cwd, args.env, args.stdin),
+        stdout_cap=args.stdout_cap,
+        stderr_cap=args.stderr_cap,
+        **exec_options(args.cwd, args.env, args.stdin, ctx.on_output),
     )
 
 
@@ -68,7 +70,9 @@ def _run_vm_exec(pyro: Pyro, args: VMExecInput, ctx: ToolContext) -> ExecResult:
         args.vm_id,
         args.command,
         timeout_seconds=args.timeout_seconds,
-        **exec_options(args.cwd, args.env, args.stdin),
+        stdout_cap=args.stdout_cap,
+        stderr_cap=args.stderr_cap,
+        **exec_options(args.cwd, args.env, args.stdin, ctx.on_output),
     )
 
 

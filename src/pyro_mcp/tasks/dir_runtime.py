@@ -104,6 +104,7 @@ class DirectorySandboxRuntime:
             stdout_cap=options.stdout_cap,
             stderr_cap=options.stderr_cap,
             stdin=options.stdin.chunks() if options.stdin is not None else None,
+            on_output=options.emit if options.streaming else None,
         )
         return record, ExecOutcome(**data)
 

@@ -226,7 +226,7 @@ class TaskManager:
             backend=config.backend,
             acceleration=state.acceleration or "none",
             boot=state.boot,
-        )
+        ).with_bytes(outcome.stdout, outcome.stderr)
 
     def _usable(self, task_id: str) -> TaskRecord:
         record = self.records.load(task_id)
@@ -397,7 +397,7 @@ class TaskManager:
             **result.model_dump(include=set(CommandResult.model_fields)),
             boot="cold",
             cleanup=CleanupInfo(deleted=True, reason="run finished"),
-        )
+        ).with_bytes(result.stdout_bytes, result.stderr_bytes)
 
     def selects_host_compat(self) -> bool:
         """Whether a one-shot run should go to host_compat (asked for by name, or

@@ -12,7 +12,7 @@ names, so another backend (Firecracker with vsock) is one new module.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,9 +225,11 @@ class SandboxBackend(BackendInfo, Protocol):
         stdout_cap: int,
         stderr_cap: int,
         stdin: Iterable[bytes] | None = None,
+        on_output: Callable[[int, bytes], None] | None = None,
     ) -> dict[str, Any]:
         """Run one command confined; the fields of an exec outcome. ``stdin`` is
-        streamed to the command (None: /dev/null)."""
+        streamed to the command (None: /dev/null); ``on_output(stream, data)`` gets
+        the output as it comes (stream 1 stdout, 2 stderr)."""
         ...
 
     def files(self, root: Path, workspace: Path) -> AbstractContextManager[AgentChannel]:

@@ -41,7 +41,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -158,8 +158,12 @@ def run(
     stdout_cap: int,
     stderr_cap: int,
     stdin: Iterable[bytes] | None = None,
+    on_output: Callable[[int, bytes], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``argv`` confined; returns the fields of an exec outcome.
+
+    ``on_output(stream, data)`` (stream 1 stdout, 2 stderr) gets each chunk as it
+    is read, within the caps.
 
     Output beyond a cap is read and dropped (the command is never blocked on a
     full pipe). On timeout, or if we are interrupted, the whole sandbox is killed.
@@ -173,7 +177,7 @@ def run(
     cgroup = pids.open_cgroup()
     try:
         full = cgroup.wrap(full) if cgroup is not None else [*pids.nproc_prefix(), *full]
-        return _run_confined(full, timeout_seconds, stdout_cap, stderr_cap, stdin)
+        return _run_confined(full, timeout_seconds, stdout_cap, stderr_cap, stdin, on_output)
     finally:
         if cgroup is not None:
             cgroup.close()
@@ -227,6 +231,7 @@ def _run_confined(
     stdout_cap: int,
     stderr_cap: int,
     stdin: Iterable[bytes] | None = None,
+    on_output: Callable[[int, bytes], None] | None = None,
 ) -> dict[str, Any]:
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -268,6 +273,8 @@ def _run_confined(
                     truncated[fd] = True
                     data = data[: max(room, 0)]
                 buf.extend(data)
+                if on_output is not None and data:
+                    on_output(1 if fd == proc.stdout.fileno() else 2, data)
         try:
             returncode = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
