@@ -176,7 +176,7 @@ def test_mcp_lists_and_not_found_errors(created_vm: str, state_dir: Path) -> Non
 def test_usage_errors_exit_125_and_speak_json(state_dir: Path) -> None:
     bad_env = ["task", "exec", "task-0123456789ab", "--env", "FOO", "--", "true"]
     plain = pyro(*bad_env)
-    assert plain.returncode == EXIT_PYRO_ERROR and "NAME=value" in plain.stderr
+    assert plain.returncode == EXIT_PYRO_ERROR and "FOO=value" in plain.stderr  # FOO unset here
     assert plain.stdout == ""
     as_json = pyro(*bad_env[:-2], "--json", "--", "true")
     assert as_json.returncode == EXIT_PYRO_ERROR
