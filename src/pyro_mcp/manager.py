@@ -92,7 +92,11 @@ class VMManager:
             filename="vm.json",
             decode=VMRecord.from_dict,
             check_id=limits.check_vm_id,
-            list_hint="list VMs with `pyro vm list`",
+            list_hints={
+                "cli": "list VMs with `pyro vm list`",
+                "sdk": "list VMs with list_vms()",
+                "mcp": "call vm_list to see the VMs",
+            },
         )
         self._store = store
         self._backend_name = backend or os.environ.get("PYRO_BACKEND") or "auto"

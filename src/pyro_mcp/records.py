@@ -22,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, get_args
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, get_arg
 from pyro_mcp import paths
 from pyro_mcp.control import MountSpec
 from pyro_mcp.errors import InvalidInputError, NotFoundError, StateError
+from pyro_mcp.limits import REF_PATTERN
 from pyro_mcp.models import BootKind, TaskStatus
 from pyro_mcp.state import (
     ProcessId,
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
     from pyro_mcp.workspace.seed import SeedResult
 
 INCOMPLETE_GRACE_S = 60.0  # a folder without a record younger than this is being created
+
+_REF = re.compile(REF_PATTERN)
+_HEX = re.compile(r"^[0-9a-f]{1,12}$")
 
 
 class Codec(Protocol):
@@ -85,15 +90,19 @@ class RecordStore(Generic[R]):
         filename: str,
         decode: Callable[[dict[str, Any]], R],
         check_id: Callable[[str], str],
-        list_hint: str,
+        list_hints: Mapping[str, str],
     ) -> None:
+        """``list_hints``: how to list these records, per surface (``cli``, ``sdk``,
+        ``mcp``). A not-found error's ``hint`` is the CLI's; its ``details["hints"]``
+        has all three (the MCP server answers with the ``mcp`` one)."""
         self.root = root
         self.kind = kind  # "VM" or "task": used in messages
         self.prefix = f"{kind.lower()}-"
         self.filename = filename
         self._decode = decode
         self._check_id = check_id
-        self.list_hint = list_hint
+        self.list_hints = dict(list_hints)
+        self.list_hint = self.list_hints["cli"]
 
     # -- naming ---------------------------------------------------------------
     def folder(self, record_id: str) -> Path:
@@ -129,12 +138,45 @@ class RecordStore(Generic[R]):
                 hint=f"it was written by another pyro-mcp version; remove {where.parent}",
             ) from None
 
-    def not_found(self, record_id: str) -> NotFoundError:
+    def not_found(self, record_id: str, what: str | None = None) -> NotFoundError:
         return NotFoundError(
-            f"{self.kind} {record_id} does not exist (it may have been deleted, or reaped "
+            what
+            or f"{self.kind} {record_id} does not exist (it may have been deleted, or reaped "
             "after its TTL)",
             hint=self.list_hint,
+            details={"hints": dict(self.list_hints)},
         )
+
+    # -- references -------------------------------------------------------------
+    def resolve(self, ref: str, name_of: Callable[[R], str | None] | None = None) -> str:
+        """The id that ``ref`` names: a full id (returned as is, whether or not it
+        exists), a record's name (``name_of``), or a unique prefix of an id, with or
+        without its ``task-``/``vm-`` part. An unknown ref is a NotFoundError, a prefix
+        of several ids an InvalidInputError listing them."""
+        try:
+            return self._check_id(ref)
+        except InvalidInputError as exc:
+            if not isinstance(ref, str) or not _REF.fullmatch(ref):
+                raise exc from None
+        if name_of is not None:
+            for record in self.records():
+                if name_of(record) == ref:
+                    return record.record_id
+        hex_part = ref[len(self.prefix) :] if ref.startswith(self.prefix) else ref
+        if not _HEX.fullmatch(hex_part):
+            named = " or name" if name_of is not None else ""
+            raise self.not_found(ref, f"no {self.kind} has the id{named} {ref!r}")
+        ids = [f.name for f in self.folders() if f.name[len(self.prefix) :].startswith(hex_part)]
+        if not ids:
+            raise self.not_found(ref, f"no {self.kind} id starts with {ref!r}")
+        if len(ids) > 1:
+            shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+            raise InvalidInputError(
+                f"{ref!r} is the start of {len(ids)} {self.kind} ids: {shown}",
+                hint="give more of the id",
+                details={"candidates": ids},
+            )
+        return ids[0]
 
     def load(self, record_id: str) -> R:
         path = self.folder(record_id) / self.filename
@@ -195,9 +237,12 @@ class RecordStore(Generic[R]):
         self,
         why: Callable[[R, float], str | None],
         delete: Callable[[str, str], None],
+        *,
+        dry_run: bool = False,
     ) -> dict[str, str]:
         """Delete every record ``why`` names a reason for (via ``delete(id, reason)``),
-        folders that never got a record, and lock files whose record is gone."""
+        folders that never got a record, and lock files whose record is gone.
+        ``dry_run``: only say what would go."""
         reasons: dict[str, str] = {}
         now = time.time()
         for folder in self.folders():
@@ -209,7 +254,8 @@ class RecordStore(Generic[R]):
                 # A folder without a record is a half-created one (or one mid-reap).
                 with contextlib.suppress(OSError):
                     if now - folder.stat().st_mtime > INCOMPLETE_GRACE_S:
-                        shutil.rmtree(folder, ignore_errors=True)
+                        if not dry_run:
+                            shutil.rmtree(folder, ignore_errors=True)
                         reasons[record_id] = "incomplete"
                 continue
             except StateError:
@@ -217,9 +263,14 @@ class RecordStore(Generic[R]):
             reason = why(record, now)
             if reason is None:
                 continue
+            if dry_run:
+                reasons[record_id] = reason
+                continue
             with contextlib.suppress(NotFoundError, InvalidInputError):
                 delete(record_id, reason)
                 reasons[record_id] = reason
+        if dry_run:
+            return reasons
         remove_orphan_locks(self.root, self.prefix)
         with contextlib.suppress(OSError):  # removals cut short (e.g. by SIGKILL)
             for tomb in self.root.glob(f".{self.prefix}*.removed-*"):
@@ -403,10 +454,12 @@ class TaskConfig:
     backend: str
     execution_mode: str
     workspace_seed: SeedResult | None = None  # None until seeded
+    name: str | None = None  # unique among tasks; absent from records made before names
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "task_id": self.task_id,
+            "name": self.name,
             **_guest_to_dict(self),
             "execution_mode": self.execution_mode,
             "workspace_seed": self.workspace_seed.to_dict() if self.workspace_seed else None,
@@ -419,6 +472,7 @@ class TaskConfig:
             **_guest_from_dict(d),
             execution_mode=str(d["execution_mode"]),
             workspace_seed=_seed_from_dict(d.get("workspace_seed")),
+            name=None if d.get("name") is None else str(d["name"]),
         )
 
 

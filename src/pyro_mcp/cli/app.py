@@ -97,6 +97,41 @@ def run(
 
 
 @cli.command()
+@click.argument("ref", metavar="ID")
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Keep printing what the VM writes until it stops (or Ctrl-C).",
+)
+@click.option(
+    "-n",
+    "--lines",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Only the last N lines (with --follow: 10 by default).",
+)
+def logs(ref: str, follow: bool, lines: int | None) -> None:
+    """Print the console log of a VM, or of a task's current VM.
+
+    ID is a VM id, a task id or name, or a unique start of either (task-3fa, vm-8c, 3fa).
+    """
+    pyro = make_pyro()
+    try:
+        if not follow:
+            sys.stdout.write(pyro.console_log(ref, lines=lines))
+            sys.stdout.flush()
+            return
+        for text in pyro.follow_console_log(ref, lines=10 if lines is None else lines):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    except PyroError as exc:
+        fail(exc, False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@cli.command()
 @json_option
 def doctor(as_json: bool) -> None:
     """Check what this host can run, with advice for each problem."""

@@ -56,10 +56,23 @@ class ToolOutcome:
 
     @classmethod
     def from_error(cls, exc: PyroError) -> ToolOutcome:
-        error = ToolError(error=ErrorInfo(**exc.to_dict()))
+        """The error as a tool result. Where the error has a hint per surface
+        (``details["hints"]``), the model gets the MCP one (e.g. "call task_list"
+        rather than a CLI command) and not the others."""
+        data = exc.to_dict()
+        details = dict(data.get("details") or {})
+        hints = details.pop("hints", None)
+        if isinstance(hints, dict) and isinstance(hints.get("mcp"), str):
+            data["hint"] = hints["mcp"]
+            if details:
+                data["details"] = details
+            else:
+                data.pop("details", None)
+        error = ToolError(error=ErrorInfo(**data))
+        hint = data.get("hint")
         text = f"error ({exc.code}): {exc.message}"
-        if exc.hint:
-            text += f"\nhint: {exc.hint}"
+        if hint:
+            text += f"\nhint: {hint}"
         return cls(False, error.model_dump(mode="json", exclude_none=True), text)
 
     def to_json(self) -> str:
