@@ -263,6 +263,7 @@ def test_logs_print_and_follow_until_the_vm_stops(
     assert cli("logs", "vm-0000000000aa").stdout == "boot 1\nboot 2\nboot 3\n"
     assert cli("logs", "logged", "--lines", "2").stdout == "boot 2\nboot 3\n"
     assert cli("logs", "vm-00").stdout.startswith("boot 1")
+    assert json.loads(cli("vm", "status", "vm-0000").stdout)["vm_id"] == "vm-0000000000aa"
     assert client.console_log("task-0000000000bb", lines=1) == "boot 3\n"
     no_vm = cli("logs", "no-vm", check=False)
     assert no_vm.returncode == 125 and "no VM" in no_vm.stderr
