@@ -350,3 +350,37 @@ def test_names_work_everywhere(hc_environment: str, state_dir: Path) -> None:
     finally:
         for t in pyro.list_tasks():
             pyro.delete_task(t.task_id)
+
+
+@pytest.mark.vm
+def test_logs_of_a_real_task_vm(pyro: Pyro) -> None:
+    """One boot: --follow sees a line the guest writes to its console, `pyro logs`
+    then prints it, and --follow ends when the VM stops."""
+    from conftest import TEST_ENV
+
+    info = pyro.create_task(TEST_ENV, name="console-test")
+    try:
+        if info.vm_id is None or info.backend != "qemu":
+            pytest.skip(f"the task runs on {info.backend}, not a qemu VM")
+        cli("logs", "console-test")  # may be empty: a VM restored from a snapshot is quiet
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "pyro_mcp.cli", "logs", "console-test", "-f", "-n", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert follower.stdout is not None
+            marker = "pyro-logs-marker-7c1"
+            ran = pyro.exec_task("console-test", f"echo {marker} > /dev/console")
+            assert ran.exit_code == 0, ran.stderr
+            while marker not in (line := follower.stdout.readline()):
+                assert line, "logs --follow ended before the marker"
+            assert marker in cli("logs", "console-test", "--lines", "20").stdout
+            pyro.stop_vm(info.vm_id)
+            wait_until(lambda: follower.poll() is not None, 60, "logs --follow to end")
+            assert follower.returncode == 0
+        finally:
+            follower.kill()
+            follower.wait()
+    finally:
+        pyro.delete_task(info.task_id)
