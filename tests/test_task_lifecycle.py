@@ -267,6 +267,9 @@ def test_logs_print_and_follow_until_the_vm_stops(
     assert client.console_log("task-0000000000bb", lines=1) == "boot 3\n"
     no_vm = cli("logs", "no-vm", check=False)
     assert no_vm.returncode == 125 and "no VM" in no_vm.stderr
+    fake_task(client, "task-0000000000dd", name="removed-vm", vm_id="vm-0000000000dd")
+    gone = cli("logs", "task-0000000000dd", check=False)
+    assert gone.returncode == 125 and "is gone" in gone.stderr
     missing = cli("logs", "vm-0000000000ff", check=False)
     assert missing.returncode == 125 and "pyro vm list" in missing.stderr
 

@@ -37,7 +37,13 @@ def vm_of(vms: VMManager, tasks: TaskManager, ref: str) -> str:
             f"task {task_id} has no VM ({record.config.execution_mode}), so no console log",
             hint="only tasks on a VM backend (qemu, gvisor) have one",
         )
-    return record.runtime.vm_id
+    vm_id = record.runtime.vm_id
+    if not vms.records.folder(vm_id).is_dir():
+        raise VMStateError(
+            f"task {task_id}'s VM {vm_id} is gone, and its console log with it",
+            hint="its next `pyro task exec` starts a new VM; `pyro logs` then shows that one's",
+        )
+    return vm_id
 
 
 def console_path(vms: VMManager, vm_id: str) -> Path:
