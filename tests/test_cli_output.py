@@ -181,7 +181,7 @@ def test_usage_errors_exit_125_and_speak_json(state_dir: Path) -> None:
     as_json = pyro(*bad_env[:-2], "--json", "--", "true")
     assert as_json.returncode == EXIT_PYRO_ERROR
     error = json.loads(as_json.stdout)["error"]
-    assert error["code"] == "invalid_input" and "NAME=value" in error["message"]
+    assert error["code"] == "invalid_input" and "FOO=value" in error["message"]
     assert "pyro task exec --help" in error["hint"]
     for args in (
         ["task", "list", "--bogus", "--json"],
@@ -341,9 +341,9 @@ def test_task_list_and_files_with_a_task(state_dir: Path) -> None:
     task_id = ok(*hc, "task", "create", "debian:12-base").stdout.strip()
     try:
         lines = ok("task", "list").stdout.splitlines()
-        assert lines[0].split() == ["ID", "ENV", "STATUS", "AGE", "EXPIRES", "SOURCE"]
+        assert lines[0].split() == ["ID", "NAME", "ENV", "STATUS", "AGE", "EXPIRES", "SOURCE"]
         row = lines[1].split()
-        assert row[:3] == [task_id, "debian:12-base", "ready"] and row[-3:] == ["in", "23h", "-"]
+        assert row[:4] == [task_id, "-", "debian:12-base", "ready"] and row[-3:] == ["in", "23h", "-"]
         assert ok("task", "list", "-q").stdout == f"{task_id}\n"
         listed = json.loads(ok("task", "list", "--json").stdout)
         assert [t["task_id"] for t in listed["tasks"]] == [task_id]

@@ -59,8 +59,11 @@ def test_sdk_not_found_names_the_sdk_method(state_dir: Path) -> None:
     with pytest.raises(NotFoundError) as vm_info:
         pyro.status_vm("vm-0123456789ab")
     assert "list_vms()" in (vm_info.value.hint or "")
+    with pytest.raises(NotFoundError) as unknown:
+        pyro.status_task("nope")  # a name or id prefix nobody has
+    assert "list_tasks()" in (unknown.value.hint or "")
     with pytest.raises(InvalidInputError) as bad:
-        pyro.status_task("nope")
+        pyro.status_task("../nope")
     assert "list_tasks()" in (bad.value.hint or "")
 
 

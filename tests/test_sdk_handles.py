@@ -32,7 +32,8 @@ def _public_methods(cls: type) -> set[str]:
 def test_async_pyro_has_every_pyro_method_with_its_signature() -> None:
     missing = _public_methods(Pyro) - set(dir(AsyncPyro))
     assert missing == set(), f"AsyncPyro lacks {missing}: add `name = threaded(Pyro.name)`"
-    for name in _public_methods(Pyro) - {"task"}:
+    assert inspect.isasyncgenfunction(AsyncPyro.follow_console_log)  # lines as they come
+    for name in _public_methods(Pyro) - {"task", "follow_console_log"}:
         method = getattr(AsyncPyro, name)
         assert inspect.iscoroutinefunction(method), name
         if name != "get_task":

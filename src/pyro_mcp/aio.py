@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -290,6 +290,29 @@ class AsyncPyro:
     export_task = threaded(Pyro.export_task)
     reset_task = threaded(Pyro.reset_task)
     reap_expired = threaded(Pyro.reap_expired)
+    resolve_task = threaded(Pyro.resolve_task)
+    prune_tasks = threaded(Pyro.prune_tasks)
+    console_log = threaded(Pyro.console_log)
+
+    async def follow_console_log(
+        self, ref: str, *, lines: int = 10, poll_interval: float = 0.2
+    ) -> AsyncIterator[str]:
+        """:meth:`Pyro.follow_console_log` as an async iterator: each wait for the next
+        line runs in a worker thread.
+
+        Raises:
+            NotFoundError: no task or VM is ``ref``.
+            VMStateError: the task has no VM (host_compat) or its VM is gone.
+            CancelledError: the iteration was cancelled (the log is simply not read on).
+        """
+        lines_iter = self.sync.follow_console_log(ref, lines=lines, poll_interval=poll_interval)
+        done = object()
+        while True:
+            line = await asyncio.to_thread(next, lines_iter, done)
+            if line is done:
+                return
+            assert isinstance(line, str)
+            yield line
 
 
 __all__ = ["TASK_METHODS", "AsyncPyro", "AsyncTask"]

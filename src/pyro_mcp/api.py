@@ -6,6 +6,8 @@
 
 Every method validates its arguments and raises a :class:`pyro_mcp.PyroError`
 subclass with a message and hint; a failing command is a normal result.
+Wherever a method takes a ``task_id``, the task's name or a unique prefix of its id
+(``task-3fa`` or ``3fa``) does as well.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pyro_mcp.models import (
     TaskDeleteResult,
     TaskExecResult,
     TaskInfo,
+    TaskPruneResult,
     TaskResetResult,
     VMInfo,
 )
@@ -306,11 +309,39 @@ class Pyro:
         return self._manager.stop(vm_id)
 
     def delete_vm(self, vm_id: str) -> dict[str, Any]:
+        """Stop and remove a VM (``vm_id``: its id or a unique prefix of it)."""
+        vm_id = self._manager.records.resolve(vm_id)
         self._manager.delete(vm_id)
         return {"vm_id": vm_id, "deleted": True}
 
     def status_vm(self, vm_id: str) -> VMInfo:
-        return self._manager.status(vm_id)
+        """A VM's state (``vm_id``: its id or a unique prefix of it)."""
+        return self._manager.status(self._manager.records.resolve(vm_id))
+
+    def console_log(self, ref: str, *, lines: int | None = None) -> str:
+        """The console log of a VM, or of a task's current VM (``ref``: a VM id, a task
+        id or name, or a unique prefix of either): its last ``lines`` lines, or all."""
+        from pyro_mcp import logs
+
+        if lines is not None:
+            lines = limits.check_int("lines", lines, 0, 1 << 20)
+        vm_id = logs.vm_of(self._manager, self._tasks, ref)
+        return logs.tail(logs.console_path(self._manager, vm_id), lines)
+
+    def follow_console_log(
+        self, ref: str, *, lines: int | None = 10, poll_interval: float = 0.2
+    ) -> Iterator[str]:
+        """:meth:`console_log`'s last ``lines`` lines, then the text the VM writes as it
+        comes, until the VM stops (or the caller stops iterating)."""
+        from pyro_mcp import logs
+
+        if lines is not None:
+            lines = limits.check_int("lines", lines, 0, 1 << 20)
+        vm_id = logs.vm_of(self._manager, self._tasks, ref)
+        path = logs.console_path(self._manager, vm_id)
+        return logs.follow(
+            path, logs.vm_alive(self._manager, vm_id), lines=lines, poll_s=poll_interval
+        )
 
     def list_vms(self) -> list[VMInfo]:
         return self._manager.list()
@@ -367,9 +398,13 @@ class Pyro:
         network: bool = False,
         exclude: Sequence[str] = (),
         seed_limits: SeedLimits | None = None,
+        name: str | None = None,
     ) -> TaskInfo:
         """Start a persistent task whose /workspace starts as a copy of ``source_path``
         (a directory or a .tar/.tar.gz/.tar.bz2/.tar.xz archive; empty if None).
+
+        ``name`` (unique among tasks; a-z, 0-9, '_', '.', '-') may then stand for the
+        task's id in every method that takes one, as may a unique prefix of the id.
 
         ``exclude`` drops paths matching glob patterns (e.g. ``[".git", "*.pyc"]``);
         ``seed_limits`` changes the caps on seeded bytes and entries. The task
@@ -385,6 +420,7 @@ class Pyro:
             network=network,
             exclude=exclude,
             seed_limits=seed_limits,
+            name=name,
             progress=self._progress,
         )
 
@@ -467,6 +503,18 @@ class Pyro:
     def delete_task(self, task_id: str) -> TaskDeleteResult:
         """Stop the task's VM and remove it with its workspace."""
         return self._tasks.delete(task_id)
+
+    def prune_tasks(self, *, dry_run: bool = False) -> TaskPruneResult:
+        """Remove every task that cannot be used again: past its TTL, a create cut
+        short, a folder without a record, a backend this version lacks, or a workspace
+        gone. A task whose VM merely stopped is kept (its next exec starts a new VM).
+        ``dry_run``: only say what would go."""
+        reasons = self._tasks.prune(dry_run=dry_run)
+        return TaskPruneResult(pruned=sorted(reasons), reasons=reasons, dry_run=dry_run)
+
+    def resolve_task(self, ref: str) -> str:
+        """The id of the task ``ref`` names: its id, its name or a unique id prefix."""
+        return self._tasks.resolve(ref)
 
     # -- a task's files -----------------------------------------------------
     @property

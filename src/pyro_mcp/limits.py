@@ -39,6 +39,12 @@ MAX_VMS_CEILING = 1024
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VM_ID = re.compile(r"^vm-[0-9a-f]{12}$")
 _TASK_ID = re.compile(r"^task-[0-9a-f]{12}$")
+#: What may name a record where its id is asked for: its full id, a unique prefix of
+#: it (with or without the ``task-``/``vm-`` part) or, for tasks, its name. One
+#: pattern covers them all (the MCP schemas use it).
+REF_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_TASK_NAME = re.compile(REF_PATTERN)
+_ID_SHAPED = re.compile(r"^(task-|vm-|[0-9a-f]+$)")
 
 
 def check_int(name: str, value: object, low: int, high: int, unit: str = "") -> int:
@@ -108,6 +114,25 @@ def check_task_id(value: object) -> str:
                 sdk="task ids look like 'task-0123456789ab'; list them with Pyro.list_tasks()",
                 mcp="task ids look like 'task-0123456789ab'; list them with the task_list tool",
             ),
+        )
+    return value
+
+
+def check_task_name(value: object) -> str:
+    """A task's name: 1 to 63 of a-z, 0-9, '_', '.', '-' (starting with a letter or
+    digit), and not shaped like an id or an id's prefix (``task-...``, ``vm-...``, or
+    hex digits only), so that a name and an id prefix never mean two tasks."""
+    if not isinstance(value, str) or not _TASK_NAME.fullmatch(value):
+        raise InvalidInputError(
+            f"invalid task name {value!r}",
+            hint="a name is 1-63 of a-z, 0-9, '_', '.', '-', starting with a letter or "
+            "digit, e.g. 'api-tests'",
+        )
+    if _ID_SHAPED.match(value):
+        raise InvalidInputError(
+            f"invalid task name {value!r}: it could be read as a task id or id prefix",
+            hint="names may not start with 'task-' or 'vm-' nor be hex digits only; "
+            "e.g. 'build-2' rather than '2'",
         )
     return value
 

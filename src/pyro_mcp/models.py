@@ -144,6 +144,10 @@ class TaskInfo(BaseModel):
     """A persistent workspace: one VM (or host_compat sandbox) and its /workspace."""
 
     task_id: str
+    name: str | None = Field(
+        default=None,
+        description="The task's name if it was given one at create; it may stand for task_id.",
+    )
     environment: str
     environment_version: str
     status: TaskStatus = Field(
@@ -180,6 +184,18 @@ class TaskExecResult(CommandResult):
 class TaskDeleteResult(BaseModel):
     task_id: str
     deleted: bool
+
+
+class TaskPruneResult(BaseModel):
+    """What ``prune`` removed (or, with ``dry_run``, would remove)."""
+
+    pruned: list[str] = Field(description="Ids of the tasks removed.")
+    reasons: dict[str, str] = Field(
+        default_factory=dict,
+        description="Why each went: ttl_expired, create_interrupted, incomplete, "
+        "backend_unknown or workspace_missing.",
+    )
+    dry_run: bool = False
 
 
 class TaskResetResult(BaseModel):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import time
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, get_arg
 from pyro_mcp import paths
 from pyro_mcp.control import MountSpec
 from pyro_mcp.errors import InvalidInputError, NotFoundError, StateError
+from pyro_mcp.limits import REF_PATTERN
 from pyro_mcp.models import BootKind, TaskStatus
 from pyro_mcp.state import (
     ProcessId,
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
     from pyro_mcp.workspace.seed import SeedResult
 
 INCOMPLETE_GRACE_S = 60.0  # a folder without a record younger than this is being created
+
+_REF = re.compile(REF_PATTERN)
+_HEX = re.compile(r"^[0-9a-f]{1,12}$")
 
 
 class Codec(Protocol):
@@ -87,6 +92,9 @@ class RecordStore(Generic[R]):
         check_id: Callable[[str], str],
         list_hint: Mapping[str, str],
     ) -> None:
+        """``list_hint``: how to list these records, per surface (``cli``, ``sdk``,
+        ``mcp``; see :func:`pyro_mcp.errors.hints`): a not-found error carries all three
+        and each surface shows its own."""
         self.root = root
         self.kind = kind  # "VM" or "task": used in messages
         self.prefix = f"{kind.lower()}-"
@@ -129,13 +137,45 @@ class RecordStore(Generic[R]):
                 hint=f"it was written by another pyro-mcp version; remove {where.parent}",
             ) from None
 
-    def not_found(self, record_id: str) -> NotFoundError:
+    def not_found(self, record_id: str, what: str | None = None) -> NotFoundError:
         return NotFoundError(
-            f"{self.kind} {record_id} does not exist (it may have been deleted, or reaped "
+            what
+            or f"{self.kind} {record_id} does not exist (it may have been deleted, or reaped "
             "after its TTL)",
             hints=self.list_hint,
             details={f"{self.kind.lower()}_id": record_id},
         )
+
+    # -- references -------------------------------------------------------------
+    def resolve(self, ref: str, name_of: Callable[[R], str | None] | None = None) -> str:
+        """The id that ``ref`` names: a full id (returned as is, whether or not it
+        exists), a record's name (``name_of``), or a unique prefix of an id, with or
+        without its ``task-``/``vm-`` part. An unknown ref is a NotFoundError, a prefix
+        of several ids an InvalidInputError listing them."""
+        try:
+            return self._check_id(ref)
+        except InvalidInputError as exc:
+            if not isinstance(ref, str) or not _REF.fullmatch(ref):
+                raise exc from None
+        if name_of is not None:
+            for record in self.records():
+                if name_of(record) == ref:
+                    return record.record_id
+        hex_part = ref[len(self.prefix) :] if ref.startswith(self.prefix) else ref
+        if not _HEX.fullmatch(hex_part):
+            named = " or name" if name_of is not None else ""
+            raise self.not_found(ref, f"no {self.kind} has the id{named} {ref!r}")
+        ids = [f.name for f in self.folders() if f.name[len(self.prefix) :].startswith(hex_part)]
+        if not ids:
+            raise self.not_found(ref, f"no {self.kind} id starts with {ref!r}")
+        if len(ids) > 1:
+            shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+            raise InvalidInputError(
+                f"{ref!r} is the start of {len(ids)} {self.kind} ids: {shown}",
+                hint="give more of the id",
+                details={"candidates": ids},
+            )
+        return ids[0]
 
     def load(self, record_id: str) -> R:
         path = self.folder(record_id) / self.filename
@@ -196,9 +236,12 @@ class RecordStore(Generic[R]):
         self,
         why: Callable[[R, float], str | None],
         delete: Callable[[str, str], None],
+        *,
+        dry_run: bool = False,
     ) -> dict[str, str]:
         """Delete every record ``why`` names a reason for (via ``delete(id, reason)``),
-        folders that never got a record, and lock files whose record is gone."""
+        folders that never got a record, and lock files whose record is gone.
+        ``dry_run``: only say what would go."""
         reasons: dict[str, str] = {}
         now = time.time()
         for folder in self.folders():
@@ -210,7 +253,8 @@ class RecordStore(Generic[R]):
                 # A folder without a record is a half-created one (or one mid-reap).
                 with contextlib.suppress(OSError):
                     if now - folder.stat().st_mtime > INCOMPLETE_GRACE_S:
-                        shutil.rmtree(folder, ignore_errors=True)
+                        if not dry_run:
+                            shutil.rmtree(folder, ignore_errors=True)
                         reasons[record_id] = "incomplete"
                 continue
             except StateError:
@@ -218,9 +262,14 @@ class RecordStore(Generic[R]):
             reason = why(record, now)
             if reason is None:
                 continue
+            if dry_run:
+                reasons[record_id] = reason
+                continue
             with contextlib.suppress(NotFoundError, InvalidInputError):
                 delete(record_id, reason)
                 reasons[record_id] = reason
+        if dry_run:
+            return reasons
         remove_orphan_locks(self.root, self.prefix)
         with contextlib.suppress(OSError):  # removals cut short (e.g. by SIGKILL)
             for tomb in self.root.glob(f".{self.prefix}*.removed-*"):
@@ -404,10 +453,12 @@ class TaskConfig:
     backend: str
     execution_mode: str
     workspace_seed: SeedResult | None = None  # None until seeded
+    name: str | None = None  # unique among tasks; absent from records made before names
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "task_id": self.task_id,
+            "name": self.name,
             **_guest_to_dict(self),
             "execution_mode": self.execution_mode,
             "workspace_seed": self.workspace_seed.to_dict() if self.workspace_seed else None,
@@ -420,6 +471,7 @@ class TaskConfig:
             **_guest_from_dict(d),
             execution_mode=str(d["execution_mode"]),
             workspace_seed=_seed_from_dict(d.get("workspace_seed")),
+            name=None if d.get("name") is None else str(d["name"]),
         )
 
 

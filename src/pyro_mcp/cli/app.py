@@ -3,6 +3,7 @@ are one module each (``env``, ``vm``, ``task``, ``files``, ``mcp``) and attach h
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -155,6 +156,48 @@ def run(
         sys.exit(130)
     progress.close()
     finish_exec(result, as_json, timeout_seconds, streamed=not as_json)
+
+
+@cli.command()
+@click.argument("ref", metavar="ID")
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Keep printing what the VM writes until it stops (or Ctrl-C).",
+)
+@click.option(
+    "-n",
+    "--lines",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Only the last N lines (with --follow: 10 by default).",
+)
+@json_option
+def logs(ref: str, follow: bool, lines: int | None, as_json: bool) -> None:
+    """Print the console log of a VM, or of a task's current VM.
+
+    ID is a VM id, a task id or name, or a unique start of either (task-3fa, vm-8c, 3fa).
+    With --json: {"ref", "log"}; with --follow too, one {"text"} object a line as the
+    log grows.
+    """
+    pyro = make_pyro()
+    try:
+        if not follow:
+            text = pyro.console_log(ref, lines=lines)
+            if as_json:
+                emit({"ref": ref, "log": text})
+                return
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        for text in pyro.follow_console_log(ref, lines=10 if lines is None else lines):
+            sys.stdout.write(json.dumps({"text": text}) + "\n" if as_json else text)
+            sys.stdout.flush()
+    except PyroError as exc:
+        fail(exc, as_json)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 @cli.command()

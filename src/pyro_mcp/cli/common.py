@@ -242,13 +242,15 @@ def finish_exec(
     sys.exit(EXIT_TIMEOUT if result.timed_out else result.exit_code)
 
 
-def make_pyro(progress: StderrProgress | None = None) -> Any:
+def make_pyro(progress: StderrProgress | None = None, *, reap: bool = True) -> Any:
+    """The SDK object for a command; ``reap=False`` leaves expired leftovers alone
+    (``pyro task prune --dry-run`` must see them, not remove them)."""
     from pyro_mcp.api import Pyro
 
     backend = click.get_current_context().find_root().params.get("backend")
     if progress is None:
-        return Pyro(backend=backend)
-    return Pyro(backend=backend, progress=progress)
+        return Pyro(backend=backend, reap=reap)
+    return Pyro(backend=backend, progress=progress, reap=reap)
 
 
 def json_option(fn: F) -> F:

@@ -36,7 +36,7 @@ from pyro_mcp.cli.common import (
     vcpu_option,
 )
 from pyro_mcp.cli.complete import complete_environment, complete_task_id
-from pyro_mcp.errors import PyroError
+from pyro_mcp.errors import NotFoundError, PyroError
 
 
 @click.group()
@@ -54,6 +54,8 @@ def _print_task(info: Any) -> None:
     seed = info.workspace_seed
     source = f" from {seed.source_path}" if seed.source_path else ""
     click.echo(f"task_id:      {info.task_id}")
+    if info.name:
+        click.echo(f"name:         {info.name}")
     click.echo(f"environment:  {info.environment} {info.environment_version}")
     click.echo(f"status:       {info.status}" + (f" ({info.detail})" if info.detail else ""))
     click.echo(f"execution:    {info.execution_mode} ({info.backend}, {info.acceleration})")
@@ -87,6 +89,12 @@ def _print_task(info: Any) -> None:
 @mem_option
 @ttl_option(limits.DEFAULT_TASK_TTL_SECONDS, "task and its workspace")
 @click.option("--network", is_flag=True, help="Give the guest a network (not available yet).")
+@click.option(
+    "--name",
+    default=None,
+    help="A name, unique among tasks, usable wherever the task's id is (a-z, 0-9, '_', "
+    "'.', '-'; not hex digits only).",
+)
 @json_option
 def task_create(
     environment: str,
@@ -96,6 +104,7 @@ def task_create(
     mem_mib: int,
     ttl_seconds: int,
     network: bool,
+    name: str | None,
     as_json: bool,
 ) -> None:
     """Start a task in ENVIRONMENT; print its id (details on stderr)."""
@@ -109,6 +118,7 @@ def task_create(
             ttl_seconds=ttl_seconds,
             network=network,
             exclude=list(exclude),
+            name=name,
         )
     except PyroError as exc:
         progress.close()
@@ -195,7 +205,7 @@ def task_exec(
 @click.argument("task_id", shell_complete=complete_task_id)
 @json_option
 def task_status(task_id: str, as_json: bool) -> None:
-    """Show one task."""
+    """Show one task (TASK_ID: its id, a unique start of it, or its name)."""
     try:
         info = make_pyro().status_task(task_id)
     except PyroError as exc:
@@ -227,6 +237,7 @@ def task_list(quiet: bool, as_json: bool) -> None:
         rows = [
             (
                 t.task_id,
+                t.name or "-",
                 t.environment,
                 t.status,
                 age(t.created_at),
@@ -235,19 +246,76 @@ def task_list(quiet: bool, as_json: bool) -> None:
             )
             for t in tasks
         ]
-        print_table(("ID", "ENV", "STATUS", "AGE", "EXPIRES", "SOURCE"), rows, empty="no tasks")
+        print_table(
+            ("ID", "NAME", "ENV", "STATUS", "AGE", "EXPIRES", "SOURCE"), rows, empty="no tasks"
+        )
 
 
 @task.command("delete")
-@click.argument("task_id", shell_complete=complete_task_id)
+@click.argument(
+    "task_ids", metavar="TASK_ID...", nargs=-1, required=True, shell_complete=complete_task_id
+)
+@click.option("-f", "--force", is_flag=True, help="No error for tasks that do not exist (exit 0).")
 @json_option
-def task_delete(task_id: str, as_json: bool) -> None:
-    """Stop TASK_ID's VM and remove it with its workspace."""
+def task_delete(task_ids: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Stop each task's VM and remove it with its workspace (each TASK_ID: an id, a
+    unique start of one, or a name). All are tried; the exit status is 125 if one
+    could not be deleted (unless --force and it did not exist).
+
+    --json prints the delete result (or the error) for one TASK_ID without --force,
+    otherwise {"deleted": [ids], "errors": [{"task_id", "error"}]}."""
+    pyro = make_pyro()
+    if len(task_ids) == 1 and not force:
+        try:
+            data = pyro.delete_task(task_ids[0])
+        except PyroError as exc:
+            fail(exc, as_json)
+        if as_json:
+            emit(data)
+        else:
+            click.echo(f"deleted {data.task_id}")
+        return
+    deleted: list[str] = []
+    errors: list[dict[str, Any]] = []
+    for ref in task_ids:
+        try:
+            result = pyro.delete_task(ref)
+        except PyroError as exc:
+            if force and isinstance(exc, NotFoundError):
+                continue
+            errors.append({"task_id": ref, "error": exc.to_dict("cli")})
+            if not as_json:
+                click.echo(f"pyro: error: {exc.message}", err=True)
+                hint = exc.hint_for("cli")
+                if hint:
+                    click.echo(f"pyro: hint: {hint}", err=True)
+            continue
+        deleted.append(result.task_id)
+        if not as_json:
+            click.echo(f"deleted {result.task_id}")
+    if as_json:
+        emit({"deleted": deleted, "errors": errors})
+    if errors:
+        sys.exit(PyroError.exit_code)
+
+
+@task.command("prune")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@json_option
+def task_prune(dry_run: bool, as_json: bool) -> None:
+    """Remove the tasks that cannot be used again: past their TTL (ttl_expired), creates
+    cut short (create_interrupted, incomplete), a backend this version lacks
+    (backend_unknown) or a workspace gone (workspace_missing). A task whose VM merely
+    stopped is kept: its next exec starts a new VM."""
     try:
-        data = make_pyro().delete_task(task_id)
+        result = make_pyro(reap=False).prune_tasks(dry_run=dry_run)
     except PyroError as exc:
         fail(exc, as_json)
     if as_json:
-        emit(data)
-    else:
-        click.echo(f"deleted {task_id}")
+        emit(result)
+        return
+    verb = "would remove" if dry_run else "removed"
+    for task_id in result.pruned:
+        click.echo(f"{verb} {task_id} ({result.reasons[task_id]})")
+    if not result.pruned:
+        click.echo("nothing to prune", err=True)

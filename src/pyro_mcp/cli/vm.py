@@ -99,7 +99,7 @@ def vm_delete(vm_id: str, as_json: bool) -> None:
     if as_json:
         emit(data)
     else:
-        click.echo(f"deleted {vm_id}")
+        click.echo(f"deleted {data['vm_id']}")
 
 
 @vm.command("reap")

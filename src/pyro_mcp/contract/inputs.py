@@ -39,9 +39,10 @@ def _vm_id() -> Any:
 
 def _task_id() -> Any:
     return Field(
-        description="The task's id as returned by task_create or task_list, e.g. "
-        "'task-0123456789ab'.",
-        pattern=r"^task-[0-9a-f]{12}$",
+        description="The task: its id as returned by task_create or task_list (e.g. "
+        "'task-0123456789ab'), a unique start of that id (e.g. 'task-0123' or '0123'), or "
+        "the name it was given at task_create.",
+        pattern=limits.REF_PATTERN,
     )
 
 
@@ -273,6 +274,12 @@ class TaskCreateInput(_Input):
         description="Seconds after which the task is deleted even if nobody deletes it.",
     )
     network: bool = _network()
+    name: str | None = Field(
+        default=None,
+        description="A name for the task, unique on this machine (1-63 of a-z, 0-9, '_', "
+        "'.', '-'; not hex digits only), e.g. 'api-tests'; it can then be given as task_id.",
+        pattern=limits.REF_PATTERN,
+    )
 
 
 class TaskExecInput(_Input):

@@ -34,6 +34,7 @@ def _run_task_create(pyro: Pyro, args: TaskCreateInput, ctx: ToolContext) -> Tas
         mem_mib=args.mem_mib,
         ttl_seconds=args.ttl_seconds,
         network=args.network,
+        name=args.name,
     )
 
 

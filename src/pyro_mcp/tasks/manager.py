@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from filelock import FileLock
+
 from pyro_mcp import limits
 from pyro_mcp.commands import ExecOptions
 from pyro_mcp.errors import (
@@ -51,7 +53,9 @@ from pyro_mcp.progress import ProgressEvent, ProgressFn, no_progress
 from pyro_mcp.records import RecordStore, TaskConfig, TaskRecord, state_dir_error
 from pyro_mcp.records import TaskRuntime as TaskState
 from pyro_mcp.state import ProcessId
+from pyro_mcp.tasks.dir_runtime import FOLDER as WORKSPACE_FOLDER
 from pyro_mcp.tasks.runtime import SEED, TaskRuntime, check_seed_kept, runtime_for
+from pyro_mcp.tasks.vm_runtime import IMAGE as DISK_IMAGE
 from pyro_mcp.vmm import SANDBOX_BACKEND_NAMES, fallback_backend, get_sandbox_backend
 from pyro_mcp.workspace.archive import SeedLimits
 from pyro_mcp.workspace.seed import resolve_source, seed_tree
@@ -80,6 +84,29 @@ class TaskManager:
         self.allow_host_compat = allow_host_compat
 
     # -- helpers ------------------------------------------------------------
+    def resolve(self, ref: str) -> str:
+        """The id of the task ``ref`` names: its id, its name, or a unique prefix of
+        its id (``task-3fa`` or ``3fa``). Every method taking a task id takes any of
+        these; unknown is a NotFoundError, ambiguous an InvalidInputError listing the
+        candidates."""
+        return self.records.resolve(ref, lambda record: record.config.name)
+
+    @contextlib.contextmanager
+    def _names_lock(self) -> Iterator[None]:
+        """Held while a name is checked for uniqueness and the record carrying it written."""
+        with FileLock(str(self.records.root / ".names.lock")):
+            yield
+
+    def _check_name_free(self, name: str, task_id: str) -> None:
+        for other in self.records.records():
+            if other.config.name == name and other.config.task_id != task_id:
+                raise InvalidInputError(
+                    f"a task named {name!r} exists already: {other.config.task_id}",
+                    hint=f"pick another name, or delete that task first (`pyro task delete "
+                    f"{name}`)",
+                    details={"task_id": other.config.task_id},
+                )
+
     def _runtime(self, backend: str) -> TaskRuntime:
         return runtime_for(backend, self.vms, self.records)
 
@@ -112,9 +139,11 @@ class TaskManager:
         network: bool = False,
         exclude: Sequence[str] = (),
         seed_limits: SeedLimits | None = None,
+        name: str | None = None,
         progress: ProgressFn = no_progress,
     ) -> TaskInfo:
-        """Make a task, seed /workspace from ``source_path`` and start it.
+        """Make a task, seed /workspace from ``source_path`` and start it. ``name``
+        (unique among tasks) may stand for its id afterwards.
 
         Everything is validated before anything is written; a failure at any
         step removes whatever was made.
@@ -126,6 +155,8 @@ class TaskManager:
         limits.check_mem_mib(mem_mib)
         limits.check_ttl(ttl_seconds)
         limits.check_network(network)
+        if name is not None:
+            limits.check_task_name(name)
         if isinstance(exclude, str):
             exclude = [exclude]
         if not isinstance(exclude, Sequence) or not all(isinstance(p, str) for p in exclude):
@@ -156,13 +187,19 @@ class TaskManager:
                 expires_at=now + ttl_seconds,
                 backend=backend,
                 execution_mode=runtime.backend.execution_mode,
+                name=name,
             ),
             TaskState(environment_version=spec.version, creator=ProcessId.of(os.getpid())),
         )
         # The lock's file goes with the folder when a failed create removes it.
         with self.records.lock(task_id):
             try:
-                self.records.save(record)
+                if name is None:
+                    self.records.save(record)
+                else:
+                    with self._names_lock():
+                        self._check_name_free(name, task_id)
+                        self.records.save(record)
                 staging = task_dir / SEED
                 try:
                     staging.mkdir(mode=0o700)
@@ -212,6 +249,7 @@ class TaskManager:
         cancel kills the command; the task stays."""
         cmd = limits.check_command(command)
         opts = options or ExecOptions()
+        task_id = self.resolve(task_id)
         record = self._usable(task_id)
         record, outcome = self._runtime(record.config.backend).exec(record, cmd, opts, progress)
         config, state = record.config, record.runtime
@@ -247,19 +285,20 @@ class TaskManager:
     ) -> Iterator[tuple[TaskRecord, AgentChannel]]:
         """The task's record and a channel to its guest agent for file operations
         (:mod:`pyro_mcp.workspace.files`); the guest is restarted first if gone."""
-        record = self._usable(task_id)
+        record = self._usable(self.resolve(task_id))
         with self._runtime(record.config.backend).files(record, progress) as channel:
             yield record, channel
 
     def seed_folder(self, task_id: str) -> Path:
         """The task's kept seed (what ``diff`` compares with)."""
-        return check_seed_kept(self.records.folder(task_id))
+        return check_seed_kept(self.records.folder(self.resolve(task_id)))
 
     # -- reset --------------------------------------------------------------
     def reset(self, task_id: str, *, progress: ProgressFn = no_progress) -> TaskResetResult:
         """Put /workspace back to the task's seed (kept at create), stopping what runs.
         On VM backends this is a new VM: the rest of the guest starts fresh too."""
         started = time.monotonic()
+        task_id = self.resolve(task_id)
         self._usable(task_id)
         with self.records.lock(task_id):
             record = self._usable(task_id)
@@ -297,6 +336,7 @@ class TaskManager:
         seed = config.workspace_seed
         return TaskInfo(
             task_id=config.task_id,
+            name=config.name,
             environment=config.environment,
             environment_version=state.environment_version,
             status=status,
@@ -326,7 +366,7 @@ class TaskManager:
         )
 
     def status(self, task_id: str) -> TaskInfo:
-        return self._info(self.records.load(task_id))
+        return self._info(self.records.load(self.resolve(task_id)))
 
     def list(self) -> list[TaskInfo]:
         out = []
@@ -339,6 +379,7 @@ class TaskManager:
     def delete(self, task_id: str) -> TaskDeleteResult:
         """Stop the task's VM and remove it with its workspace. A second delete
         of the same task is a NotFoundError."""
+        task_id = self.resolve(task_id)
         task_dir = self.records.folder(task_id)
         with self.records.lock(task_id):
             try:
@@ -352,22 +393,54 @@ class TaskManager:
             self._discard(task_id, record)
         return TaskDeleteResult(task_id=task_id, deleted=True)
 
+    @staticmethod
+    def _reap_reason(record: TaskRecord, now: float) -> str | None:
+        if now >= record.config.expires_at:
+            return "ttl_expired"
+        creator = record.runtime.creator
+        if record.runtime.status == "creating" and (creator is None or not creator.alive()):
+            return "create_interrupted"
+        return None
+
     def reap_expired(self) -> dict[str, str]:
         """Remove tasks past their TTL, creates interrupted by a dead process, and
         folders without a record. Returns the ids removed, with why."""
 
-        def why(record: TaskRecord, now: float) -> str | None:
-            if now >= record.config.expires_at:
-                return "ttl_expired"
-            creator = record.runtime.creator
-            if record.runtime.status == "creating" and (creator is None or not creator.alive()):
-                return "create_interrupted"
+        def delete(task_id: str, _reason: str) -> None:
+            self.delete(task_id)
+
+        return self.records.reap(self._reap_reason, delete)
+
+    def _unrestartable(self, record: TaskRecord) -> str | None:
+        """Why a task can never run a command again, or None: its backend is one this
+        version lacks, or its workspace is gone (a VM can be restarted over a
+        workspace, never without one)."""
+        if record.runtime.status == "creating":
             return None
+        try:
+            self._runtime(record.config.backend)
+        except InvalidInputError:
+            return "backend_unknown"
+        task_dir = self.records.folder(record.config.task_id)
+        if not (task_dir / DISK_IMAGE).is_file() and not (task_dir / WORKSPACE_FOLDER).is_dir():
+            return "workspace_missing"
+        return None
+
+    def prune(self, *, dry_run: bool = False) -> dict[str, str]:
+        """Remove every task that cannot be used again, with why: past its TTL
+        (``ttl_expired``), a create cut short by its process's death
+        (``create_interrupted``), a folder left without a record for over a minute
+        (``incomplete``), a backend this version lacks (``backend_unknown``) or a
+        workspace gone (``workspace_missing``). A task whose VM merely stopped is
+        kept: its next exec starts a new VM. ``dry_run``: only say what would go."""
+
+        def why(record: TaskRecord, now: float) -> str | None:
+            return self._reap_reason(record, now) or self._unrestartable(record)
 
         def delete(task_id: str, _reason: str) -> None:
             self.delete(task_id)
 
-        return self.records.reap(why, delete)
+        return self.records.reap(why, delete, dry_run=dry_run)
 
     # -- one-shot in a sandbox backend (host_compat) ------------------------------------------
     def run_host_compat(
