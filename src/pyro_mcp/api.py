@@ -75,6 +75,12 @@ class Pyro:
         ``backend``, ``pool_size`` and ``pool_environment`` left as None come from
         the environment variables, then the config file, then the built-ins (0 and
         "debian:12"); see docs/config.md and :attr:`settings`.
+
+        Raises:
+            InvalidInputError: a bad ``state_dir``, ``backend``, ``pool_size`` or
+                ``pool_environment``, or a bad setting in the ``PYRO_*`` environment
+                variables or the config file.
+            NotFoundError: ``pool_environment`` is not in the catalog (with ``pool_size`` > 0).
         """
         from pyro_mcp import config
 
@@ -104,7 +110,11 @@ class Pyro:
             self._pool = WarmPool(self._manager, key, pool_size)
 
     def close(self) -> None:
-        """Tear down idle pool VMs now (they would die with this process anyway)."""
+        """Tear down idle pool VMs now (they would die with this process anyway).
+
+        Raises:
+            Nothing: an idle pool VM that cannot be deleted is left to the reaper.
+        """
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -127,18 +137,30 @@ class Pyro:
 
     @property
     def manager(self) -> VMManager:
+        """The VM manager under this object (internal; its API may change)."""
         return self._manager
 
     # -- environments -------------------------------------------------------
     def list_environments(self) -> list[dict[str, Any]]:
-        """The catalog, with what is installed locally."""
+        """The catalog, with what is installed locally.
+
+        Raises:
+            Nothing: a damaged install is reported in its ``problems``, not raised.
+        """
         from dataclasses import asdict
 
         return [asdict(info) for info in self._manager.store.list()]
 
     def pull_environment(self, environment: str, *, force: bool = False) -> dict[str, Any]:
         """Build (or re-verify) an environment, then take its warm-start snapshot for the
-        default VM size, so the first run restores instead of booting cold."""
+        default VM size, so the first run restores instead of booting cold.
+        A snapshot that fails is not raised: the result's ``snapshot_error`` says why.
+
+        Raises:
+            InvalidInputError: ``environment`` is not a well-formed name.
+            NotFoundError: ``environment`` is not in the catalog.
+            EnvironmentBuildError: building or verifying it (or fetching its kernel) failed.
+        """
         env = self._manager.store.pull(environment, progress=self._progress, force=force)
         data: dict[str, Any] = {"name": env.name, "version": env.version, "path": str(env.path)}
         try:
@@ -152,7 +174,12 @@ class Pyro:
     def inspect_environment(self, environment: str, *, verify: bool = False) -> dict[str, Any]:
         """An environment's installed artifacts, their state (``verify`` re-hashes every
         file) and its warm-start snapshots in the cache (those taken of its installed
-        root image; other environments' are left out)."""
+        root image; other environments' are left out).
+
+        Raises:
+            InvalidInputError: ``environment`` is not a well-formed name.
+            NotFoundError: ``environment`` is not in the catalog (not installed is no error).
+        """
         from dataclasses import asdict
 
         from pyro_mcp.vmm import list_snapshots
@@ -170,7 +197,11 @@ class Pyro:
 
     def prune_environments(self) -> list[str]:
         """Remove superseded or damaged installs, build leftovers, unpacked trees of
-        images no longer installed, and stale snapshots. Returns what was removed."""
+        images no longer installed, and stale snapshots. Returns what was removed.
+
+        Raises:
+            Nothing: no PyroError; a cache folder that cannot be changed surfaces as an OSError.
+        """
         from pyro_mcp.vmm import prune_snapshots
 
         return [*self._manager.store.prune(), *prune_snapshots()]
@@ -205,6 +236,19 @@ class Pyro:
         it arrives, in order; the result still has it all (capped): ``stdout`` as
         text, ``stdout_bytes`` exact (likewise stderr). Caps: up to
         ``limits.MAX_OUTPUT_CAP`` bytes per stream.
+
+        Raises:
+            InvalidInputError: a bad command, option (size, TTL, cwd, env, caps, stdin,
+                callbacks) or environment name.
+            NotFoundError: ``environment`` is not in the catalog.
+            EnvironmentBuildError: the environment could not be built.
+            BackendUnavailableError: no backend can run it here (no KVM/QEMU/runsc, no opt-in to
+                host_compat, or bubblewrap missing for host_compat).
+            BootError: the guest did not come up.
+            GuestProtocolError: the guest agent broke the protocol, or the VM stopped mid-command.
+            VMStateError: the VM reached its TTL mid-command, or its supervisor misbehaved.
+            LimitError: the cap on running VMs (``PYRO_MAX_VMS``) is reached.
+            StateError: the state folder is unusable or full.
         """
         cmd = limits.check_command(command)
         opts = ExecOptions.checked(
@@ -249,7 +293,15 @@ class Pyro:
         ttl_seconds: int = limits.DEFAULT_TTL_SECONDS,
         network: bool = False,
     ) -> VMInfo:
-        """Define a VM without booting it (inspect it, then ``start_vm`` + ``exec_vm``)."""
+        """Define a VM without booting it (inspect it, then ``start_vm`` + ``exec_vm``).
+
+        Raises:
+            InvalidInputError: a bad environment name, size, TTL or network flag, or the
+                host_compat backend was chosen (it runs no VMs).
+            NotFoundError: ``environment`` is not in the catalog.
+            BackendUnavailableError: no VM backend works here.
+            StateError: the state folder is unusable or full.
+        """
         return self._manager.create(
             environment,
             vcpu_count=vcpu_count,
@@ -259,6 +311,18 @@ class Pyro:
         )
 
     def start_vm(self, vm_id: str) -> VMInfo:
+        """Boot a VM made by :meth:`create_vm` (``vm_id``: its full id).
+
+        Raises:
+            InvalidInputError: ``vm_id`` is not a VM id.
+            NotFoundError: no such VM.
+            VMStateError: the VM is already running or past its TTL.
+            EnvironmentBuildError: its environment could not be built.
+            BackendUnavailableError: its backend cannot run here.
+            BootError: the guest did not come up.
+            LimitError: the cap on running VMs (``PYRO_MAX_VMS``) is reached.
+            StateError: its record is unreadable, or the state folder unusable or full.
+        """
         return self._manager.start(vm_id, progress=self._progress)
 
     def exec_vm(
@@ -279,6 +343,14 @@ class Pyro:
 
         For repeated commands in one place, use tasks. ``stdin``, ``on_stdout`` and
         ``on_stderr`` as for :meth:`run_in_vm`.
+
+        Raises:
+            InvalidInputError: a bad command or option, or ``vm_id`` is not a VM id.
+            NotFoundError: no such VM.
+            VMStateError: the VM is not running (it is then left alone), reached its TTL
+                mid-command, or its supervisor misbehaved.
+            GuestProtocolError: the guest agent broke the protocol, or the VM stopped mid-command.
+            StateError: its record is unreadable.
         """
         # Bad arguments or a VM that is not running leave the VM alone.
         cmd = limits.check_command(command)
@@ -306,21 +378,47 @@ class Pyro:
         return self._manager.result(info, cmd, outcome, deleted=True, reason="exec finished")
 
     def stop_vm(self, vm_id: str) -> VMInfo:
+        """Stop a VM, keeping its record (``vm_id``: its full id).
+
+        Raises:
+            InvalidInputError: ``vm_id`` is not a VM id.
+            NotFoundError: no such VM.
+            StateError: its record is unreadable, or the state folder unusable or full.
+        """
         return self._manager.stop(vm_id)
 
     def delete_vm(self, vm_id: str) -> dict[str, Any]:
-        """Stop and remove a VM (``vm_id``: its id or a unique prefix of it)."""
+        """Stop and remove a VM (``vm_id``: its id or a unique prefix of it).
+
+        Raises:
+            InvalidInputError: ``vm_id`` is malformed or a prefix of several VM ids.
+            NotFoundError: no such VM.
+            StateError: the state folder cannot be read.
+        """
         vm_id = self._manager.records.resolve(vm_id)
         self._manager.delete(vm_id)
         return {"vm_id": vm_id, "deleted": True}
 
     def status_vm(self, vm_id: str) -> VMInfo:
-        """A VM's state (``vm_id``: its id or a unique prefix of it)."""
+        """A VM's state (``vm_id``: its id or a unique prefix of it).
+
+        Raises:
+            InvalidInputError: ``vm_id`` is malformed or a prefix of several VM ids.
+            NotFoundError: no such VM.
+            StateError: its record is unreadable or from another pyro-mcp version.
+        """
         return self._manager.status(self._manager.records.resolve(vm_id))
 
     def console_log(self, ref: str, *, lines: int | None = None) -> str:
         """The console log of a VM, or of a task's current VM (``ref``: a VM id, a task
-        id or name, or a unique prefix of either): its last ``lines`` lines, or all."""
+        id or name, or a unique prefix of either): its last ``lines`` lines, or all.
+
+        Raises:
+            InvalidInputError: a bad ``lines``, or ``ref`` is malformed or ambiguous.
+            NotFoundError: no VM or task ``ref`` names.
+            VMStateError: the task has no VM (host_compat), or its VM is gone.
+            StateError: the console log or a record cannot be read.
+        """
         from pyro_mcp import logs
 
         if lines is not None:
@@ -332,7 +430,14 @@ class Pyro:
         self, ref: str, *, lines: int | None = 10, poll_interval: float = 0.2
     ) -> Iterator[str]:
         """:meth:`console_log`'s last ``lines`` lines, then the text the VM writes as it
-        comes, until the VM stops (or the caller stops iterating)."""
+        comes, until the VM stops (or the caller stops iterating).
+
+        Raises:
+            InvalidInputError: a bad ``lines``, or ``ref`` is malformed or ambiguous.
+            NotFoundError: no VM or task ``ref`` names.
+            VMStateError: the task has no VM (host_compat), or its VM is gone.
+            StateError: the console log or a record cannot be read (on the first ``next()``).
+        """
         from pyro_mcp import logs
 
         if lines is not None:
@@ -344,10 +449,23 @@ class Pyro:
         )
 
     def list_vms(self) -> list[VMInfo]:
+        """Every VM of this state folder (unreadable records are left out).
+
+        Raises:
+            StateError: the state folder cannot be read.
+        """
         return self._manager.list()
 
     def network_info_vm(self, vm_id: str) -> NetworkInfo:
-        """The network interfaces the guest really has (asked of the running guest)."""
+        """The network interfaces the guest really has (asked of the running guest).
+
+        Raises:
+            InvalidInputError: ``vm_id`` is not a VM id.
+            NotFoundError: no such VM.
+            VMStateError: the guest's interfaces could not be read, or the VM stopped meanwhile.
+            GuestProtocolError: the guest agent broke the protocol.
+            StateError: its record is unreadable.
+        """
         info = self._manager.status(vm_id)
         if info.status != "running":
             return NetworkInfo(
@@ -385,6 +503,7 @@ class Pyro:
     # -- tasks --------------------------------------------------------------
     @property
     def tasks(self) -> TaskManager:
+        """The task manager under this object (internal; its API may change)."""
         return self._tasks
 
     def create_task(
@@ -410,6 +529,17 @@ class Pyro:
         ``seed_limits`` changes the caps on seeded bytes and entries. The task
         outlives this process; delete it with :meth:`delete_task` (or it goes at
         its TTL, 24 h by default).
+
+        Raises:
+            InvalidInputError: a bad option, ``source_path``, ``exclude``, ``seed_limits`` or
+                environment name, or ``name`` is malformed or taken.
+            UnsafeSeedError: the source broke an extraction rule or a seed limit.
+            NotFoundError: ``environment`` is not in the catalog.
+            EnvironmentBuildError: the environment could not be built.
+            BackendUnavailableError: no backend can run the task here (see :meth:`run_in_vm`).
+            BootError: the task's VM did not come up.
+            LimitError: the cap on running VMs (``PYRO_MAX_VMS``) is reached.
+            StateError: the state folder is unusable or full, or the workspace disk failed.
         """
         return self._tasks.create(
             environment,
@@ -457,7 +587,7 @@ class Pyro:
         deletes the task on exit, as :meth:`task`'s does, unless ``keep=True``).
 
         Raises:
-            InvalidInputError: ``task_id`` is not a task id.
+            InvalidInputError: ``task_id`` is malformed or a prefix of several task ids.
             NotFoundError: no such task.
         """
         from pyro_mcp import handle
@@ -480,7 +610,19 @@ class Pyro:
     ) -> TaskExecResult:
         """Run one command in the task (``cwd=None``: /workspace); files persist for
         the next. A command that times out is killed; the task stays. ``stdin``,
-        ``on_stdout`` and ``on_stderr`` as for :meth:`run_in_vm`."""
+        ``on_stdout`` and ``on_stderr`` as for :meth:`run_in_vm`.
+
+        Raises:
+            InvalidInputError: a bad command or option, or ``task_id`` is malformed or a
+                prefix of several task ids.
+            NotFoundError: no such task.
+            VMStateError: the task is still being created or past its TTL, or its VM misbehaved.
+            EnvironmentBuildError, BackendUnavailableError: its gone VM could not be started again.
+            BootError: its gone VM was started again and did not come up.
+            GuestProtocolError: the guest agent broke the protocol, or the VM stopped mid-command.
+            LimitError: starting its gone VM again would pass the cap on running VMs.
+            StateError: its record is unreadable, or the state folder unusable or full.
+        """
         cmd = limits.check_command(command)
         opts = ExecOptions.checked(
             cwd=cwd,
@@ -495,25 +637,52 @@ class Pyro:
         return self._tasks.exec(task_id, cmd, opts, progress=self._progress)
 
     def status_task(self, task_id: str) -> TaskInfo:
+        """A task's state (``task_id``: its id, name or a unique id prefix).
+
+        Raises:
+            InvalidInputError: ``task_id`` is malformed or a prefix of several task ids.
+            NotFoundError: no such task.
+            StateError: its record is unreadable or from another pyro-mcp version.
+        """
         return self._tasks.status(task_id)
 
     def list_tasks(self) -> list[TaskInfo]:
+        """Every task of this state folder (unreadable records are left out).
+
+        Raises:
+            StateError: the state folder cannot be read.
+        """
         return self._tasks.list()
 
     def delete_task(self, task_id: str) -> TaskDeleteResult:
-        """Stop the task's VM and remove it with its workspace."""
+        """Stop the task's VM and remove it with its workspace.
+
+        Raises:
+            InvalidInputError: ``task_id`` is malformed or a prefix of several task ids.
+            NotFoundError: no such task (a second delete of one task included).
+            StateError: the state folder cannot be read.
+        """
         return self._tasks.delete(task_id)
 
     def prune_tasks(self, *, dry_run: bool = False) -> TaskPruneResult:
         """Remove every task that cannot be used again: past its TTL, a create cut
         short, a folder without a record, a backend this version lacks, or a workspace
         gone. A task whose VM merely stopped is kept (its next exec starts a new VM).
-        ``dry_run``: only say what would go."""
+        ``dry_run``: only say what would go.
+
+        Raises:
+            StateError: the state folder cannot be read.
+        """
         reasons = self._tasks.prune(dry_run=dry_run)
         return TaskPruneResult(pruned=sorted(reasons), reasons=reasons, dry_run=dry_run)
 
     def resolve_task(self, ref: str) -> str:
-        """The id of the task ``ref`` names: its id, its name or a unique id prefix."""
+        """The id of the task ``ref`` names: its id, its name or a unique id prefix.
+
+        Raises:
+            InvalidInputError: ``task_id`` is malformed or a prefix of several task ids.
+            NotFoundError: no task has that id, name or prefix.
+        """
         return self._tasks.resolve(ref)
 
     # -- a task's files -----------------------------------------------------
@@ -539,7 +708,20 @@ class Pyro:
         result says ``size`` and ``truncated``. ``start_line``/``end_line`` (1-based,
         inclusive) return just those lines; ``line_numbers`` prefixes each line with
         its number, for reading (not for ``edit_task_file``'s ``old_text``).
-        :meth:`read_task_bytes` returns a whole file of any size as bytes."""
+        :meth:`read_task_bytes` returns a whole file of any size as bytes.
+
+        Raises:
+            InvalidInputError: a bad path or option, the path is a folder or not a regular
+                file, or ``task_id`` is malformed or a prefix of several task ids.
+            NotFoundError: no such task, or no such file or folder in it.
+            VMStateError: the task is still being created or past its TTL, or its VM misbehaved.
+            EnvironmentBuildError, BackendUnavailableError: its gone VM could not be started again.
+            BootError: its gone VM was started again and did not come up.
+            GuestProtocolError: the guest agent broke the wire protocol.
+            LimitError: the guest agent runs as many file operations as it may.
+            PyroError: any other error the guest reports for the file (an unusual errno).
+            StateError: the task's record is unreadable.
+        """
         return self._files.read(
             task_id,
             path,
@@ -561,7 +743,20 @@ class Pyro:
         max_bytes: int | None = None,
     ) -> bytes:
         """A file's exact bytes, streamed: into ``sink`` chunk by chunk (then b"" is
-        returned), or collected and returned when ``sink`` is None."""
+        returned), or collected and returned when ``sink`` is None.
+
+        Raises:
+            InvalidInputError: a bad path, ``offset`` or ``max_bytes``, the path is a folder or
+                not a regular file, or ``task_id`` is malformed or a prefix of several task ids.
+            NotFoundError: no such task, or no such file or folder in it.
+            VMStateError: the task is still being created or past its TTL, or its VM misbehaved.
+            EnvironmentBuildError, BackendUnavailableError: its gone VM could not be started again.
+            BootError: its gone VM was started again and did not come up.
+            GuestProtocolError: the guest agent broke the wire protocol.
+            LimitError: the guest agent runs as many file operations as it may.
+            PyroError: any other error the guest reports for the file (an unusual errno).
+            StateError: the task's record is unreadable.
+        """
         out = bytearray()
         self._files.stream(
             task_id,
@@ -586,7 +781,20 @@ class Pyro:
         creating its parent folders. ``content``: text (``encoding`` "utf-8", or
         "base64" for bytes given as base64 text), bytes, an iterable of bytes or a
         binary file object (both streamed). ``mode`` None keeps an existing file's
-        mode (0644 for a new one)."""
+        mode (0644 for a new one).
+
+        Raises:
+            InvalidInputError: a bad path, content, encoding or mode, the path is a folder, or
+                ``task_id`` is malformed or a prefix of several task ids.
+            NotFoundError: no such task, or no such file or folder in it.
+            VMStateError: the task is still being created or past its TTL, or its VM misbehaved.
+            EnvironmentBuildError, BackendUnavailableError: its gone VM could not be started again.
+            BootError: its gone VM was started again and did not come up.
+            GuestProtocolError: the guest agent broke the wire protocol.
+            LimitError: the guest's file system is full, or its agent is busy.
+            PyroError: any other error the guest reports for the file (an unusual errno).
+            StateError: the task's record is unreadable.
+        """
         from pyro_mcp.workspace.files import decode_content
 
         data: bytes | Iterable[bytes]
@@ -616,7 +824,20 @@ class Pyro:
         replace_all: bool = False,
     ) -> FileEditResult:
         """Replace ``old_text`` (exact, and unique unless ``replace_all``) by
-        ``new_text`` in a text file of the task; returns the count and a short diff."""
+        ``new_text`` in a text file of the task; returns the count and a short diff.
+
+        Raises:
+            InvalidInputError: ``old_text`` is missing or not unique, the file is not UTF-8
+                text, a bad path, or ``task_id`` is malformed or a prefix of several task ids.
+            NotFoundError: no such task, or no such file or folder in it.
+            VMStateError: the task is still being created or past its TTL, or its VM misbehaved.
+            EnvironmentBuildError, BackendUnavailableError: its gone VM could not be started again.
+            BootError: its gone VM was started again and did not come up.
+            GuestProtocolError: the guest agent broke the wire protocol.
+            LimitError: the file is too large to edit, the guest's disk is full, or its agent busy.
+            PyroError: any other error the guest reports for the file (an unusual errno).
+            StateError: the task's record is unreadable.
+        """
         return self._files.edit(
             task_id, path, old_text, new_text, replace_all=replace_all, progress=self._progress
         )
@@ -630,14 +851,39 @@ class Pyro:
         max_entries: int = 1000,
     ) -> FileListResult:
         """A folder's entries (type, size, mode, mtime, link target; links are never
-        followed), capped at ``max_entries`` with ``truncated`` set."""
+        followed), capped at ``max_entries`` with ``truncated`` set.
+
+        Raises:
+            InvalidInputError: a bad path or ``max_entries``, the path is not a folder, or
+                ``task_id`` is malformed or a prefix of several task ids.
+            NotFoundError: no such task, or no such file or folder in it.
+            VMStateError: the task is still being created or past its TTL, or its VM misbehaved.
+            EnvironmentBuildError, BackendUnavailableError: its gone VM could not be started again.
+            BootError: its gone VM was started again and did not come up.
+            GuestProtocolError: the guest agent broke the wire protocol.
+            LimitError: the guest agent runs as many file operations as it may.
+            PyroError: any other error the guest reports for the file (an unusual errno).
+            StateError: the task's record is unreadable.
+        """
         return self._files.list(
             task_id, path, recursive=recursive, max_entries=max_entries, progress=self._progress
         )
 
     def diff_task(self, task_id: str, path: str | None = None) -> DiffResult:
         """What changed in /workspace since the task was created (against its seed,
-        or empty), with a patch ``git apply`` takes on the original folder."""
+        or empty), with a patch ``git apply`` takes on the original folder.
+
+        Raises:
+            InvalidInputError: ``path`` is outside /workspace, or ``task_id`` is malformed
+                or a prefix of several task ids.
+            NotFoundError: no such task, or no such file or folder in it.
+            VMStateError: the task has no kept seed (an older pyro-mcp made it), is still being
+                created or past its TTL, or its VM misbehaved.
+            EnvironmentBuildError, BackendUnavailableError: its gone VM could not be started again.
+            BootError: its gone VM was started again and did not come up.
+            GuestProtocolError: the guest agent broke the wire protocol.
+            StateError: the kept seed or the task's record cannot be read.
+        """
         return self._files.diff(task_id, path, progress=self._progress)
 
     def export_task(
@@ -650,7 +896,20 @@ class Pyro:
     ) -> ExportResult:
         """Copy ``path`` (default all of /workspace) out of the task into the host
         folder ``dest``, or a ``.tar``/``.tar.gz`` archive. Links that leave the
-        tree, special files and entries past the caps are skipped and listed."""
+        tree, special files and entries past the caps are skipped and listed.
+
+        Raises:
+            InvalidInputError: a bad ``path`` or ``dest``, ``dest`` exists without ``overwrite``,
+                or ``task_id`` is malformed or a prefix of several task ids.
+            NotFoundError: no such task, or no such file or folder in it.
+            VMStateError: the task is still being created or past its TTL, or its VM misbehaved.
+            EnvironmentBuildError, BackendUnavailableError: its gone VM could not be started again.
+            BootError: its gone VM was started again and did not come up.
+            GuestProtocolError: the guest agent broke the wire protocol.
+            PyroError: writing the export on the host failed (an ``ExportError``, code
+                ``export_failed``); ``dest`` is left as it was.
+            StateError: the task's record is unreadable.
+        """
         return self._files.export(
             task_id, dest, path=path, overwrite=overwrite, progress=self._progress
         )
@@ -658,11 +917,25 @@ class Pyro:
     def reset_task(self, task_id: str) -> TaskResetResult:
         """Put the task's /workspace back to its seed (kept at create; the host
         folder is not read again), stopping what runs in it. On VM backends this is
-        a new VM, so everything outside /workspace starts fresh too."""
+        a new VM, so everything outside /workspace starts fresh too.
+
+        Raises:
+            InvalidInputError: ``task_id`` is malformed or a prefix of several task ids.
+            NotFoundError: no such task.
+            VMStateError: the task is still being created or past its TTL, or has no kept seed.
+            EnvironmentBuildError, BackendUnavailableError: its new VM could not be started.
+            BootError: its new VM did not come up.
+            LimitError: its new VM would pass the cap on running VMs.
+            StateError: the workspace could not be put back, or its record is unreadable.
+        """
         return self._tasks.reset(task_id, progress=self._progress)
 
     def reap_expired(self) -> ReapResult:
-        """Remove VMs and tasks past their TTL, and leftovers of dead processes."""
+        """Remove VMs and tasks past their TTL, and leftovers of dead processes.
+
+        Raises:
+            StateError: the state folder cannot be read.
+        """
         reasons = self._manager.reap_expired()
         reasons.update(self._tasks.reap_expired())
         return ReapResult(reaped=sorted(reasons), reasons=reasons)
