@@ -343,7 +343,11 @@ def test_task_list_and_files_with_a_task(state_dir: Path) -> None:
         lines = ok("task", "list").stdout.splitlines()
         assert lines[0].split() == ["ID", "NAME", "ENV", "STATUS", "AGE", "EXPIRES", "SOURCE"]
         row = lines[1].split()
-        assert row[:4] == [task_id, "-", "debian:12-base", "ready"] and row[-3:] == ["in", "23h", "-"]
+        assert row[:4] == [task_id, "-", "debian:12-base", "ready"] and row[-3:] == [
+            "in",
+            "23h",
+            "-",
+        ]
         assert ok("task", "list", "-q").stdout == f"{task_id}\n"
         listed = json.loads(ok("task", "list", "--json").stdout)
         assert [t["task_id"] for t in listed["tasks"]] == [task_id]

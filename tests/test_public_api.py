@@ -23,8 +23,15 @@ PUBLIC = [
     "BackendUnavailableError",
     "BootError",
     "CleanupInfo",
+    "DiffResult",
     "EnvironmentBuildError",
     "ExecResult",
+    "ExportError",
+    "ExportResult",
+    "FileEditResult",
+    "FileListResult",
+    "FileReadResult",
+    "FileWriteResult",
     "GuestProtocolError",
     "InvalidInputError",
     "LimitError",
@@ -41,6 +48,8 @@ PUBLIC = [
     "TaskDeleteResult",
     "TaskExecResult",
     "TaskInfo",
+    "TaskPruneResult",
+    "TaskResetResult",
     "ToolContext",
     "UnsafeSeedError",
     "VMInfo",
@@ -75,7 +84,7 @@ def test_names_are_the_internal_objects_themselves() -> None:
         for name in PUBLIC
         if isinstance(value := getattr(pyro_mcp, name), type) and issubclass(value, Exception)
     ]
-    assert len(error_classes) == 11
+    assert len(error_classes) == 12
     for cls in error_classes:
         assert issubclass(cls, errors.PyroError), cls
         assert cls.code, cls

@@ -40,11 +40,21 @@ if TYPE_CHECKING:
         TaskDeleteResult,
         TaskExecResult,
         TaskInfo,
+        TaskPruneResult,
+        TaskResetResult,
         VMInfo,
         WorkspaceSeed,
     )
     from pyro_mcp.progress import ProgressEvent, ProgressFn
     from pyro_mcp.workspace.archive import SeedLimits, UnsafeSeedError
+    from pyro_mcp.workspace.diff import DiffResult
+    from pyro_mcp.workspace.export import ExportError, ExportResult
+    from pyro_mcp.workspace.files import (
+        FileEditResult,
+        FileListResult,
+        FileReadResult,
+        FileWriteResult,
+    )
 
 # name -> the internal module that defines it, imported on first access
 _LAZY = {
@@ -57,6 +67,13 @@ _LAZY = {
     "ProgressFn": "pyro_mcp.progress",
     "SeedLimits": "pyro_mcp.workspace.archive",
     "UnsafeSeedError": "pyro_mcp.workspace.archive",
+    "DiffResult": "pyro_mcp.workspace.diff",
+    "ExportError": "pyro_mcp.workspace.export",
+    "ExportResult": "pyro_mcp.workspace.export",
+    **dict.fromkeys(
+        ("FileEditResult", "FileListResult", "FileReadResult", "FileWriteResult"),
+        "pyro_mcp.workspace.files",
+    ),
     **dict.fromkeys(
         (
             "CleanupInfo",
@@ -66,6 +83,8 @@ _LAZY = {
             "TaskDeleteResult",
             "TaskExecResult",
             "TaskInfo",
+            "TaskPruneResult",
+            "TaskResetResult",
             "VMInfo",
             "WorkspaceSeed",
         ),
@@ -79,8 +98,15 @@ __all__ = [
     "BackendUnavailableError",
     "BootError",
     "CleanupInfo",
+    "DiffResult",
     "EnvironmentBuildError",
     "ExecResult",
+    "ExportError",
+    "ExportResult",
+    "FileEditResult",
+    "FileListResult",
+    "FileReadResult",
+    "FileWriteResult",
     "GuestProtocolError",
     "InvalidInputError",
     "LimitError",
@@ -97,6 +123,8 @@ __all__ = [
     "TaskDeleteResult",
     "TaskExecResult",
     "TaskInfo",
+    "TaskPruneResult",
+    "TaskResetResult",
     "ToolContext",
     "UnsafeSeedError",
     "VMInfo",

@@ -906,8 +906,8 @@ class Pyro:
             EnvironmentBuildError, BackendUnavailableError: its gone VM could not be started again.
             BootError: its gone VM was started again and did not come up.
             GuestProtocolError: the guest agent broke the wire protocol.
-            PyroError: writing the export on the host failed (an ``ExportError``, code
-                ``export_failed``); ``dest`` is left as it was.
+            ExportError: writing the export on the host failed (code ``export_failed``);
+                ``dest`` is left as it was.
             StateError: the task's record is unreadable.
         """
         return self._files.export(
