@@ -41,67 +41,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 S = TypeVar("S")
 
-#: The errors of each derived method (its sync method's, with when), for its docstring.
-_RAISES: dict[str, str] = {
-    "list_environments": "StateError: the environment store is unreadable.",
-    "pull_environment": "NotFoundError: no such environment in the catalog.\n"
-    "EnvironmentBuildError: building or verifying it failed.",
-    "inspect_environment": "NotFoundError: no such environment, or it is not installed.\n"
-    "EnvironmentBuildError: verify found a damaged file.",
-    "prune_environments": "StateError: the store could not be cleaned.",
-    "run_in_vm": "InvalidInputError: a bad command or option.\n"
-    "NotFoundError: no such environment.\n"
-    "EnvironmentBuildError: the environment could not be built.\n"
-    "BackendUnavailableError, BootError: nothing could run the command.\n"
-    "LimitError: too many VMs run already.",
-    "create_vm": "InvalidInputError: a bad option.\n"
-    "NotFoundError: no such environment.\n"
-    "BackendUnavailableError: no VM backend (host_compat runs no VMs).",
-    "start_vm": "NotFoundError: no such VM.\n"
-    "VMStateError: the VM cannot start in its state.\n"
-    "BootError: the guest did not come up.\n"
-    "LimitError: too many VMs run already.",
-    "exec_vm": "InvalidInputError: a bad command or option.\n"
-    "NotFoundError: no such VM.\n"
-    "VMStateError: the VM is not running.\n"
-    "GuestProtocolError: the guest agent answered wrongly.",
-    "stop_vm": "NotFoundError: no such VM.",
-    "delete_vm": "NotFoundError: no such VM.",
-    "status_vm": "NotFoundError: no such VM.\nStateError: its record is unreadable.",
-    "list_vms": "StateError: a record is unreadable.",
-    "network_info_vm": "NotFoundError: no such VM.\n"
-    "VMStateError: the guest's interfaces could not be read.",
-    "create_task": "InvalidInputError: a bad option or source.\n"
-    "UnsafeSeedError: the source broke an extraction rule.\n"
-    "NotFoundError: no such environment.\n"
-    "EnvironmentBuildError, BackendUnavailableError, BootError: nothing could run it.\n"
-    "LimitError: too many VMs run already.",
-    "exec_task": "InvalidInputError: a bad command or option.\n"
-    "NotFoundError: no such task.\n"
-    "VMStateError, BootError, GuestProtocolError: its VM could not be (re)started.",
-    "status_task": "NotFoundError: no such task.\nStateError: its record is unreadable.",
-    "list_tasks": "StateError: a record is unreadable.",
-    "delete_task": "NotFoundError: no such task.",
-    "read_task_file": "InvalidInputError: a bad path or option.\n"
-    "NotFoundError: no such task or file.",
-    "read_task_bytes": "InvalidInputError: a bad path or option.\n"
-    "NotFoundError: no such task or file.",
-    "write_task_file": "InvalidInputError: a bad path, content or mode.\n"
-    "NotFoundError: no such task.\nLimitError: the content is too large.",
-    "edit_task_file": "InvalidInputError: old_text missing or not unique, or not text.\n"
-    "NotFoundError: no such task or file.",
-    "list_task_files": "InvalidInputError: a bad path, or not a folder.\n"
-    "NotFoundError: no such task or folder.",
-    "diff_task": "InvalidInputError: a bad path.\nNotFoundError: no such task.",
-    "export_task": "InvalidInputError: a bad path or dest (exists without overwrite).\n"
-    "NotFoundError: no such task or path.",
-    "reset_task": "NotFoundError: no such task.\n"
-    "VMStateError, BootError: its new VM could not be started.",
-    "reap_expired": "StateError: a record could not be removed.",
-    "close": "Nothing of its own.",
-}
-
-
 _CANCELLED = (
     "asyncio.CancelledError: the awaiting task was cancelled (the call itself "
     "finishes in its thread)."
@@ -109,13 +48,12 @@ _CANCELLED = (
 
 
 def _doc(name: str, sync: Callable[..., Any]) -> str:
-    """``sync``'s docstring, with the async note and a Raises section (its own, or
-    :data:`_RAISES`'s), plus CancelledError."""
+    """``sync``'s docstring (whose Raises section is last: tests/test_sdk_docs.py),
+    plus CancelledError and the async note."""
     body = inspect.cleandoc(sync.__doc__ or f"``{name}``")
     note = "Async: runs in a worker thread (see :mod:`pyro_mcp.aio`)."
     if "Raises:" not in body:
-        raises = _RAISES.get(name, "PyroError: see the sync method.")
-        body += "\n\nRaises:\n" + "\n".join(f"    {line}" for line in raises.splitlines())
+        body += "\n\nRaises:\n    PyroError: see the sync method."
     return f"{body}\n    {_CANCELLED}\n\n{note}"
 
 
