@@ -12,25 +12,20 @@ from pyro_mcp import limits
 from pyro_mcp._version import __version__
 from pyro_mcp.cli.common import (
     BACKEND_CHOICES,
-    EXIT_PIPE_CLOSED,
     PROGRESS_CHOICES,
-    OutputClosed,
-    OutputWriter,
     PyroGroup,
-    StderrProgress,
     command_stdin,
     config_defaults,
     emit,
     env_option,
     fail,
-    finish_exec,
     json_option,
     make_pyro,
     mem_option,
     no_stdin_option,
     output_cap_option,
     parse_env,
-    quiet,
+    run_guest_command,
     timeout_option,
     ttl_option,
     vcpu_option,
@@ -123,11 +118,9 @@ def run(
     command's stdout and stderr are written here as they come, byte for byte
     (with --json: whole, in the JSON, as text).
     """
-    progress = StderrProgress()
-    out = OutputWriter(progress)
-    try:
-        env = parse_env(env_pairs)
-        result = make_pyro(progress).run_in_vm(
+    env = parse_env(env_pairs)
+    run_guest_command(
+        lambda progress, streams: make_pyro(progress).run_in_vm(
             environment,
             list(command),
             vcpu_count=vcpu_count,
@@ -140,22 +133,12 @@ def run(
             stdout_cap=output_cap,
             stderr_cap=output_cap,
             stdin=command_stdin(no_stdin),
-            on_stdout=None if as_json else out.stdout,
-            on_stderr=None if as_json else out.stderr,
-        )
-    except PyroError as exc:
-        progress.close()
-        fail(exc, as_json)
-    except OutputClosed:
-        progress.close()
-        sys.exit(EXIT_PIPE_CLOSED)
-    except KeyboardInterrupt:
-        progress.close()
-        if not quiet():
-            click.echo("pyro: interrupted; the VM was deleted", err=True)
-        sys.exit(130)
-    progress.close()
-    finish_exec(result, as_json, timeout_seconds, streamed=not as_json)
+            **streams,
+        ),
+        as_json=as_json,
+        timeout_seconds=timeout_seconds,
+        interrupted="the VM was deleted",
+    )
 
 
 @cli.command()

@@ -218,6 +218,38 @@ def local_time(when: datetime) -> str:
     return when.astimezone().isoformat(sep=" ", timespec="seconds")
 
 
+def run_guest_command(
+    call: Callable[[StderrProgress, dict[str, Any]], Any],
+    *,
+    as_json: bool,
+    timeout_seconds: int,
+    interrupted: str,
+) -> NoReturn:
+    """What ``pyro run`` and ``pyro task exec`` share: ``call(progress, streams)`` runs
+    the command (``streams``: the ``on_stdout``/``on_stderr`` callbacks that write its
+    bytes here as they come; none with --json), then pyro exits by its rules: 125 for
+    its own errors, 141 when its stdout was closed, 130 on Ctrl-C (saying
+    ``interrupted``), else the command's own code (124 on timeout)."""
+    progress = StderrProgress()
+    out = OutputWriter(progress)
+    streams: dict[str, Any] = {} if as_json else {"on_stdout": out.stdout, "on_stderr": out.stderr}
+    try:
+        result = call(progress, streams)
+    except PyroError as exc:
+        progress.close()
+        fail(exc, as_json)
+    except OutputClosed:
+        progress.close()
+        sys.exit(EXIT_PIPE_CLOSED)
+    except KeyboardInterrupt:
+        progress.close()
+        if not quiet():
+            click.echo(f"pyro: interrupted; {interrupted}", err=True)
+        sys.exit(130)
+    progress.close()
+    finish_exec(result, as_json, timeout_seconds, streamed=not as_json)
+
+
 def finish_exec(
     result: Any, as_json: bool, timeout_seconds: int, *, streamed: bool = False
 ) -> NoReturn:

@@ -11,9 +11,6 @@ import click
 
 from pyro_mcp import limits
 from pyro_mcp.cli.common import (
-    EXIT_PIPE_CLOSED,
-    OutputClosed,
-    OutputWriter,
     StderrProgress,
     age,
     command_stdin,
@@ -21,7 +18,6 @@ from pyro_mcp.cli.common import (
     env_option,
     expires,
     fail,
-    finish_exec,
     json_option,
     make_pyro,
     mem_option,
@@ -31,6 +27,7 @@ from pyro_mcp.cli.common import (
     print_table,
     quiet,
     quiet_option,
+    run_guest_command,
     timeout_option,
     ttl_option,
     vcpu_option,
@@ -170,11 +167,9 @@ def task_exec(
     A piped or redirected stdin is streamed to the command; -n gives it an empty one.
     Its stdout and stderr are written here as they come, byte for byte.
     """
-    progress = StderrProgress()
-    out = OutputWriter(progress)
-    try:
-        env = parse_env(env_pairs)
-        result = make_pyro(progress).exec_task(
+    env = parse_env(env_pairs)
+    run_guest_command(
+        lambda progress, streams: make_pyro(progress).exec_task(
             task_id,
             list(command),
             timeout_seconds=timeout_seconds,
@@ -183,22 +178,12 @@ def task_exec(
             stdout_cap=output_cap,
             stderr_cap=output_cap,
             stdin=command_stdin(no_stdin),
-            on_stdout=None if as_json else out.stdout,
-            on_stderr=None if as_json else out.stderr,
-        )
-    except PyroError as exc:
-        progress.close()
-        fail(exc, as_json)
-    except OutputClosed:
-        progress.close()
-        sys.exit(EXIT_PIPE_CLOSED)
-    except KeyboardInterrupt:
-        progress.close()
-        if not quiet():
-            click.echo("pyro: interrupted; the command was killed, the task is kept", err=True)
-        sys.exit(130)
-    progress.close()
-    finish_exec(result, as_json, timeout_seconds, streamed=not as_json)
+            **streams,
+        ),
+        as_json=as_json,
+        timeout_seconds=timeout_seconds,
+        interrupted="the command was killed, the task is kept",
+    )
 
 
 @task.command("status")
