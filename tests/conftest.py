@@ -20,6 +20,8 @@ import pytest
 
 import suite_rules
 from pyro_mcp.api import Pyro
+from pyro_mcp.errors import PyroError
+from pyro_mcp.vmm import host_compat
 from suite_rules import (  # noqa: F401 - hooks and an autouse fixture for pytest
     _no_vm_outside_vm_tests,
     pytest_collection_modifyitems,
@@ -113,3 +115,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()  # type: ignore[attr-defined]
     suite_rules.require_backends(report)
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def hc_environment() -> str:
+    """The environment host_compat tests use, built once; skipped (saying why) where
+    bubblewrap cannot run."""
+    probe = host_compat.probe()
+    if not probe.available:
+        pytest.skip(f"host_compat cannot run here: {probe.reason}")
+    try:
+        Pyro(reap=False).manager.store.ensure(TEST_ENV)
+    except PyroError as exc:
+        pytest.skip(f"environment {TEST_ENV} cannot be built here: {exc.message}")
+    return TEST_ENV
+
+
+@pytest.fixture
+def hc(hc_environment: str, state_dir: Path) -> Iterator[Pyro]:
+    """A Pyro on host_compat that deletes the tasks it left."""
+    client = Pyro(state_dir=state_dir, backend="host_compat")
+    yield client
+    for info in client.list_tasks():
+        client.delete_task(info.task_id)

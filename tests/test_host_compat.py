@@ -24,37 +24,15 @@ import pytest
 
 from helpers import Ticker, wait_until
 from pyro_mcp.api import Pyro
-from pyro_mcp.errors import BackendUnavailableError, InvalidInputError, PyroError
+from pyro_mcp.errors import BackendUnavailableError, InvalidInputError
 from pyro_mcp.records import TaskRecord
 from pyro_mcp.state import read_json, write_json_atomic
-from pyro_mcp.vmm import host_compat, pids
+from pyro_mcp.vmm import pids
 from pyro_mcp.workspace.archive import UnsafeSeedError
 
 pytestmark = pytest.mark.vm
 
 NOTE = "host compat note\n"
-
-
-@pytest.fixture(scope="session")
-def hc_environment() -> str:
-    from conftest import TEST_ENV
-
-    probe = host_compat.probe()
-    if not probe.available:
-        pytest.skip(f"host_compat cannot run here: {probe.reason}")
-    try:
-        Pyro(reap=False).manager.store.ensure(TEST_ENV)
-    except PyroError as exc:
-        pytest.skip(f"environment {TEST_ENV} cannot be built here: {exc.message}")
-    return TEST_ENV
-
-
-@pytest.fixture
-def hc(hc_environment: str, state_dir: Path) -> Iterator[Pyro]:
-    client = Pyro(state_dir=state_dir, backend="host_compat")
-    yield client
-    for info in client.list_tasks():
-        client.delete_task(info.task_id)
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

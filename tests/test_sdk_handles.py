@@ -9,14 +9,12 @@ import inspect
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pyro_mcp import AsyncPyro, AsyncTask, NotFoundError, Pyro, PyroError, Task
+from pyro_mcp import AsyncPyro, AsyncTask, NotFoundError, Pyro, Task
 from pyro_mcp.handle import TASK_METHODS
-from pyro_mcp.vmm import host_compat
 from test_cli import pyro_argv
 
 
@@ -79,26 +77,6 @@ def test_missing_task_raises_the_sdk_hint(state_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------ real tasks
-@pytest.fixture(scope="session")
-def hc_environment() -> str:
-    from conftest import TEST_ENV
-
-    probe = host_compat.probe()
-    if not probe.available:
-        pytest.skip(f"host_compat cannot run here: {probe.reason}")
-    try:
-        Pyro(reap=False).manager.store.ensure(TEST_ENV)
-    except PyroError as exc:
-        pytest.skip(f"environment {TEST_ENV} cannot be built here: {exc.message}")
-    return TEST_ENV
-
-
-@pytest.fixture
-def hc(hc_environment: str, state_dir: Path) -> Iterator[Pyro]:
-    client = Pyro(state_dir=state_dir, backend="host_compat")
-    yield client
-    for info in client.list_tasks():
-        client.delete_task(info.task_id)
 
 
 @pytest.mark.vm

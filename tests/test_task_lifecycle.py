@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -20,10 +21,9 @@ from helpers import wait_until
 from pyro_mcp import limits
 from pyro_mcp.api import Pyro
 from pyro_mcp.contract.tools import get_tool
-from pyro_mcp.errors import InvalidInputError, NotFoundError, PyroError
+from pyro_mcp.errors import InvalidInputError, NotFoundError
 from pyro_mcp.records import TaskConfig, TaskRecord, TaskRuntime, VMConfig, VMRecord, VMRuntime
 from pyro_mcp.state import ProcessId
-from pyro_mcp.vmm import host_compat
 
 
 def cli(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -302,20 +302,6 @@ def test_logs_print_and_follow_until_the_vm_stops(
 # ------------------------------------------------------------------ real host_compat tasks
 
 
-@pytest.fixture(scope="session")
-def hc_environment() -> str:
-    from conftest import TEST_ENV
-
-    probe = host_compat.probe()
-    if not probe.available:
-        pytest.skip(f"host_compat cannot run here: {probe.reason}")
-    try:
-        Pyro(reap=False).manager.store.ensure(TEST_ENV)
-    except PyroError as exc:
-        pytest.skip(f"environment {TEST_ENV} cannot be built here: {exc.message}")
-    return TEST_ENV
-
-
 @pytest.mark.vm
 def test_names_work_everywhere(hc_environment: str, state_dir: Path) -> None:
     pyro = Pyro(state_dir=state_dir, backend="host_compat")
@@ -369,18 +355,33 @@ def test_logs_of_a_real_task_vm(pyro: Pyro) -> None:
             pytest.skip(f"the task runs on {info.backend}, not a qemu VM")
         cli("logs", "console-test")  # may be empty: a VM restored from a snapshot is quiet
         follower = subprocess.Popen(
-            [sys.executable, "-m", "pyro_mcp.cli", "logs", "console-test", "-f", "-n", "0"],
+            [sys.executable, "-m", "pyro_mcp.cli", "logs", "console-test", "-f", "-n", "20"],
             stdout=subprocess.PIPE,
-            text=True,
         )
         try:
             assert follower.stdout is not None
-            marker = "pyro-logs-marker-7c1"
-            ran = pyro.exec_task("console-test", f"echo {marker} > /dev/console")
-            assert ran.exit_code == 0, ran.stderr
-            while marker not in (line := follower.stdout.readline()):
-                assert line, "logs --follow ended before the marker"
-            assert marker in cli("logs", "console-test", "--lines", "20").stdout
+            out_fd = follower.stdout.fileno()
+            seen = bytearray()
+
+            def read_until(marker: str) -> None:
+                """Read the follower's output until ``marker`` (never block past 120 s)."""
+                deadline = time.monotonic() + 120
+                while marker.encode() not in seen:
+                    left = deadline - time.monotonic()
+                    assert left > 0, f"logs --follow did not show {marker}: {bytes(seen)!r}"
+                    ready, _, _ = select.select([out_fd], [], [], left)
+                    if ready:
+                        chunk = os.read(out_fd, 65536)
+                        assert chunk, "logs --follow ended before the marker"
+                        seen.extend(chunk)
+
+            # The first line may land before the follower starts (then its last 20
+            # lines show it); the second is written once it is surely following.
+            for marker in ("pyro-logs-marker-1", "pyro-logs-marker-2"):
+                ran = pyro.exec_task("console-test", f"echo {marker} > /dev/console")
+                assert ran.exit_code == 0, ran.stderr
+                read_until(marker)
+            assert "pyro-logs-marker-2" in cli("logs", "console-test", "--lines", "20").stdout
             pyro.stop_vm(info.vm_id)
             wait_until(lambda: follower.poll() is not None, 60, "logs --follow to end")
             assert follower.returncode == 0
