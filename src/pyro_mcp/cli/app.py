@@ -4,6 +4,7 @@ are one module each (``env``, ``vm``, ``task``, ``files``, ``mcp``) and attach h
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -225,6 +226,10 @@ for command in FILE_COMMANDS:
 
 
 def main() -> None:
+    from pyro_mcp.cli.complete import COMPLETE_VAR, register_shells
+
+    if COMPLETE_VAR in os.environ:  # a shell asks for completions
+        register_shells()
     cli(prog_name="pyro")
 
 

@@ -14,16 +14,13 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import click
-from click.shell_completion import (
-    BashComplete,
-    CompletionItem,
-    add_completion_class,
-    get_completion_class,
-    split_arg_string,
-)
+
+if TYPE_CHECKING:
+    from click.shell_completion import ShellComplete
 
 COMPLETE_VAR = "_PYRO_COMPLETE"
 SHELLS = ("bash", "zsh", "fish")
@@ -31,37 +28,48 @@ _TASK_ID = re.compile(r"^task-[0-9a-f]{12}$")
 _VM_ID = re.compile(r"^vm-[0-9a-f]{12}$")
 
 
-class ColonSafeBashComplete(BashComplete):
-    """bash splits words at ':' (``COMP_WORDBREAKS``), so ``debian:12`` reaches click as
-    three words and would complete nothing. The script also passes ``COMP_LINE`` and
-    ``COMP_POINT``; the words are taken from the line itself, and a candidate is
-    answered without the part of the word bash already has up to its last ':'."""
+def register_shells() -> None:
+    """Give click our bash completion (names with ':' such as ``debian:12``). Called only
+    when completing or printing a script, so a plain ``pyro`` run does not import
+    click's completion machinery."""
+    from click.shell_completion import add_completion_class
 
-    source_template = BashComplete.source_template.replace(
-        'env COMP_WORDS="${COMP_WORDS[*]}"',
-        'env COMP_LINE="$COMP_LINE" COMP_POINT="$COMP_POINT" COMP_WORDS="${COMP_WORDS[*]}"',
-    )
-    _trim = ""
-
-    def get_completion_args(self) -> tuple[list[str], str]:
-        line = os.environ.get("COMP_LINE")
-        point = os.environ.get("COMP_POINT", "")
-        if line is None or not point.isdigit():
-            return super().get_completion_args()
-        before = line[: int(point)]
-        words = split_arg_string(before)
-        incomplete = "" if not before or before[-1].isspace() or not words else words.pop()
-        if ":" in incomplete and ":" in os.environ.get("COMP_WORDBREAKS", ":"):
-            self._trim = incomplete.rpartition(":")[0] + ":"
-        return words[1:], incomplete
-
-    def format_completion(self, item: CompletionItem) -> str:
-        if self._trim and item.value.startswith(self._trim):
-            item = CompletionItem(item.value[len(self._trim) :], type=item.type, help=item.help)
-        return super().format_completion(item)
+    add_completion_class(_colon_safe_bash(), "bash")
 
 
-add_completion_class(ColonSafeBashComplete, "bash")
+def _colon_safe_bash() -> type[ShellComplete]:
+    from click.shell_completion import BashComplete, CompletionItem, split_arg_string
+
+    class ColonSafeBashComplete(BashComplete):
+        """bash splits words at ':' (``COMP_WORDBREAKS``), so ``debian:12`` reaches click as
+        three words and would complete nothing. The script also passes ``COMP_LINE`` and
+        ``COMP_POINT``; the words are taken from the line itself, and a candidate is
+        answered without the part of the word bash already has up to its last ':'."""
+
+        source_template = BashComplete.source_template.replace(
+            'env COMP_WORDS="${COMP_WORDS[*]}"',
+            'env COMP_LINE="$COMP_LINE" COMP_POINT="$COMP_POINT" COMP_WORDS="${COMP_WORDS[*]}"',
+        )
+        _trim = ""
+
+        def get_completion_args(self) -> tuple[list[str], str]:
+            line = os.environ.get("COMP_LINE")
+            point = os.environ.get("COMP_POINT", "")
+            if line is None or not point.isdigit():
+                return super().get_completion_args()
+            before = line[: int(point)]
+            words = split_arg_string(before)
+            incomplete = "" if not before or before[-1].isspace() or not words else words.pop()
+            if ":" in incomplete and ":" in os.environ.get("COMP_WORDBREAKS", ":"):
+                self._trim = incomplete.rpartition(":")[0] + ":"
+            return words[1:], incomplete
+
+        def format_completion(self, item: CompletionItem) -> str:
+            if self._trim and item.value.startswith(self._trim):
+                item = CompletionItem(item.value[len(self._trim) :], type=item.type, help=item.help)
+            return super().format_completion(item)
+
+    return ColonSafeBashComplete
 
 
 def environment_names() -> list[str]:
@@ -102,25 +110,19 @@ def vm_ids() -> list[str]:
     return _record_ids(paths.state_dir() / "vms", _VM_ID)
 
 
-def _matching(words: list[str], incomplete: str) -> list[CompletionItem]:
-    return [CompletionItem(w) for w in words if w.startswith(incomplete)]
+def _matching(words: list[str], incomplete: str) -> list[str]:
+    return [w for w in words if w.startswith(incomplete)]
 
 
-def complete_environment(
-    ctx: click.Context, param: click.Parameter, incomplete: str
-) -> list[CompletionItem]:
+def complete_environment(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     return _matching(environment_names(), incomplete)
 
 
-def complete_task_id(
-    ctx: click.Context, param: click.Parameter, incomplete: str
-) -> list[CompletionItem]:
+def complete_task_id(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     return _matching(task_ids(), incomplete)
 
 
-def complete_vm_id(
-    ctx: click.Context, param: click.Parameter, incomplete: str
-) -> list[CompletionItem]:
+def complete_vm_id(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     return _matching(vm_ids(), incomplete)
 
 
@@ -136,6 +138,9 @@ def completion(shell: str, as_json: bool) -> None:
     zsh:   source <(pyro completion zsh)      (in ~/.zshrc, after compinit)
     fish:  pyro completion fish | source      (in ~/.config/fish/config.fish)
     """
+    from click.shell_completion import get_completion_class
+
+    register_shells()
     root = click.get_current_context().find_root().command
     cls = get_completion_class(shell)
     if cls is None:  # pragma: no cover - click ships all three
