@@ -43,6 +43,7 @@ bench: bootstrap
 	$(UV) run python bench/bench.py
 	$(UV) run python bench/bench_tasks.py
 	$(UV) run python bench/bench_files.py
+	$(UV) run python bench/bench_memory.py
 	$(UV) run python bench/bench_mcp.py
 	$(UV) run python bench/bench_realwork.py
 
