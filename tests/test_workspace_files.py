@@ -22,6 +22,7 @@ from agent_driver import (  # noqa: F401 (fixtures)
     spawn_agent,
     vm_rss_kib,
 )
+from pyro_mcp import limits
 from pyro_mcp.errors import (
     GuestProtocolError,
     InvalidInputError,
@@ -307,7 +308,7 @@ def test_read_text_base64_truncated_and_past_the_end(ch: AgentChannel, root: Pat
     big = root / "big.txt"
     big.write_bytes(b"a" * (300 << 10))
     r = read_file(ch, str(big))  # the default cap
-    assert r.bytes_read == files.DEFAULT_READ_BYTES and r.truncated and r.size == 300 << 10
+    assert r.bytes_read == limits.DEFAULT_READ_BYTES and r.truncated and r.size == 300 << 10
 
 
 def test_read_caps_max_bytes_and_points_to_streaming(ch: AgentChannel, root: Path) -> None:
@@ -552,7 +553,7 @@ def test_list_truncated(ch: AgentChannel, root: Path) -> None:
     assert r.truncated and r.count == 3 and len(r.entries) == 3
     r = list_files(ch, str(root), max_entries=10)
     assert not r.truncated and r.count == 10
-    for bad in (0, files.MAX_LIST_ENTRIES + 1, True):
+    for bad in (0, limits.MAX_LIST_ENTRIES + 1, True):
         with pytest.raises(InvalidInputError, match="max_entries"):
             list_files(ch, str(root), max_entries=bad)
 

@@ -698,7 +698,7 @@ class Pyro:
         path: str,
         *,
         offset: int = 0,
-        max_bytes: int = 256 << 10,
+        max_bytes: int = limits.DEFAULT_READ_BYTES,
         start_line: int | None = None,
         end_line: int | None = None,
         line_numbers: bool = False,
@@ -848,7 +848,7 @@ class Pyro:
         path: str = limits.TASK_WORKSPACE,
         *,
         recursive: bool = False,
-        max_entries: int = 1000,
+        max_entries: int = limits.DEFAULT_LIST_ENTRIES,
     ) -> FileListResult:
         """A folder's entries (type, size, mode, mtime, link target; links are never
         followed), capped at ``max_entries`` with ``truncated`` set.

@@ -24,6 +24,12 @@ MIN_TTL_SECONDS = 10
 MAX_TTL_SECONDS = 7 * 24 * 3600
 DEFAULT_OUTPUT_CAP = 1 << 20
 MAX_OUTPUT_CAP = 16 << 20
+# A task's files (task_read_file, task_list_files): what one call returns by default and
+# at most (the CLI's and SDK's streaming read has no cap).
+DEFAULT_READ_BYTES = 256 << 10
+MAX_READ_BYTES = 16 << 20
+DEFAULT_LIST_ENTRIES = 1000
+MAX_LIST_ENTRIES = 10000
 MAX_COMMAND_BYTES = 128 * 1024
 MAX_ENV_ENTRIES = 256
 MAX_STDIN_TEXT = 16 << 20  # characters of a tool's stdin text (the SDK streams any size)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from pyro_mcp import limits
 from pyro_mcp.cli.common import (
     StderrProgress,
     emit,
@@ -157,8 +158,8 @@ def task_edit(
 @click.option("-r", "--recursive", is_flag=True, help="Everything below PATH.")
 @click.option(
     "--max-entries",
-    type=click.IntRange(1, 10000),
-    default=1000,
+    type=click.IntRange(1, limits.MAX_LIST_ENTRIES),
+    default=limits.DEFAULT_LIST_ENTRIES,
     show_default=True,
     help="Stop after this many entries.",
 )

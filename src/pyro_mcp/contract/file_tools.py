@@ -11,15 +11,17 @@ from pyro_mcp.contract.context import ToolContext, resolve_write_dest
 from pyro_mcp.contract.inputs import TaskIdInput, _Input, _task_id
 from pyro_mcp.contract.render import _clip
 from pyro_mcp.contract.spec import READ_ONLY, TASK_PROFILES, ToolHints, ToolSpec
-from pyro_mcp.limits import TASK_WORKSPACE
-from pyro_mcp.models import TaskResetResult
-from pyro_mcp.workspace.diff import DiffResult
-from pyro_mcp.workspace.export import ExportResult
-from pyro_mcp.workspace.files import (
+from pyro_mcp.limits import (
     DEFAULT_LIST_ENTRIES,
     DEFAULT_READ_BYTES,
     MAX_LIST_ENTRIES,
     MAX_READ_BYTES,
+    TASK_WORKSPACE,
+)
+from pyro_mcp.models import TaskResetResult
+from pyro_mcp.workspace.diff import DiffResult
+from pyro_mcp.workspace.export import ExportResult
+from pyro_mcp.workspace.files import (
     FileEditResult,
     FileListResult,
     FileReadResult,

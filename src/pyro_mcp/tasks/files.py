@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pyro_mcp.errors import InvalidInputError
-from pyro_mcp.limits import TASK_WORKSPACE
+from pyro_mcp.limits import DEFAULT_LIST_ENTRIES, DEFAULT_READ_BYTES, TASK_WORKSPACE
 from pyro_mcp.progress import ProgressFn, no_progress
 from pyro_mcp.tasks.manager import TaskManager
 from pyro_mcp.workspace import diff as diff_ops
@@ -47,7 +47,7 @@ class TaskFiles:
         path: str,
         *,
         offset: int = 0,
-        max_bytes: int = file_ops.DEFAULT_READ_BYTES,
+        max_bytes: int = DEFAULT_READ_BYTES,
         start_line: int | None = None,
         end_line: int | None = None,
         line_numbers: bool = False,
@@ -112,7 +112,7 @@ class TaskFiles:
         path: str = TASK_WORKSPACE,
         *,
         recursive: bool = False,
-        max_entries: int = file_ops.DEFAULT_LIST_ENTRIES,
+        max_entries: int = DEFAULT_LIST_ENTRIES,
         progress: ProgressFn = no_progress,
     ) -> FileListResult:
         where = guest_path(path)

@@ -48,7 +48,14 @@ from pyro_mcp.guest.protocol import (
     ReadFile,
     WriteFile,
 )
-from pyro_mcp.limits import TASK_WORKSPACE, check_int
+from pyro_mcp.limits import (
+    DEFAULT_LIST_ENTRIES,
+    DEFAULT_READ_BYTES,
+    MAX_LIST_ENTRIES,
+    MAX_READ_BYTES,
+    TASK_WORKSPACE,
+    check_int,
+)
 
 __all__ = [
     "DEFAULT_FILE_TIMEOUT",
@@ -78,13 +85,9 @@ __all__ = [
     "write_file",
 ]
 
-DEFAULT_READ_BYTES = 256 << 10  # read_file's max_bytes by default
-MAX_READ_BYTES = 16 << 20  # read_file's max_bytes at most (stream_file has no cap)
 MAX_LINE_SCAN_BYTES = 64 << 20  # how far read_file looks for start_line
 MAX_EDIT_BYTES = 8 << 20  # edit_file refuses bigger files
 MAX_EDIT_RESULT_BYTES = 16 << 20  # ... and edits that would leave a bigger one
-DEFAULT_LIST_ENTRIES = 1000
-MAX_LIST_ENTRIES = 10000
 DIFF_MAX_LINES = 60  # edit_file's diff is cut after this many lines ...
 DIFF_MAX_BYTES = 4096  # ... or this many bytes
 DEFAULT_FILE_TIMEOUT = 30.0  # seconds to wait for the agent between two frames
