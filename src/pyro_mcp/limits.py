@@ -43,8 +43,9 @@ VM_MEMORY_BUDGET_MIB = DEFAULT_MEM_MIB + 128  # a default guest plus its VMM, fo
 MAX_VMS_CEILING = 1024
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_VM_ID = re.compile(r"^vm-[0-9a-f]{12}$")
-_TASK_ID = re.compile(r"^task-[0-9a-f]{12}$")
+VM_ID = re.compile(r"^vm-[0-9a-f]{12}$")
+TASK_ID = re.compile(r"^task-[0-9a-f]{12}$")
+ID_HEX_PREFIX = re.compile(r"^[0-9a-f]{1,12}$")  # the start of an id's hex part
 #: What may name a record where its id is asked for: its full id, a unique prefix of
 #: it (with or without the ``task-``/``vm-`` part) or, for tasks, its name. One
 #: pattern covers them all (the MCP schemas use it).
@@ -99,7 +100,7 @@ def check_output_cap(name: str, value: object) -> int:
 
 
 def check_vm_id(value: object) -> str:
-    if not isinstance(value, str) or not _VM_ID.fullmatch(value):
+    if not isinstance(value, str) or not VM_ID.fullmatch(value):
         raise InvalidInputError(
             f"invalid VM id {value!r}",
             hints=hints(
@@ -112,7 +113,7 @@ def check_vm_id(value: object) -> str:
 
 
 def check_task_id(value: object) -> str:
-    if not isinstance(value, str) or not _TASK_ID.fullmatch(value):
+    if not isinstance(value, str) or not TASK_ID.fullmatch(value):
         raise InvalidInputError(
             f"invalid task id {value!r}",
             hints=hints(

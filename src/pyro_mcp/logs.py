@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import codecs
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pyro_mcp.errors import NotFoundError, StateError, VMStateError
+from pyro_mcp.limits import ID_HEX_PREFIX
 from pyro_mcp.manager import VMManager
 from pyro_mcp.tasks import TaskManager
 
 CONSOLE = "console.log"
 _CHUNK = 64 << 10
-_HEX = re.compile(r"^[0-9a-f]{1,12}$")
 
 
 def vm_of(vms: VMManager, tasks: TaskManager, ref: str) -> str:
@@ -28,7 +27,7 @@ def vm_of(vms: VMManager, tasks: TaskManager, ref: str) -> str:
     try:
         task_id = tasks.resolve(ref)
     except NotFoundError:
-        if isinstance(ref, str) and _HEX.fullmatch(ref):
+        if isinstance(ref, str) and ID_HEX_PREFIX.fullmatch(ref):
             return vms.records.resolve(ref)
         raise
     record = tasks.records.load(task_id)

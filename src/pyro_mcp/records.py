@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, get_arg
 from pyro_mcp import paths
 from pyro_mcp.control import MountSpec
 from pyro_mcp.errors import InvalidInputError, NotFoundError, StateError
-from pyro_mcp.limits import REF_PATTERN
+from pyro_mcp.limits import ID_HEX_PREFIX, REF_PATTERN
 from pyro_mcp.models import BootKind, TaskStatus
 from pyro_mcp.state import (
     ProcessId,
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 INCOMPLETE_GRACE_S = 60.0  # a folder without a record younger than this is being created
 
 _REF = re.compile(REF_PATTERN)
-_HEX = re.compile(r"^[0-9a-f]{1,12}$")
 
 
 class Codec(Protocol):
@@ -162,7 +161,7 @@ class RecordStore(Generic[R]):
                 if name_of(record) == ref:
                     return record.record_id
         hex_part = ref[len(self.prefix) :] if ref.startswith(self.prefix) else ref
-        if not _HEX.fullmatch(hex_part):
+        if not ID_HEX_PREFIX.fullmatch(hex_part):
             named = " or name" if name_of is not None else ""
             raise self.not_found(ref, f"no {self.kind} has the id{named} {ref!r}")
         ids = [f.name for f in self.folders() if f.name[len(self.prefix) :].startswith(hex_part)]

@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 COMPLETE_VAR = "_PYRO_COMPLETE"
 SHELLS = ("bash", "zsh", "fish")
-_TASK_ID = re.compile(r"^task-[0-9a-f]{12}$")
-_VM_ID = re.compile(r"^vm-[0-9a-f]{12}$")
 
 
 def register_shells() -> None:
@@ -98,16 +96,16 @@ def _record_ids(folder: Path, pattern: re.Pattern[str]) -> list[str]:
 
 def task_ids() -> list[str]:
     """The ids of the tasks in the state folder (``PYRO_STATE_DIR`` or the default)."""
-    from pyro_mcp import paths
+    from pyro_mcp import limits, paths
 
-    return _record_ids(paths.state_dir() / "tasks", _TASK_ID)
+    return _record_ids(paths.state_dir() / "tasks", limits.TASK_ID)
 
 
 def vm_ids() -> list[str]:
     """The ids of the VMs in the state folder."""
-    from pyro_mcp import paths
+    from pyro_mcp import limits, paths
 
-    return _record_ids(paths.state_dir() / "vms", _VM_ID)
+    return _record_ids(paths.state_dir() / "vms", limits.VM_ID)
 
 
 def _matching(words: list[str], incomplete: str) -> list[str]:

@@ -33,7 +33,7 @@ def _environment_help() -> str:
 def _vm_id() -> Any:
     return Field(
         description="The VM's id as returned by vm_create or vm_list, e.g. 'vm-0123456789ab'.",
-        pattern=r"^vm-[0-9a-f]{12}$",
+        pattern=limits.VM_ID.pattern,
     )
 
 
