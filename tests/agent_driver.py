@@ -199,25 +199,6 @@ def wait_dead(pid: int, timeout: float = 3.0) -> bool:
     return False
 
 
-class PipeIO:
-    """The agent's stdio pipes as the byte channel :class:`AgentChannel` reads and writes."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        self._in = proc.stdin
-        self._out = proc.stdout.fileno()
-
-    def read(self, size: int) -> bytes:
-        try:
-            return os.read(self._out, size)
-        except OSError:
-            return b""
-
-    def write(self, data: bytes) -> None:
-        self._in.write(data)
-        self._in.flush()
-
-
 def vm_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -20,14 +20,13 @@ import pytest
 
 from agent_driver import (  # noqa: F401 (fixtures)
     Agent,
-    PipeIO,
     agent_binary_fixture,
     agent_fixture,
     spawn_agent,
     vm_rss_kib,
 )
 from pyro_mcp.errors import InvalidInputError
-from pyro_mcp.guest.channel import AgentChannel
+from pyro_mcp.guest.channel import AgentChannel, PipeIO
 from pyro_mcp.guest.protocol import (
     MAX_DATA_CHUNK,
     Cancel,

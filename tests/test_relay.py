@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_driver import PipeIO, agent_binary_fixture, spawn_agent  # noqa: F401 (fixture)
-from pyro_mcp.guest.channel import AgentChannel
+from agent_driver import agent_binary_fixture, spawn_agent  # noqa: F401 (fixture)
+from pyro_mcp.guest.channel import AgentChannel, PipeIO, SocketIO
 from pyro_mcp.guest.protocol import (
     Error,
     Exec,
@@ -30,20 +30,6 @@ from pyro_mcp.guest.protocol import (
 from pyro_mcp.guest.relay import Relay
 
 T = 10.0
-
-
-class SockIO:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def read(self, size: int) -> bytes:
-        try:
-            return self.sock.recv(size)
-        except OSError:
-            return b""
-
-    def write(self, data: bytes) -> None:
-        self.sock.sendall(data)
 
 
 class Supervised:
@@ -64,7 +50,7 @@ class Supervised:
 
     def tunnel(self) -> tuple[AgentChannel, socket.socket]:
         ours = self.raw_tunnel()
-        return AgentChannel(SockIO(ours)), ours
+        return AgentChannel(SocketIO(ours)), ours
 
     def close(self) -> None:
         assert self.proc.stdin is not None

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from agent_driver import PipeIO, agent_binary_fixture  # noqa: F401 (fixture)
+from agent_driver import agent_binary_fixture  # noqa: F401 (fixture)
 from pyro_mcp import supervisor
 from pyro_mcp.errors import GuestProtocolError
-from pyro_mcp.guest.channel import AgentChannel
+from pyro_mcp.guest.channel import AgentChannel, PipeIO
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_driver import PipeIO, agent_binary_fixture, spawn_agent  # noqa: F401 (fixture)
+from agent_driver import agent_binary_fixture, spawn_agent  # noqa: F401 (fixture)
 from pyro_mcp.errors import InvalidInputError, NotFoundError
-from pyro_mcp.guest.channel import AgentChannel
+from pyro_mcp.guest.channel import AgentChannel, PipeIO
 from pyro_mcp.workspace.archive import Excluder
 from pyro_mcp.workspace.diff import DiffResult, _literal, _quote, _safe_name, diff_workspace
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_driver import PipeIO, agent_binary_fixture, spawn_agent  # noqa: F401 (fixtures)
+from agent_driver import agent_binary_fixture, spawn_agent  # noqa: F401 (fixtures)
 from pyro_mcp.errors import GuestProtocolError, InvalidInputError, NotFoundError
-from pyro_mcp.guest.channel import AgentChannel
+from pyro_mcp.guest.channel import AgentChannel, PipeIO
 from pyro_mcp.guest.protocol import FileKind, FileStat
 from pyro_mcp.progress import ProgressEvent
 from pyro_mcp.workspace.archive import SeedLimits

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from agent_driver import (  # noqa: F401 (fixtures)
-    PipeIO,
     agent_binary_fixture,
     spawn_agent,
     vm_rss_kib,
@@ -30,7 +29,7 @@ from pyro_mcp.errors import (
     NotFoundError,
     PyroError,
 )
-from pyro_mcp.guest.channel import AgentChannel
+from pyro_mcp.guest.channel import AgentChannel, PipeIO
 from pyro_mcp.guest.protocol import Error, ReadEnd, ReadFile
 from pyro_mcp.workspace import files
 from pyro_mcp.workspace.files import (

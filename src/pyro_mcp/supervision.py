@@ -191,25 +191,11 @@ def request(
         sock.close()
 
 
-class _SocketIO:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def read(self, size: int) -> bytes:
-        try:
-            return self.sock.recv(size)
-        except OSError:
-            return b""
-
-    def write(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-
 @contextlib.contextmanager
 def tunnel(vm_dir: Path) -> Iterator[AgentChannel]:
     """An :class:`AgentChannel` to the VM's guest agent for file operations, relayed
     by its supervisor (:mod:`pyro_mcp.guest.relay`); closed on leaving the block."""
-    from pyro_mcp.guest.channel import AgentChannel
+    from pyro_mcp.guest.channel import AgentChannel, SocketIO
 
     sock = _connect(vm_dir)
     try:
@@ -234,7 +220,7 @@ def tunnel(vm_dir: Path) -> Iterator[AgentChannel]:
             raise event.error
         if not isinstance(event, control.Ok):
             raise VMStateError(f"the supervisor answered {type(event).__name__} to a tunnel")
-        yield AgentChannel(_SocketIO(sock))
+        yield AgentChannel(SocketIO(sock))
     finally:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -57,6 +60,43 @@ from pyro_mcp.guest.protocol import (
 class ByteChannel(Protocol):
     def read(self, size: int) -> bytes: ...
     def write(self, data: bytes) -> None: ...
+
+
+class SocketIO:
+    """A connected stream socket as a :class:`ByteChannel` (a supervisor's tunnel)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self.sock.recv(size)
+        except OSError:
+            return b""
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+class PipeIO:
+    """A child process's stdin and stdout as a :class:`ByteChannel` (the agent in
+    ``--stdio`` mode)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self._in = proc.stdin.fileno()
+        self._out = proc.stdout.fileno()
+
+    def read(self, size: int) -> bytes:
+        try:
+            return os.read(self._out, size)
+        except OSError:
+            return b""
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._in, view) :]
 
 
 class ChannelClosed:

@@ -309,31 +309,13 @@ def _run_confined(
     }
 
 
-class _PipeIO:
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        self._in = proc.stdin.fileno()
-        self._out = proc.stdout.fileno()
-
-    def read(self, size: int) -> bytes:
-        try:
-            return os.read(self._out, size)
-        except OSError:
-            return b""
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._in, view) :]
-
-
 @contextlib.contextmanager
 def files(rootfs: Path, workspace: Path) -> Iterator[AgentChannel]:
     """The guest agent (``--stdio``) in the same sandbox a command gets, for file
     operations on the task's workspace: the host itself never walks the folder the
     sandbox writes (its links could point anywhere on the host)."""
     from pyro_mcp.guest.build import ensure_agent_binary
-    from pyro_mcp.guest.channel import AgentChannel
+    from pyro_mcp.guest.channel import AgentChannel, PipeIO
 
     binary = require()
     if not workspace.is_dir():
@@ -352,7 +334,7 @@ def files(rootfs: Path, workspace: Path) -> Iterator[AgentChannel]:
         close_fds=True,
     )
     try:
-        channel = AgentChannel(_PipeIO(proc))
+        channel = AgentChannel(PipeIO(proc))
         channel.wait_hello(timeout=30)
         yield channel
     finally:
