@@ -6,6 +6,7 @@ Import the fixtures into a test module with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from pyro_mcp.guest import build
+from pyro_mcp.guest.channel import AgentChannel, PipeIO
 from pyro_mcp.guest.protocol import (
     GUEST_TO_HOST,
     Error,
@@ -197,6 +199,34 @@ def wait_dead(pid: int, timeout: float = 3.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+class ChannelAgent:
+    """``pyro-agent --stdio`` behind an :class:`AgentChannel` (whose reader thread
+    drains the agent), for the tests of the channel's file helpers and what is built
+    on them. ``channel_class`` may be a subclass that interferes on purpose."""
+
+    def __init__(
+        self, binary: Path, stderr_path: Path, channel_class: type[AgentChannel] = AgentChannel
+    ) -> None:
+        self.proc = spawn_agent(binary, stderr_path)
+        self.channel = channel_class(PipeIO(self.proc))
+        self.channel.wait_hello(10.0)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+@pytest.fixture(name="channel_agent")
+def channel_agent_fixture(agent_binary: Path, tmp_path: Path) -> Iterator[ChannelAgent]:
+    agent = ChannelAgent(agent_binary, tmp_path / "agent.stderr")
+    try:
+        yield agent
+    finally:
+        agent.close()
 
 
 def vm_rss_kib(pid: int) -> int:

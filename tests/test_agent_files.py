@@ -20,13 +20,13 @@ import pytest
 
 from agent_driver import (  # noqa: F401 (fixtures)
     Agent,
+    ChannelAgent,
     agent_binary_fixture,
     agent_fixture,
     spawn_agent,
     vm_rss_kib,
 )
 from pyro_mcp.errors import InvalidInputError
-from pyro_mcp.guest.channel import AgentChannel, PipeIO
 from pyro_mcp.guest.protocol import (
     MAX_DATA_CHUNK,
     Cancel,
@@ -54,13 +54,8 @@ from pyro_mcp.guest.protocol import (
 T = 10.0  # seconds the helpers wait for the agent between frames
 
 
-class Guest:
-    """An agent process behind an AgentChannel (its reader thread drains the agent)."""
-
-    def __init__(self, binary: Path, stderr_path: Path) -> None:
-        self.proc = spawn_agent(binary, stderr_path)
-        self.channel = AgentChannel(PipeIO(self.proc))
-        self.channel.wait_hello(T)
+class Guest(ChannelAgent):
+    """The agent with one-call read and write helpers."""
 
     def read(self, path: Path | bytes, **kw: int) -> tuple[bytes, ReadEnd | Error]:
         out = bytearray()
@@ -71,11 +66,6 @@ class Guest:
     def write(self, path: Path | bytes, data: bytes, **kw: object) -> WriteEnd | Error:
         raw = path if isinstance(path, bytes) else bytes(path)
         return self.channel.write_file(WriteFile(raw, **kw), [data], T)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(10)
 
 
 @pytest.fixture

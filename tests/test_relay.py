@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_driver import agent_binary_fixture, spawn_agent  # noqa: F401 (fixture)
-from pyro_mcp.guest.channel import AgentChannel, PipeIO, SocketIO
+from agent_driver import ChannelAgent, agent_binary_fixture  # noqa: F401 (fixture)
+from pyro_mcp.guest.channel import AgentChannel, SocketIO
 from pyro_mcp.guest.protocol import (
     Error,
     Exec,
@@ -32,13 +32,11 @@ from pyro_mcp.guest.relay import Relay
 T = 10.0
 
 
-class Supervised:
+class Supervised(ChannelAgent):
     """The agent behind the supervisor's channel; :meth:`tunnel` opens a relayed one."""
 
     def __init__(self, binary: Path, tmp_path: Path) -> None:
-        self.proc = spawn_agent(binary, tmp_path / "agent.stderr")
-        self.channel = AgentChannel(PipeIO(self.proc))
-        self.channel.wait_hello(T)
+        super().__init__(binary, tmp_path / "agent.stderr")
         self.relays: list[threading.Thread] = []
 
     def raw_tunnel(self) -> socket.socket:
@@ -51,11 +49,6 @@ class Supervised:
     def tunnel(self) -> tuple[AgentChannel, socket.socket]:
         ours = self.raw_tunnel()
         return AgentChannel(SocketIO(ours)), ours
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(10)
 
 
 @pytest.fixture

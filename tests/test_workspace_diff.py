@@ -13,14 +13,18 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent_driver import agent_binary_fixture, spawn_agent  # noqa: F401 (fixture)
+from agent_driver import (  # noqa: F401 (fixtures)
+    ChannelAgent,
+    agent_binary_fixture,
+    channel_agent_fixture,
+    spawn_agent,
+)
 from pyro_mcp.errors import InvalidInputError, NotFoundError
-from pyro_mcp.guest.channel import AgentChannel, PipeIO
+from pyro_mcp.guest.channel import AgentChannel
 from pyro_mcp.workspace.archive import Excluder
 from pyro_mcp.workspace.diff import DiffResult, _literal, _quote, _safe_name, diff_workspace
 
@@ -30,16 +34,8 @@ pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not 
 
 
 @pytest.fixture
-def ch(agent_binary: Path, tmp_path: Path) -> Iterator[AgentChannel]:
-    proc = spawn_agent(agent_binary, tmp_path / "agent.stderr")
-    channel = AgentChannel(PipeIO(proc))
-    channel.wait_hello(T)
-    try:
-        yield channel
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(10)
+def ch(channel_agent: ChannelAgent) -> AgentChannel:
+    return channel_agent.channel
 
 
 # ------------------------------------------------------------------ helpers

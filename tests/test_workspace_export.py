@@ -8,7 +8,6 @@ and that nothing but ``dest`` appeared next to it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import resource
@@ -22,9 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from agent_driver import agent_binary_fixture, spawn_agent  # noqa: F401 (fixtures)
+from agent_driver import (  # noqa: F401 (fixtures)
+    ChannelAgent,
+    agent_binary_fixture,
+    channel_agent_fixture,
+    spawn_agent,
+)
 from pyro_mcp.errors import GuestProtocolError, InvalidInputError, NotFoundError
-from pyro_mcp.guest.channel import AgentChannel, PipeIO
 from pyro_mcp.guest.protocol import FileKind, FileStat
 from pyro_mcp.progress import ProgressEvent
 from pyro_mcp.workspace.archive import SeedLimits
@@ -42,28 +45,10 @@ IS_ROOT = os.geteuid() == 0
 MTIME = 1_600_000_000
 
 
-class Guest:
-    """An agent process behind an AgentChannel."""
-
-    def __init__(self, binary: Path, stderr_path: Path) -> None:
-        self.proc = spawn_agent(binary, stderr_path)
-        self.channel = AgentChannel(PipeIO(self.proc))
-        self.channel.wait_hello(10)
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
-        self.proc.wait(10)
-
-
 @pytest.fixture
-def guest(agent_binary: Path, tmp_path: Path) -> Iterator[Guest]:
-    g = Guest(agent_binary, tmp_path / "agent.stderr")
-    try:
-        yield g
-    finally:
-        g.close()
+def guest(channel_agent: ChannelAgent) -> ChannelAgent:
+    """The agent whose "guest" is a folder of this host (agent_driver.ChannelAgent)."""
+    return channel_agent
 
 
 @pytest.fixture
@@ -157,7 +142,7 @@ if IS_ROOT:
 # --------------------------------------------------------------------------- directories
 
 
-def test_hostile_tree_to_a_folder(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_hostile_tree_to_a_folder(guest: ChannelAgent, tmp_path: Path, host: Path) -> None:
     src = tmp_path / "guest" / "src"
     src.parent.mkdir()
     _hostile_tree(src)
@@ -201,7 +186,7 @@ def test_hostile_tree_to_a_folder(guest: Guest, tmp_path: Path, host: Path) -> N
     assert (dest / "sub").stat().st_mtime == MTIME
 
 
-def test_device_nodes_are_skipped(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_device_nodes_are_skipped(guest: ChannelAgent, tmp_path: Path, host: Path) -> None:
     if not IS_ROOT:
         pytest.skip("mknod of a character or block device needs root (CAP_MKNOD)")
     src = tmp_path / "guest"
@@ -233,7 +218,7 @@ def test_show_name_escapes_what_is_not_plain_text() -> None:
     ]
 
 
-def test_hostile_tree_to_tar_and_tar_gz(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_hostile_tree_to_tar_and_tar_gz(guest: ChannelAgent, tmp_path: Path, host: Path) -> None:
     src = tmp_path / "guest" / "src"
     src.parent.mkdir()
     _hostile_tree(src)
@@ -278,7 +263,7 @@ def test_hostile_tree_to_tar_and_tar_gz(guest: Guest, tmp_path: Path, host: Path
         dest.unlink()
 
 
-def test_single_file_source(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_single_file_source(guest: ChannelAgent, tmp_path: Path, host: Path) -> None:
     src = tmp_path / "guest"
     src.mkdir()
     (src / "report.bin").write_bytes(b"r" * 1000)
@@ -293,7 +278,7 @@ def test_single_file_source(guest: Guest, tmp_path: Path, host: Path) -> None:
         assert tf.getmembers()[0].mode == 0o750
 
 
-def test_bad_sources_are_clear_errors(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_bad_sources_are_clear_errors(guest: ChannelAgent, tmp_path: Path, host: Path) -> None:
     (tmp_path / "g").mkdir()
     os.symlink("/etc", tmp_path / "g" / "link")
     os.mkfifo(tmp_path / "g" / "fifo")
@@ -322,7 +307,7 @@ def _rchar(pid: int) -> int:
 
 
 def test_sparse_10gb_file_past_the_cap_is_never_read(
-    guest: Guest, tmp_path: Path, host: Path
+    guest: ChannelAgent, tmp_path: Path, host: Path
 ) -> None:
     src = tmp_path / "guest"
     src.mkdir()
@@ -341,7 +326,7 @@ def test_sparse_10gb_file_past_the_cap_is_never_read(
         assert tf.getnames() == ["small"]
 
 
-def test_entry_total_and_depth_caps(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_entry_total_and_depth_caps(guest: ChannelAgent, tmp_path: Path, host: Path) -> None:
     src = tmp_path / "guest"
     deep = src / "d1" / "d2" / "d3"
     deep.mkdir(parents=True)
@@ -411,7 +396,7 @@ def test_planning_refuses_names_that_could_reach_a_host_path() -> None:
 # --------------------------------------------------------------------------- dest
 
 
-def test_overwrite_refused_then_allowed(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_overwrite_refused_then_allowed(guest: ChannelAgent, tmp_path: Path, host: Path) -> None:
     src = tmp_path / "guest"
     src.mkdir()
     (src / "new").write_bytes(b"new")
@@ -453,7 +438,7 @@ def test_overwrite_refused_then_allowed(guest: Guest, tmp_path: Path, host: Path
 @pytest.mark.parametrize("name", ["out", "out.tar"])
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_dest_that_is_a_symlink_is_refused(
-    guest: Guest, tmp_path: Path, host: Path, name: str, overwrite: bool
+    guest: ChannelAgent, tmp_path: Path, host: Path, name: str, overwrite: bool
 ) -> None:
     src = tmp_path / "guest"
     src.mkdir()
@@ -470,7 +455,9 @@ def test_dest_that_is_a_symlink_is_refused(
 # --------------------------------------------------------------------------- a lying guest
 
 
-def test_guest_changes_the_tree_during_the_export(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_guest_changes_the_tree_during_the_export(
+    guest: ChannelAgent, tmp_path: Path, host: Path
+) -> None:
     """After the LIST, the "guest" grows, shrinks and deletes files and swaps a folder
     for a symlink to the canary: host writes stay under dest, and all is reported."""
     src = tmp_path / "guest"
@@ -512,7 +499,9 @@ def test_guest_changes_the_tree_during_the_export(guest: Guest, tmp_path: Path, 
     assert _outside(host, out) == []
 
 
-def test_racing_thread_swaps_folders_for_links(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_racing_thread_swaps_folders_for_links(
+    guest: ChannelAgent, tmp_path: Path, host: Path
+) -> None:
     src = tmp_path / "guest"
     for i in range(20):
         d = src / f"d{i:02}"
@@ -559,7 +548,7 @@ def test_racing_thread_swaps_folders_for_links(guest: Guest, tmp_path: Path, hos
 
 
 @pytest.mark.slow
-def test_100k_tiny_files(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_100k_tiny_files(guest: ChannelAgent, tmp_path: Path, host: Path) -> None:
     src = tmp_path / "guest"
     n_dirs, per_dir = 100, 1000
     for i in range(n_dirs):
@@ -581,7 +570,7 @@ def test_100k_tiny_files(guest: Guest, tmp_path: Path, host: Path) -> None:
 
 
 @pytest.mark.slow
-def test_throughput_200mb(guest: Guest, tmp_path: Path, host: Path) -> None:
+def test_throughput_200mb(guest: ChannelAgent, tmp_path: Path, host: Path) -> None:
     src = tmp_path / "guest"
     src.mkdir()
     block = os.urandom(1 << 20)
@@ -598,7 +587,7 @@ def test_throughput_200mb(guest: Guest, tmp_path: Path, host: Path) -> None:
 
 
 def test_timeout_keeps_what_was_done_and_reports_the_rest(
-    guest: Guest, tmp_path: Path, host: Path
+    guest: ChannelAgent, tmp_path: Path, host: Path
 ) -> None:
     src = tmp_path / "guest"
     src.mkdir()
@@ -618,7 +607,7 @@ def test_timeout_keeps_what_was_done_and_reports_the_rest(
 
 
 def test_guest_that_dies_mid_export_leaves_nothing(
-    guest: Guest, tmp_path: Path, host: Path
+    guest: ChannelAgent, tmp_path: Path, host: Path
 ) -> None:
     src = tmp_path / "guest"
     src.mkdir()
@@ -643,7 +632,7 @@ def test_guest_that_dies_mid_export_leaves_nothing(
 
 @pytest.mark.parametrize("name", ["out", "out.tar"])
 def test_host_write_failure_leaves_dest_as_it_was(
-    guest: Guest, tmp_path: Path, host: Path, name: str
+    guest: ChannelAgent, tmp_path: Path, host: Path, name: str
 ) -> None:
     """A full disk, played by RLIMIT_FSIZE (writes past it fail with EFBIG)."""
     src = tmp_path / "guest"

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from agent_driver import (  # noqa: F401 (fixtures)
+    ChannelAgent,
     agent_binary_fixture,
+    channel_agent_fixture,
     spawn_agent,
     vm_rss_kib,
 )
@@ -29,7 +31,7 @@ from pyro_mcp.errors import (
     NotFoundError,
     PyroError,
 )
-from pyro_mcp.guest.channel import AgentChannel, PipeIO
+from pyro_mcp.guest.channel import AgentChannel
 from pyro_mcp.guest.protocol import Error, ReadEnd, ReadFile
 from pyro_mcp.workspace import files
 from pyro_mcp.workspace.files import (
@@ -45,30 +47,9 @@ from pyro_mcp.workspace.files import (
 T = 10.0
 
 
-class Guest:
-    def __init__(self, binary: Path, stderr_path: Path, channel_class: type = AgentChannel):
-        self.proc = spawn_agent(binary, stderr_path)
-        self.ch: AgentChannel = channel_class(PipeIO(self.proc))
-        self.ch.wait_hello(T)
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
 @pytest.fixture
-def guest(agent_binary: Path, tmp_path: Path) -> Iterator[Guest]:
-    g = Guest(agent_binary, tmp_path / "agent.stderr")
-    try:
-        yield g
-    finally:
-        g.close()
-
-
-@pytest.fixture
-def ch(guest: Guest) -> AgentChannel:
-    return guest.ch
+def ch(channel_agent: ChannelAgent) -> AgentChannel:
+    return channel_agent.channel
 
 
 @pytest.fixture
@@ -157,7 +138,9 @@ def test_round_trip_is_byte_exact(ch: AgentChannel, root: Path, size: int) -> No
         assert got.encoding == "base64"
 
 
-def test_50_mib_from_a_generator_with_bounded_host_memory(guest: Guest, root: Path) -> None:
+def test_50_mib_from_a_generator_with_bounded_host_memory(
+    channel_agent: ChannelAgent, root: Path
+) -> None:
     block = os.urandom(1 << 20)
     total = 50
     want = hashlib.sha256()
@@ -173,7 +156,7 @@ def test_50_mib_from_a_generator_with_bounded_host_memory(guest: Guest, root: Pa
             yield block
 
     target = root / "big.bin"
-    res = write_file(guest.ch, str(target), chunks(), mode=0o600, timeout=T)
+    res = write_file(channel_agent.channel, str(target), chunks(), mode=0o600, timeout=T)
     assert res.bytes_written == res.size == total << 20 and res.mode == "0600"
 
     got = hashlib.sha256()
@@ -185,7 +168,7 @@ def test_50_mib_from_a_generator_with_bounded_host_memory(guest: Guest, root: Pa
         if calls[0] % 32 == 0:
             peak[0] = max(peak[0], vm_rss_kib(me))
 
-    s = stream_file(guest.ch, str(target), sink, timeout=T)
+    s = stream_file(channel_agent.channel, str(target), sink, timeout=T)
     assert (s.bytes_read, s.size, s.truncated, s.mode) == (total << 20, total << 20, False, "0600")
     assert got.hexdigest() == want.hexdigest()
     assert peak[0] - baseline < 16 << 10, (baseline, peak[0])  # KiB: nowhere near 50 MiB
@@ -482,15 +465,15 @@ class RacingChannel(AgentChannel):
 def test_edit_refuses_a_concurrent_change(
     agent_binary: Path, tmp_path: Path, root: Path, same_size: bool
 ) -> None:
-    g = Guest(agent_binary, tmp_path / "agent.stderr", RacingChannel)
+    g = ChannelAgent(agent_binary, tmp_path / "agent.stderr", RacingChannel)
     try:
         f = root / "shared.txt"
         f.write_text("alpha\n")
         os.utime(f, ns=(1_000_000_000, 1_000_000_000))
         theirs = b"ALPHA\n" if same_size else b"alpha\nbeta\n"
-        g.ch.change = (f, theirs, 2_000_000_000 if same_size else None)  # type: ignore[attr-defined]
+        g.channel.change = (f, theirs, 2_000_000_000 if same_size else None)  # type: ignore[attr-defined]
         with pytest.raises(InvalidInputError, match="changed while") as info:
-            edit_file(g.ch, str(f), "alpha", "gamma", timeout=T)
+            edit_file(g.channel, str(f), "alpha", "gamma", timeout=T)
         assert "read it again" in (info.value.hint or "")
         assert f.read_bytes() == theirs  # their change is not lost
     finally:
